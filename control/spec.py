@@ -1,0 +1,403 @@
+"""The robot spec: the one contract between simulator, exporter and robot node.
+
+A `RobotSpec` says, for one robot, what the policy's numbers mean: joint names
+in policy order, default pose, PD gains, limits, action type and scale, the
+physics/control rates and the observation layout. It is loaded from YAML (see
+sim/robots/*/ *.yaml), and its `hash()` travels with every checkpoint, ONNX
+file and recording so that a policy is never run against a robot whose
+contract differs from the one it was trained on.
+
+This module imports neither MuJoCo nor torch: the ROS node loads it on the robot.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HISTORY_ORDERS = ("frame_major", "term_major")
+ACTION_TYPES = ("joint_position", "joint_torque", "ee_delta")
+
+
+class SpecError(ValueError):
+    """A robot spec (file or object) is malformed; the message names the field."""
+
+
+@dataclass
+class JointSpec:
+    """One actuated joint, in policy order."""
+
+    name: str
+    default: float = 0.0  # rad (or m): the pose actions are offsets from
+    kp: float = 0.0  # N m / rad, PD stiffness
+    kd: float = 0.0  # N m s / rad, PD damping
+    range: tuple[float, float] = (-math.inf, math.inf)  # position limits
+    velocity_limit: float = math.inf  # rad/s
+    torque_limit: float = math.inf  # N m
+
+
+@dataclass
+class GripperSpec:
+    """A single-actuator gripper driven by an absolute opening command."""
+
+    actuator: str
+    open: float  # actuator ctrl when fully open
+    closed: float  # actuator ctrl when fully closed
+
+
+@dataclass
+class ActionSpec:
+    """How the policy's action vector (in [-1, 1]) becomes actuator commands."""
+
+    type: str = "joint_position"  # one of ACTION_TYPES
+    scale: float | list[float] = 1.0  # rad, N m or m per unit action
+    ee_site: str | None = None  # ee_delta only: the controlled site
+    gripper: GripperSpec | None = None  # ee_delta only: an extra last action channel
+
+
+@dataclass
+class ObsTerm:
+    """One observation term: the value is clip(raw * scale, -clip, clip)."""
+
+    name: str
+    dim: int
+    scale: float = 1.0
+    clip: float = 100.0
+
+
+@dataclass
+class ObservationSpec:
+    """Ordered terms plus history.
+
+    frame_major: [t-H+1: all terms, ..., t: all terms]
+    term_major:  [term1: t-H+1..t, term2: t-H+1..t, ...]
+    """
+
+    terms: list[ObsTerm] = field(default_factory=list)
+    history_length: int = 1
+    history_order: str = "frame_major"
+
+    @property
+    def frame_dim(self) -> int:
+        return sum(t.dim for t in self.terms)
+
+    @property
+    def dim(self) -> int:
+        return self.frame_dim * self.history_length
+
+
+@dataclass
+class RobotSpec:
+    name: str
+    joints: list[JointSpec]
+    physics_dt: float
+    decimation: int
+    action: ActionSpec = field(default_factory=ActionSpec)
+    observation: ObservationSpec = field(default_factory=ObservationSpec)
+    mjcf: str | None = None  # path (relative to the YAML file) or pkg://module/relpath
+    base_body: str | None = None
+    imu_site: str | None = None
+    source: str | None = field(default=None, compare=False)  # where it was loaded from; not hashed
+
+    # ---- derived -----------------------------------------------------------------
+    @property
+    def control_dt(self) -> float:
+        return self.physics_dt * self.decimation
+
+    @property
+    def joint_names(self) -> list[str]:
+        return [j.name for j in self.joints]
+
+    @property
+    def num_joints(self) -> int:
+        return len(self.joints)
+
+    @property
+    def action_dim(self) -> int:
+        if self.action.type == "ee_delta":
+            return 3 + (1 if self.action.gripper is not None else 0)
+        return self.num_joints
+
+    def array(self, attr: str) -> list[float]:
+        """Per-joint values in policy order, e.g. spec.array("kp")."""
+        return [getattr(j, attr) for j in self.joints]
+
+    def action_scale_vector(self) -> list[float]:
+        s = self.action.scale
+        if isinstance(s, (int, float)):
+            n = 3 if self.action.type == "ee_delta" else self.num_joints
+            return [float(s)] * n
+        return [float(v) for v in s]
+
+    def resolve_mjcf(self) -> Path:
+        """Absolute path of the MJCF; pkg://module/rel resolves inside an installed package."""
+        if self.mjcf is None:
+            raise SpecError(f"robot spec '{self.name}' has no 'mjcf' path")
+        if self.mjcf.startswith("pkg://"):
+            import importlib
+
+            mod_name, _, rel = self.mjcf[len("pkg://") :].partition("/")
+            try:
+                mod = importlib.import_module(mod_name)
+            except ImportError as e:
+                raise SpecError(f"robot spec '{self.name}': mjcf '{self.mjcf}' names package "
+                                f"'{mod_name}', which is not installed") from e
+            path = Path(mod.__file__).parent / rel
+        else:
+            path = Path(os.path.expanduser(self.mjcf))
+            if not path.is_absolute() and self.source is not None:
+                path = Path(self.source).parent / path
+        if not path.is_file():
+            raise SpecError(f"robot spec '{self.name}': MJCF file not found: {path}")
+        return path
+
+    # ---- the contract --------------------------------------------------------------
+    def contract_dict(self) -> dict[str, Any]:
+        """Everything a deployed policy depends on (not the MJCF path, not `source`)."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        d.pop("mjcf")
+        return d
+
+    def hash(self) -> str:
+        """Stable 16-hex-digit hash of the contract (sorted-key JSON, floats by repr)."""
+        blob = json.dumps(_canonical(self.contract_dict()), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = _canonical(dataclasses.asdict(self))
+        d.pop("source")
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        from s2r.io import atomic_write_text
+
+        atomic_write_text(path, self.to_yaml())
+
+    # ---- loading -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | None = None) -> "RobotSpec":
+        where = f" ({source})" if source else ""
+        if not isinstance(d, dict):
+            raise SpecError(f"robot spec{where} must be a mapping, got {type(d).__name__}")
+        d = copy.deepcopy(d)
+        try:
+            joints_raw = d.pop("joints")
+            name = d.pop("name")
+            physics_dt = float(d.pop("physics_dt"))
+            decimation = int(d.pop("decimation"))
+        except KeyError as e:
+            raise SpecError(f"robot spec{where} is missing required field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"robot spec{where}: physics_dt/decimation must be numbers: {e}") from None
+        if not isinstance(joints_raw, list) or not joints_raw:
+            raise SpecError(f"robot spec{where}: 'joints' must be a non-empty list")
+        joints = [_joint_from(j, i, where) for i, j in enumerate(joints_raw)]
+        action = _action_from(d.pop("action", {}) or {}, where)
+        obs = _obs_from(d.pop("observation", {}) or {}, where)
+        known = {"mjcf", "base_body", "imu_site"}
+        unknown = set(d) - known
+        if unknown:
+            raise SpecError(f"robot spec{where}: unknown field(s) {sorted(unknown)}")
+        spec = cls(name=str(name), joints=joints, physics_dt=physics_dt, decimation=decimation,
+                   action=action, observation=obs, mjcf=d.get("mjcf"), base_body=d.get("base_body"),
+                   imu_site=d.get("imu_site"), source=source)
+        spec.validate()
+        return spec
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "RobotSpec":
+        """Load a spec YAML. A top-level `base: other.yaml` is loaded first and deep-merged."""
+        path = Path(path)
+        if not path.is_file():
+            raise SpecError(f"robot spec file not found: {path}")
+        d = _load_yaml_with_base(path, seen=())
+        return cls.from_dict(d, source=str(path.resolve()))
+
+    def validate(self) -> None:
+        where = f" '{self.name}'" + (f" ({self.source})" if self.source else "")
+        if not (self.physics_dt > 0 and math.isfinite(self.physics_dt)):
+            raise SpecError(f"robot spec{where}: physics_dt must be > 0, got {self.physics_dt}")
+        if self.decimation < 1:
+            raise SpecError(f"robot spec{where}: decimation must be >= 1, got {self.decimation}")
+        names = self.joint_names
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise SpecError(f"robot spec{where}: duplicate joint name(s) {sorted(dup)}")
+        for j in self.joints:
+            lo, hi = j.range
+            if not lo < hi:
+                raise SpecError(f"robot spec{where}: joint '{j.name}' range {j.range} is empty")
+            if not lo <= j.default <= hi:
+                raise SpecError(f"robot spec{where}: joint '{j.name}' default {j.default} "
+                                f"outside its range {j.range}")
+            for attr in ("kp", "kd", "velocity_limit", "torque_limit"):
+                v = getattr(j, attr)
+                if not v >= 0 or math.isnan(v):
+                    raise SpecError(f"robot spec{where}: joint '{j.name}' {attr} must be >= 0, got {v}")
+        a = self.action
+        if a.type not in ACTION_TYPES:
+            raise SpecError(f"robot spec{where}: action.type {a.type!r} not one of {ACTION_TYPES}")
+        if a.type == "ee_delta" and not a.ee_site:
+            raise SpecError(f"robot spec{where}: action.type ee_delta needs action.ee_site")
+        if not isinstance(a.scale, (int, float)):
+            want = 3 if a.type == "ee_delta" else self.num_joints
+            if len(a.scale) != want:
+                raise SpecError(f"robot spec{where}: action.scale has {len(a.scale)} entries, "
+                                f"expected 1 or {want}")
+        o = self.observation
+        if o.history_order not in HISTORY_ORDERS:
+            raise SpecError(f"robot spec{where}: observation.history_order {o.history_order!r} "
+                            f"not one of {HISTORY_ORDERS}")
+        if o.history_length < 1:
+            raise SpecError(f"robot spec{where}: observation.history_length must be >= 1")
+        tnames = [t.name for t in o.terms]
+        dup = {n for n in tnames if tnames.count(n) > 1}
+        if dup:
+            raise SpecError(f"robot spec{where}: duplicate observation term(s) {sorted(dup)}")
+        for t in o.terms:
+            if t.dim < 1:
+                raise SpecError(f"robot spec{where}: observation term '{t.name}' dim must be >= 1")
+            if not t.clip > 0:
+                raise SpecError(f"robot spec{where}: observation term '{t.name}' clip must be > 0")
+
+
+# ---- helpers ----------------------------------------------------------------------
+
+def _canonical(x: Any) -> Any:
+    """Tuples -> lists, floats stay floats (repr is shortest round-trip), inf -> 'inf'."""
+    if isinstance(x, dict):
+        return {k: _canonical(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_canonical(v) for v in x]
+    if isinstance(x, float):
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return x
+    return x
+
+
+def _num(v: Any, what: str) -> float:
+    if isinstance(v, str) and v.strip().lstrip("+-").lower() in ("inf", ".inf", "infinity"):
+        return -math.inf if v.strip().startswith("-") else math.inf
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise SpecError(f"{what} must be a number, got {v!r}")
+    return float(v)
+
+
+def _joint_from(j: Any, i: int, where: str) -> JointSpec:
+    if not isinstance(j, dict) or "name" not in j:
+        raise SpecError(f"robot spec{where}: joints[{i}] must be a mapping with a 'name'")
+    known = {f.name for f in dataclasses.fields(JointSpec)}
+    unknown = set(j) - known
+    if unknown:
+        raise SpecError(f"robot spec{where}: joint '{j['name']}' has unknown field(s) {sorted(unknown)}")
+    w = f"robot spec{where}: joint '{j['name']}'"
+    kw: dict[str, Any] = {"name": str(j["name"])}
+    for k in ("default", "kp", "kd", "velocity_limit", "torque_limit"):
+        if k in j:
+            kw[k] = _num(j[k], f"{w} {k}")
+    if "range" in j:
+        r = j["range"]
+        if not isinstance(r, (list, tuple)) or len(r) != 2:
+            raise SpecError(f"{w} range must be [low, high], got {r!r}")
+        kw["range"] = (_num(r[0], f"{w} range"), _num(r[1], f"{w} range"))
+    return JointSpec(**kw)
+
+
+def _action_from(a: dict, where: str) -> ActionSpec:
+    if not isinstance(a, dict):
+        raise SpecError(f"robot spec{where}: 'action' must be a mapping")
+    unknown = set(a) - {"type", "scale", "ee_site", "gripper"}
+    if unknown:
+        raise SpecError(f"robot spec{where}: action has unknown field(s) {sorted(unknown)}")
+    g = a.get("gripper")
+    grip = None
+    if g is not None:
+        try:
+            grip = GripperSpec(actuator=str(g["actuator"]), open=float(g["open"]), closed=float(g["closed"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SpecError(f"robot spec{where}: action.gripper needs actuator/open/closed ({e})") from None
+    scale = a.get("scale", 1.0)
+    if isinstance(scale, (list, tuple)):
+        scale = [_num(s, f"robot spec{where}: action.scale") for s in scale]
+    else:
+        scale = _num(scale, f"robot spec{where}: action.scale")
+    return ActionSpec(type=str(a.get("type", "joint_position")), scale=scale,
+                      ee_site=a.get("ee_site"), gripper=grip)
+
+
+def _obs_from(o: dict, where: str) -> ObservationSpec:
+    if not isinstance(o, dict):
+        raise SpecError(f"robot spec{where}: 'observation' must be a mapping")
+    unknown = set(o) - {"terms", "history_length", "history_order"}
+    if unknown:
+        raise SpecError(f"robot spec{where}: observation has unknown field(s) {sorted(unknown)}")
+    terms = []
+    for i, t in enumerate(o.get("terms", []) or []):
+        if not isinstance(t, dict) or "name" not in t or "dim" not in t:
+            raise SpecError(f"robot spec{where}: observation.terms[{i}] needs 'name' and 'dim'")
+        unknown = set(t) - {"name", "dim", "scale", "clip"}
+        if unknown:
+            raise SpecError(f"robot spec{where}: observation term '{t['name']}' has unknown "
+                            f"field(s) {sorted(unknown)}")
+        terms.append(ObsTerm(name=str(t["name"]), dim=int(t["dim"]),
+                             scale=_num(t.get("scale", 1.0), f"term '{t['name']}' scale"),
+                             clip=_num(t.get("clip", 100.0), f"term '{t['name']}' clip")))
+    return ObservationSpec(terms=terms, history_length=int(o.get("history_length", 1)),
+                           history_order=str(o.get("history_order", "frame_major")))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_yaml_with_base(path: Path, seen: tuple) -> dict:
+    if path.resolve() in seen:
+        raise SpecError(f"robot spec 'base:' chain loops at {path}")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"robot spec {path} is not valid YAML: {e}") from None
+    if not isinstance(d, dict):
+        raise SpecError(f"robot spec {path} must be a YAML mapping, got {type(d).__name__}")
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    bpath = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not bpath.is_file():
+        raise SpecError(f"robot spec {path}: base file not found: {bpath}")
+    merged = _deep_merge(_load_yaml_with_base(bpath, seen + (path.resolve(),)), d)
+    # a relative mjcf in the base file stays relative to the base file
+    if "mjcf" in merged and "mjcf" not in d and not str(merged["mjcf"]).startswith("pkg://"):
+        mj = Path(merged["mjcf"])
+        if not mj.is_absolute():
+            merged["mjcf"] = str(os.path.relpath(bpath.parent / mj, path.parent))
+    return merged
+
+
+def check_spec_hash(expected: str, actual: str, what: str) -> None:
+    """Refuse to pair artefacts made for different robot contracts."""
+    if expected != actual:
+        raise SpecError(
+            f"robot spec mismatch: {what} was made for robot spec hash {expected}, but the "
+            f"spec in use hashes to {actual}. Joint order, gains, limits, rates or the observation "
+            f"layout differ; use the spec the {what} was trained with (see `s2r sim info`).")

@@ -1,0 +1,216 @@
+"""`s2r` command line. Subcommands are thin: they parse, call library code, print.
+
+    s2r sim info humanoid-walk
+    s2r sim play humanoid-walk --video out/walk.mp4
+    s2r bench sim --quick
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="s2r: sim-to-real robot learning")
+sim_app = typer.Typer(no_args_is_help=True, help="Simulated robots and tasks")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (also runnable as bench/*.py)")
+app.add_typer(sim_app, name="sim")
+app.add_typer(bench_app, name="bench")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _set_threads(n: Optional[int]) -> None:
+    import torch
+
+    torch.set_num_threads(n or 1)  # env math is tiny; physics threads are MuJoCo's own
+
+
+def _make_env(task: str, num_envs: int, backend: str, spec: Optional[str], seed: int,
+              randomize: Optional[bool] = None, device: str = "cpu"):
+    from s2r.control.spec import SpecError
+    from s2r.sim import BatchedEnv, EnvConfig, EnvError
+    from s2r.sim.model import ModelError
+    from s2r.sim.tasks import UnknownTaskError
+
+    try:
+        return BatchedEnv(EnvConfig(task=task, num_envs=num_envs, backend=backend, spec=spec, seed=seed,
+                                    randomize=randomize, device=device))
+    except (SpecError, EnvError, ModelError, UnknownTaskError, ValueError) as e:
+        _fail(str(e))
+
+
+@sim_app.command("info")
+def sim_info(task: str = typer.Argument(..., help="task name, e.g. humanoid-walk"),
+             spec: Optional[str] = typer.Option(None, help="robot spec YAML overriding the task's"),
+             as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Print the task's robot spec (the sim-to-real contract), its hash and the model's sizes."""
+    _set_threads(1)
+    env = _make_env(task, 1, "mujoco", spec, 0)
+    s, m = env.spec, env.model
+    info = {
+        "task": task, "robot": s.name, "spec_hash": s.hash(), "spec_file": s.source,
+        "mjcf": str(s.resolve_mjcf()), "physics_dt": s.physics_dt, "decimation": s.decimation,
+        "control_hz": round(1.0 / s.control_dt, 3), "action_type": s.action.type, "action_dim": env.action_dim,
+        "obs_dim": env.obs_dim, "critic_obs_dim": env.critic_obs_dim, "episode_steps": env.max_episode_steps,
+        "model": {"nq": m.nq, "nv": m.nv, "nu": m.nu, "nbody": m.nbody, "nsensor": m.nsensor,
+                  "mass_kg": round(float(m.body_subtreemass[0]), 3)},
+        "joints": [{"name": j.name, "default": j.default, "kp": j.kp, "kd": j.kd, "range": list(j.range),
+                    "torque_limit": j.torque_limit} for j in s.joints],
+        "observation": [{"name": t.name, "dim": t.dim, "scale": t.scale, "clip": t.clip}
+                        for t in s.observation.terms],
+        "history": {"length": s.observation.history_length, "order": s.observation.history_order},
+        "reward_weights": env.reward_weights,
+    }
+    env.close()
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"task {task}: robot '{s.name}'  spec hash {info['spec_hash']}")
+    typer.echo(f"  spec  {s.source}\n  mjcf  {info['mjcf']}")
+    typer.echo(f"  physics dt {s.physics_dt} s x decimation {s.decimation} -> control {info['control_hz']} Hz;"
+               f" episode {env.max_episode_steps} steps")
+    mm = info["model"]
+    typer.echo(f"  model nq={mm['nq']} nv={mm['nv']} nu={mm['nu']} bodies={mm['nbody']} "
+               f"sensors={mm['nsensor']} mass={mm['mass_kg']} kg")
+    typer.echo(f"  action {s.action.type} dim {env.action_dim} scale {s.action.scale}")
+    typer.echo("  joints (policy order):")
+    for j in s.joints:
+        typer.echo(f"    {j.name:28s} default {j.default:+.3f}  kp {j.kp:7.1f}  kd {j.kd:6.1f}  "
+                   f"range [{j.range[0]:+.3f}, {j.range[1]:+.3f}]  tau {j.torque_limit:g}")
+    typer.echo(f"  observation ({env.obs_dim} = {s.observation.frame_dim} x history "
+               f"{s.observation.history_length}, {s.observation.history_order}):")
+    for t in s.observation.terms:
+        typer.echo(f"    {t.name:20s} dim {t.dim:3d}  scale {t.scale:g}  clip {t.clip:g}")
+    typer.echo(f"  critic observation dim {env.critic_obs_dim}")
+    typer.echo("  reward weights: " + ", ".join(f"{k}={v:g}" for k, v in env.reward_weights.items()))
+
+
+@sim_app.command("play")
+def sim_play(task: str = typer.Argument(..., help="task name"),
+             video: Optional[Path] = typer.Option(None, help="write an MP4 of env 0"),
+             plot: Optional[Path] = typer.Option(None, help="write a PNG of reward and episode stats"),
+             steps: int = typer.Option(250, min=1, help="control steps"),
+             num_envs: int = typer.Option(4, help="parallel envs (env 0 is filmed)"),
+             policy: str = typer.Option("default", help="default (hold pose) | random | scripted (arm tasks)"),
+             backend: str = typer.Option("mujoco", help="mujoco | warp"),
+             spec: Optional[str] = typer.Option(None, help="robot spec YAML overriding the task's"),
+             seed: int = typer.Option(0),
+             randomize: Optional[bool] = typer.Option(None, "--randomize/--no-randomize")):
+    """Roll out a task without a trained policy; optionally film env 0."""
+    _set_threads(1)
+    import torch
+
+    if num_envs <= 0:
+        _fail(f"--num-envs must be > 0, got {num_envs}")
+    if policy not in ("default", "random", "scripted"):
+        _fail(f"unknown --policy '{policy}' (default | random | scripted)")
+    env = _make_env(task, num_envs, backend, spec, seed, randomize)
+    if policy == "scripted" and not hasattr(env.task, "scripted_action"):
+        _fail(f"task {task} has no scripted policy; use --policy default or random")
+    renderer = None
+    if video is not None:
+        from s2r.sim.render import EnvRenderer, RenderUnavailable
+
+        try:
+            renderer = EnvRenderer(env)
+        except RenderUnavailable as e:
+            _fail(str(e))
+    gen = torch.Generator().manual_seed(seed)
+    obs = env.reset()
+    frames, rewards, successes = [], [], []
+    ep_returns, ep_lengths = [], []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if policy == "random":
+            a = torch.rand(num_envs, env.action_dim, generator=gen) * 2 - 1
+        elif policy == "scripted":
+            a = env.task.scripted_action()
+        else:
+            a = torch.zeros(num_envs, env.action_dim)
+        obs, r, term, trunc, info = env.step(a)
+        rewards.append(float(r[0]))
+        if "success" in info:
+            successes.append(bool(info["success"][0]))
+        if "episode" in info:
+            ep_returns += info["episode"]["return"].tolist()
+            ep_lengths += info["episode"]["length"].tolist()
+        if renderer is not None:
+            frames.append(renderer.frame(0))
+    wall = time.perf_counter() - t0
+    summary = {"task": task, "steps": steps, "num_envs": num_envs, "policy": policy,
+               "env0_return": round(sum(rewards), 3), "episodes_finished": len(ep_returns),
+               "mean_episode_length": round(sum(ep_lengths) / len(ep_lengths), 1) if ep_lengths else None,
+               "diverged": env.diverged_total, "wall_s": round(wall, 2)}
+    if successes:
+        summary["env0_success_at_end"] = successes[-1]
+    if renderer is not None:
+        from s2r.sim.render import write_video
+
+        write_video(str(video), frames, fps=1.0 / env.control_dt)
+        renderer.close()
+        summary["video"] = str(video)
+    if plot is not None:
+        _plot_rollout(plot, rewards, env.control_dt, task)
+        summary["plot"] = str(plot)
+    env.close()
+    typer.echo(json.dumps(summary))
+
+
+def _plot_rollout(path: Path, rewards: list[float], dt: float, task: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from s2r.io import atomic_write_bytes
+    import io
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot([i * dt for i in range(len(rewards))], rewards)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("reward (env 0)")
+    ax.set_title(task)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@bench_app.command("sim")
+def bench_sim(quick: bool = typer.Option(False, help="at most ~60 s"),
+              envs: str = typer.Option("1,16,64,256", help="comma-separated env counts"),
+              out: Optional[Path] = typer.Option(None, help="also write the JSON result here")):
+    """Simulation throughput: s2r vs gymnasium vector envs vs raw mujoco.rollout."""
+    from s2r.bench_sim import run
+
+    try:
+        counts = [int(x) for x in envs.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--envs must be comma-separated integers, got '{envs}'")
+    if not counts or min(counts) <= 0:
+        _fail(f"--envs must list positive integers, got '{envs}'")
+    result = run(counts, quick=quick)
+    line = json.dumps(result)
+    if out is not None:
+        from s2r.io import atomic_write_text
+
+        atomic_write_text(out, line + "\n")
+    typer.echo(line)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

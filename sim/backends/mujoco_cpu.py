@@ -1,0 +1,112 @@
+"""CPU backend: the MuJoCo C engine through `mujoco.rollout` with a persistent thread pool.
+
+Why rollout: `mujoco.mj_step` holds the GIL, so Python threads do not scale;
+`rollout` steps a whole batch (nstep = decimation physics steps per env) in C++
+threads with the GIL released. One call per control step; state and
+sensordata come back in preallocated arrays that torch views without copying.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import mujoco
+import numpy as np
+import torch
+from mujoco import rollout
+
+from s2r.sim.backends.base import Backend
+
+STATE_SPEC = mujoco.mjtState.mjSTATE_FULLPHYSICS
+
+
+class MujocoBackend(Backend):
+    name = "mujoco"
+
+    def __init__(self, model: mujoco.MjModel, num_envs: int, nthread: int | None = None,
+                 max_qvel: float = 1e3):
+        super().__init__(model, num_envs, torch.device("cpu"))
+        m = model
+        self.nthread = nthread if nthread is not None else (os.cpu_count() or 1)
+        self.nthread = max(1, min(self.nthread, num_envs))
+        # nthread == 1: run on the calling thread (no pool, no handoff latency)
+        self._pool = rollout.Rollout(nthread=0 if self.nthread == 1 else self.nthread)
+        self._datas = [mujoco.MjData(m) for _ in range(self.nthread)]
+        self._models: list[mujoco.MjModel] = [m] * num_envs  # per-env copies once randomised
+        self._own_models = False
+        self.nstate = mujoco.mj_stateSize(m, STATE_SPEC)
+        self.max_qvel = max_qvel
+        self.dt = m.opt.timestep
+
+        self.state = np.zeros((num_envs, self.nstate))  # [N, nstate]: time, qpos, qvel, act, ...
+        d = self._datas[0]
+        mujoco.mj_resetData(m, d)
+        mujoco.mj_getState(m, d, self.state[0], STATE_SPEC)
+        self.state[:] = self.state[0]
+        self._sens = np.zeros((num_envs, m.nsensordata))  # [N, nsensordata]
+        self._out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        st = torch.from_numpy(self.state)
+        self.time = st[:, 0]
+        self.qpos = st[:, 1:1 + m.nq]
+        self.qvel = st[:, 1 + m.nq:1 + m.nq + m.nv]
+        self.sensordata = torch.from_numpy(self._sens)
+        self._ctrl_buf: np.ndarray | None = None
+
+    def _buffers(self, nstep: int) -> tuple[np.ndarray, np.ndarray]:
+        if nstep not in self._out:
+            self._out[nstep] = (np.zeros((self.num_envs, nstep, self.nstate)),
+                                np.zeros((self.num_envs, nstep, self.model.nsensordata)))
+        return self._out[nstep]
+
+    def step(self, ctrl: torch.Tensor) -> torch.Tensor:
+        n, nstep, nu = ctrl.shape
+        state_out, sens_out = self._buffers(nstep)
+        ctrl_np = ctrl.detach().to("cpu", torch.float64).numpy()
+        if not ctrl_np.flags.c_contiguous:
+            ctrl_np = np.ascontiguousarray(ctrl_np)
+        t_expected = self.time.numpy() + nstep * self.dt
+        self._pool.rollout(self._models, self._datas, self.state, ctrl_np, nstep=nstep,
+                           state=state_out, sensordata=sens_out, skip_checks=True)
+        np.copyto(self.state, state_out[:, -1])
+        np.copyto(self._sens, sens_out[:, -1])
+        # MuJoCo resets a diverging mjData itself (time goes back to ~0); catch that and NaNs
+        st = self.state[:, 1:1 + self.model.nq + self.model.nv]
+        bad = (self.state[:, 0] < t_expected - 0.5 * self.dt)  # MuJoCo's own reset
+        bad |= ~np.isfinite(st).all(axis=1)
+        bad |= (np.abs(st[:, self.model.nq:]) > self.max_qvel).any(axis=1)
+        diverged = torch.from_numpy(bad)
+        self.diverged_total += int(diverged.sum())
+        return diverged
+
+    def reset_envs(self, env_ids: torch.Tensor, qpos: torch.Tensor, qvel: torch.Tensor) -> None:
+        d = self._datas[0]
+        ids = env_ids.tolist()
+        qpos_np = qpos.detach().to(torch.float64).cpu().numpy()
+        qvel_np = qvel.detach().to(torch.float64).cpu().numpy()
+        for k, i in enumerate(ids):
+            m = self._models[i]
+            mujoco.mj_resetData(m, d)
+            d.qpos[:] = qpos_np[k]
+            d.qvel[:] = qvel_np[k]
+            mujoco.mj_forward(m, d)  # sensors of the new state
+            mujoco.mj_getState(m, d, self.state[i], STATE_SPEC)
+            self._sens[i] = d.sensordata
+
+    def set_params(self, env_ids: torch.Tensor, params: dict[str, np.ndarray]) -> None:
+        if not self._own_models:
+            self._models = [copy.copy(self.model) for _ in range(self.num_envs)]
+            self._own_models = True
+        for k, i in enumerate(env_ids.tolist()):
+            m = self._models[i]
+            for field, values in params.items():
+                getattr(m, field)[...] = values[k]
+
+    def env_model(self, i: int) -> mujoco.MjModel:
+        return self._models[i]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

@@ -1,0 +1,297 @@
+"""Batched environment: torch tensors `[num_envs, ...]` in and out, per-env auto-reset.
+
+Step order (one control step; the only place it is written down):
+
+    1. validate the action                      [N, action_dim], finite, in shape
+    2. task.process_action -> ctrl              [N, nu] (scale, default pose, IK, clip)
+    3. latency + zero-order hold -> ctrl_seq    [N, decimation, nu]
+    4. backend.step(ctrl_seq)                   physics x decimation, all envs at once
+    5. task.update()                            contacts, air time, commands
+    6. events                                   pushes (velocity kicks)
+    7. terminations                             task (falls) | diverged; truncation by time limit
+    8. rewards                                  sum of weighted task terms
+    9. final observations of finished envs      kept in info["final_obs"] for bootstrapping
+   10. reset finished envs                      new state, randomised model, new command
+   11. observations                             policy (noisy, history) and critic (privileged)
+
+`terminated` (a real MDP end: bootstrap with 0) is kept apart from `truncated`
+(time limit: bootstrap from info["final_obs"]). The observation returned for a
+finished env is already the first observation of its next episode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from s2r.control.observations import ObservationBuilder
+from s2r.control.spec import RobotSpec
+from s2r.sim.model import compile_model
+from s2r.sim.randomization import ModelRandomizer
+
+BACKENDS = ("mujoco", "warp")
+
+
+class EnvError(ValueError):
+    """Bad env configuration or bad input to step(); the message names the problem."""
+
+
+@dataclass
+class EnvConfig:
+    task: str = "humanoid-walk"
+    num_envs: int = 16
+    backend: str = "mujoco"  # mujoco (CPU, default) | warp (MuJoCo Warp: CUDA or Warp's CPU device)
+    device: str = "cpu"  # torch device of observations/rewards (warp: also the Warp device)
+    seed: int = 0
+    nthread: int | None = None  # mujoco backend threads; default: all cores
+    spec: str | None = None  # robot spec YAML overriding the task's
+    randomize: bool | None = None  # None: the task's default
+    episode_length_s: float | None = None  # None: the task's default
+    max_qvel: float = 1e3  # rad/s or m/s: beyond this an env counts as diverged
+    task_overrides: dict[str, Any] = field(default_factory=dict)  # task config fields
+
+
+class BatchedEnv:
+    def __init__(self, cfg: EnvConfig):
+        from s2r.sim.tasks import make_task
+
+        if not isinstance(cfg.num_envs, int) or cfg.num_envs <= 0:
+            raise EnvError(f"num_envs must be a positive integer, got {cfg.num_envs!r}")
+        if cfg.backend not in BACKENDS:
+            raise EnvError(f"unknown backend '{cfg.backend}'; choose one of {BACKENDS}")
+        self.cfg = cfg
+        self.num_envs = cfg.num_envs
+        self.device = torch.device(cfg.device)
+        self.task = make_task(cfg.task, spec_path=cfg.spec, overrides=cfg.task_overrides)
+        if cfg.randomize is not None:
+            self.task.cfg.randomization = replace(self.task.cfg.randomization, enabled=cfg.randomize)
+        if cfg.episode_length_s is not None:
+            self.task.cfg.episode_length_s = cfg.episode_length_s
+        self.spec: RobotSpec = self.task.spec
+        self.model, self.index = compile_model(self.spec, self.task.sensors(),
+                                               joint_axis_sensors=self.task.joint_axis_sensors())
+        self.decimation = self.spec.decimation
+        self.control_dt = self.spec.control_dt
+        self.max_episode_steps = max(1, int(math.ceil(self.task.cfg.episode_length_s / self.control_dt)))
+        self.backend = self._make_backend()
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.rand_cfg = self.task.cfg.randomization
+
+        N, dev = self.num_envs, self.device
+        self.action_dim = self.spec.action_dim
+        self.action = torch.zeros(N, self.action_dim, device=dev)  # last action (policy space)
+        self.prev_action = torch.zeros(N, self.action_dim, device=dev)
+        self.ctrl = torch.zeros(N, self.model.nu, device=dev, dtype=torch.float64)
+        self.episode_step = torch.zeros(N, dtype=torch.long, device=dev)
+        self.episode_return = torch.zeros(N, device=dev)
+        self.latency = torch.zeros(N, dtype=torch.long, device=dev)  # physics steps
+        self.next_push = torch.zeros(N, dtype=torch.long, device=dev)
+        self.diverged_total = 0
+
+        base_body = None
+        if self.spec.base_body:
+            import mujoco
+            base_body = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, self.spec.base_body)
+        self.randomizer = ModelRandomizer(self.rand_cfg, self.model, self.index.joint_act,
+                                          self.index.joint_dof, base_body)
+        self.dr_summary = {k: torch.ones(N, device=dev) for k in ("friction", "mass_scale", "strength")}
+
+        self.task.bind(self)
+        self.policy_obs = ObservationBuilder(self.spec.observation, N, dev)
+        self.obs_dim = self.policy_obs.dim
+        self.critic_dims = self.task.critic_term_dims()
+        self.critic_obs_dim = self.spec.observation.frame_dim + sum(self.critic_dims.values())
+        self.reward_weights = dict(self.task.cfg.reward_weights)
+        self._reward_names = [k for k, w in self.reward_weights.items() if w != 0.0]
+        self._reward_w = torch.tensor([self.reward_weights[k] for k in self._reward_names], device=self.device)
+        self._obs: dict[str, torch.Tensor] | None = None
+        self._noise_amp = self._noise_vector()
+
+    # ---- construction -----------------------------------------------------------------
+    def _make_backend(self):
+        if self.cfg.backend == "mujoco":
+            from s2r.sim.backends.mujoco_cpu import MujocoBackend
+
+            if self.device.type != "cpu":
+                raise EnvError("the 'mujoco' backend runs on the CPU; use device='cpu' or backend='warp'")
+            return MujocoBackend(self.model, self.num_envs, nthread=self.cfg.nthread,
+                                 max_qvel=self.cfg.max_qvel)
+        from s2r.sim.backends.warp_gpu import WarpBackend  # noqa: deferred: needs mujoco-warp
+
+        return WarpBackend(self.model, self.num_envs, device=self.device, max_qvel=self.cfg.max_qvel)
+
+    def _noise_vector(self) -> torch.Tensor | None:
+        """Per-dimension noise amplitude of the (scaled) policy frame, or None."""
+        amp = self.rand_cfg.obs_noise if self.rand_cfg.enabled else {}
+        if not amp:
+            return None
+        unknown = set(amp) - {t.name for t in self.spec.observation.terms}
+        if unknown:
+            raise EnvError(f"obs_noise names term(s) {sorted(unknown)} not in the robot spec's "
+                           f"observation layout")
+        vec = [torch.full((t.dim,), amp.get(t.name, 0.0) * t.scale) for t in self.spec.observation.terms]
+        return torch.cat(vec).to(self.device)
+
+    # ---- public API -------------------------------------------------------------------
+    @property
+    def observation_space_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"policy": (self.obs_dim,), "critic": (self.critic_obs_dim,)}
+
+    def reset(self, seed: int | None = None) -> dict[str, torch.Tensor]:
+        """Reset every env. Returns {"policy": [N, obs_dim], "critic": [N, critic_obs_dim]}."""
+        if seed is not None:
+            self.gen.manual_seed(seed)
+        ids = torch.arange(self.num_envs, device=self.device)
+        self._reset_envs(ids)
+        self.policy_obs.reset()
+        self.task.refresh()
+        self._obs = self._observe()
+        return self._obs
+
+    def step(self, action: torch.Tensor):
+        """action: [N, action_dim] in [-1, 1].
+
+        Returns obs, reward [N], terminated [N] bool, truncated [N] bool, info with
+        final_obs (valid where terminated | truncated), episode stats, reward terms.
+        """
+        if self._obs is None:
+            raise EnvError("call reset() before step()")
+        action = self._check_action(action)
+        N = self.num_envs
+        # 2-3: actions -> controls with per-env latency (zero-order hold over decimation)
+        self.prev_action = self.action
+        self.action = action
+        prev_ctrl = self.ctrl
+        self.ctrl = self.task.process_action(action).to(torch.float64)
+        k = torch.arange(self.decimation, device=self.device)
+        delayed = (k[None, :] < self.latency[:, None]).unsqueeze(-1)  # [N, dec, 1]
+        ctrl_seq = torch.where(delayed, prev_ctrl.unsqueeze(1), self.ctrl.unsqueeze(1))
+        # 4: physics
+        diverged = self.backend.step(ctrl_seq).to(self.device)
+        self.episode_step += 1
+        # 5-6
+        self.task.update()
+        self._push()
+        # 7
+        terminated = self.task.terminated() | diverged
+        truncated = (self.episode_step >= self.max_episode_steps) & ~terminated
+        # 8
+        terms = self.task.reward_terms()
+        missing = [k for k in self._reward_names if k not in terms]
+        if missing:
+            raise EnvError(f"task '{self.cfg.task}' reward_weights name unknown term(s) {missing} "
+                           f"(the task computes {sorted(terms)})")
+        weighted = torch.stack([terms[k].float() for k in self._reward_names], dim=1) * self._reward_w  # [N, T]
+        reward = weighted.sum(dim=1)
+        log = {"reward_terms": dict(zip(self._reward_names, weighted.mean(dim=0)))}  # tensors; float() lazily
+        if diverged.any():
+            reward = torch.where(diverged, torch.zeros_like(reward), reward)
+            self.diverged_total += int(diverged.sum())
+        reward = torch.nan_to_num(reward, nan=0.0, posinf=0.0, neginf=0.0)
+        self.episode_return += reward
+        done = terminated | truncated
+        info: dict[str, Any] = {"log": log, "diverged": diverged, "diverged_total": self.diverged_total}
+        succ = self.task.success()
+        if succ is not None:
+            info["success"] = succ
+        # 9-10
+        if done.any():
+            final = self._observe(commit=False)
+            if diverged.any():  # never hand out a NaN observation: reuse the last good one
+                for key in final:
+                    final[key] = torch.where(diverged[:, None], self._obs[key], final[key])
+            info["final_obs"] = final
+            ids = done.nonzero(as_tuple=False).squeeze(-1)
+            info["episode"] = {"return": self.episode_return[ids].clone(),
+                               "length": self.episode_step[ids].clone(), "env_ids": ids}
+            self._reset_envs(ids)
+            self.policy_obs.reset(ids)
+            self.task.refresh()
+        # 11
+        self._obs = self._observe()
+        return self._obs, reward, terminated, truncated, info
+
+    def close(self) -> None:
+        self.backend.close()
+
+    # ---- internals ---------------------------------------------------------------------
+    def _check_action(self, action) -> torch.Tensor:
+        if not isinstance(action, torch.Tensor):
+            action = torch.as_tensor(np.asarray(action), dtype=torch.float32)
+        if action.shape != (self.num_envs, self.action_dim):
+            raise EnvError(f"action has shape {tuple(action.shape)}, expected "
+                           f"[num_envs={self.num_envs}, action_dim={self.action_dim}] for task "
+                           f"'{self.cfg.task}'")
+        action = action.to(self.device, torch.float32)
+        bad = ~torch.isfinite(action)
+        if bad.any():
+            env_ids = bad.any(1).nonzero().squeeze(-1).tolist()
+            raise EnvError(f"action contains NaN/Inf in env(s) {env_ids[:10]}"
+                           f"{' ...' if len(env_ids) > 10 else ''}")
+        return action
+
+    def _reset_envs(self, ids: torch.Tensor) -> None:
+        k = len(ids)
+        if self.randomizer.active:
+            params, summary = self.randomizer.sample(k, self.gen)
+            self.backend.set_params(ids, params)
+            for key, v in summary.items():
+                self.dr_summary[key][ids] = torch.as_tensor(v, dtype=torch.float32, device=self.device)
+        rc = self.rand_cfg
+        if rc.enabled:
+            lo, hi = rc.latency_steps
+            hi = min(hi, self.decimation)
+            self.latency[ids] = torch.randint(lo, hi + 1, (k,), generator=self.gen).to(self.device)
+        else:
+            self.latency[ids] = 0
+        qpos, qvel = self.task.reset(ids)
+        self.backend.reset_envs(ids, qpos, qvel)
+        self.episode_step[ids] = 0
+        self.episode_return[ids] = 0
+        self.action[ids] = 0
+        self.prev_action[ids] = 0
+        self.ctrl[ids] = self.task.default_ctrl()[ids] if hasattr(self.task, "default_ctrl") else 0
+        self._schedule_push(ids)
+        self.task.after_reset(ids) if hasattr(self.task, "after_reset") else None
+
+    def _schedule_push(self, ids: torch.Tensor) -> None:
+        lo, hi = self.rand_cfg.push_interval_s
+        steps = (lo + (hi - lo) * torch.rand(len(ids), generator=self.gen)) / self.control_dt
+        self.next_push[ids] = self.episode_step[ids] + steps.long().clamp_min(1).to(self.device)
+
+    def _push(self) -> None:
+        rc = self.rand_cfg
+        if not rc.enabled or rc.push_velocity <= 0 or self.index.base_dof is None:
+            return
+        due = self.episode_step >= self.next_push
+        if not due.any():
+            return
+        ids = due.nonzero().squeeze(-1)
+        qvel = self.backend.qvel[ids.cpu() if self.backend.qvel.device.type == "cpu" else ids].clone()
+        kick = (torch.rand(len(ids), 2, generator=self.gen, dtype=torch.float64) * 2 - 1) * rc.push_velocity
+        qvel[:, self.index.base_dof:self.index.base_dof + 2] += kick.to(qvel.device)
+        self.backend.set_qvel(ids.to(self.backend.qvel.device), qvel)
+        self._schedule_push(ids)
+
+    def _observe(self, commit: bool = True) -> dict[str, torch.Tensor]:
+        clean = self.policy_obs.frame(self.task.observation_terms())  # [N, frame_dim], scaled + clipped
+        noisy = clean
+        if self._noise_amp is not None:  # uniform noise on the raw terms (= scale x noise after scaling)
+            u = torch.rand(clean.shape, generator=self.gen).to(self.device)
+            noisy = clean + self._noise_amp * (2 * u - 1)
+        if commit:
+            policy = self.policy_obs.push(noisy)
+        else:  # peek: same history, without advancing it
+            saved = self.policy_obs.history.clone(), self.policy_obs._fresh.clone()
+            policy = self.policy_obs.push(noisy)
+            self.policy_obs.history, self.policy_obs._fresh = saved
+        parts = [clean]
+        priv = self.task.critic_terms()
+        for name, dim in self.critic_dims.items():
+            parts.append(priv[name].to(parts[0].dtype).reshape(self.num_envs, dim))
+        critic = torch.cat(parts, dim=-1)
+        return {"policy": policy, "critic": critic}

@@ -1,0 +1,211 @@
+"""humanoid-walk: velocity-command tracking (vx, vy, yaw rate) for a G1-class biped.
+
+Reward terms are small named functions of the batch state; weights are config.
+Observations follow the robot spec (sim/robots/g1/g1.yaml); the critic also gets
+privileged terms (true base velocity, height, foot contacts, randomised physics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mujoco
+import torch
+
+from s2r.control.actions import ActionProcessor, pd_torque
+from s2r.control.rotations import projected_gravity, quat_from_yaw, quat_mul, quat_rotate_inverse
+from s2r.sim.model import SensorRequest
+from s2r.sim.randomization import RandomizationConfig
+from s2r.sim.tasks.base import Task, TaskConfig
+
+
+def _walk_randomization() -> RandomizationConfig:
+    return RandomizationConfig(
+        latency_steps=(0, 1),
+        obs_noise={"base_ang_vel": 0.2, "projected_gravity": 0.05, "joint_pos": 0.01, "joint_vel": 1.5},
+        push_interval_s=(5.0, 15.0), push_velocity=0.5)
+
+
+@dataclass
+class HumanoidWalkConfig(TaskConfig):
+    spec: str = "g1/g1.yaml"
+    episode_length_s: float = 20.0
+    feet_sites: tuple[str, ...] = ("left_foot", "right_foot")
+    command_vx: tuple[float, float] = (-0.5, 1.0)  # m/s
+    command_vy: tuple[float, float] = (-0.3, 0.3)  # m/s
+    command_yaw: tuple[float, float] = (-0.5, 0.5)  # rad/s
+    standing_prob: float = 0.1  # share of zero commands
+    resample_s: float = 10.0
+    tracking_sigma: float = 0.25
+    air_time_target_s: float = 0.4
+    contact_force: float = 5.0  # N: touch above this counts as contact
+    min_base_height: float = 0.45  # m: below this the robot has fallen
+    max_tilt_cos: float = -0.5  # projected gravity z above this = fallen (about 60 deg)
+    soft_limit: float = 0.9  # share of the joint range beyond which joint_limit penalises
+    init_joint_noise: float = 0.1  # rad
+    reward_weights: dict[str, float] = field(default_factory=lambda: {
+        "track_lin_vel_xy": 1.0, "track_ang_vel_z": 0.5, "alive": 0.5, "upright": 0.5,
+        "lin_vel_z": -1.0, "ang_vel_xy": -0.05, "feet_air_time": 1.0, "foot_slip": -0.1,
+        "action_rate": -0.01, "torque": -1e-5, "joint_limit": -5.0,
+    })
+    randomization: RandomizationConfig = field(default_factory=_walk_randomization)
+
+
+class HumanoidWalk(Task):
+    name = "humanoid-walk"
+    Config = HumanoidWalkConfig
+    cfg: HumanoidWalkConfig
+
+    def sensors(self):
+        out = []
+        for s in self.cfg.feet_sites:
+            out += [SensorRequest(f"{s}_pos", "framepos", s), SensorRequest(f"{s}_vel", "framelinvel", s),
+                    SensorRequest(f"{s}_touch", "touch", s)]
+        return out
+
+    def critic_term_dims(self):
+        return {"base_lin_vel": 3, "base_height": 1, "feet_contact": len(self.cfg.feet_sites),
+                "friction": 1, "mass_scale": 1, "strength": 1}
+
+    def bind(self, env):
+        super().bind(env)
+        idx, dev, N = env.index, env.device, env.num_envs
+        if idx.base_qpos is None:
+            raise ValueError(f"task {self.name} needs a floating base: robot spec '{self.spec.name}' "
+                             f"base_body must carry a free joint")
+        self.act = ActionProcessor(self.spec, dev)
+        self.jq = torch.as_tensor(idx.joint_qpos, device=dev)
+        self.jd = torch.as_tensor(idx.joint_dof, device=dev)
+        self.ja = torch.as_tensor(idx.joint_act, device=dev)
+        self.b, self.bd = idx.base_qpos, idx.base_dof
+        nf = len(self.cfg.feet_sites)
+        self.s_pos = [idx.sensors[f"{s}_pos"] for s in self.cfg.feet_sites]
+        self.s_vel = [idx.sensors[f"{s}_vel"] for s in self.cfg.feet_sites]
+        self.s_touch = [idx.sensors[f"{s}_touch"] for s in self.cfg.feet_sites]
+        self.i_touch = torch.tensor([s.start for s in self.s_touch], device=dev)
+        self.i_vel = torch.tensor([i for s in self.s_vel for i in range(s.start, s.stop)], device=dev)
+        self.command = torch.zeros(N, 3, device=dev)
+        self.next_resample = torch.zeros(N, dtype=torch.long, device=dev)
+        self.air_time = torch.zeros(N, nf, device=dev)
+        self.contact = torch.zeros(N, nf, dtype=torch.bool, device=dev)
+        self.first_contact = torch.zeros(N, nf, dtype=torch.bool, device=dev)
+        self._air_at_touchdown = torch.zeros(N, nf, device=dev)
+        m = env.model
+        self.qpos0 = torch.as_tensor(m.qpos0, dtype=torch.float64, device=dev).clone()
+        key = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_KEY, "home")
+        if key >= 0:
+            self.qpos0 = torch.as_tensor(m.key_qpos[key], dtype=torch.float64, device=dev).clone()
+        self.qpos0[self.jq] = self.act.default.to(torch.float64)
+        self.resample_steps = max(1, int(self.cfg.resample_s / env.control_dt))
+        lo_hi = torch.as_tensor([j.range for j in self.spec.joints], device=dev)
+        mid, half = lo_hi.mean(1), 0.5 * (lo_hi[:, 1] - lo_hi[:, 0])
+        self.soft_lo = mid - self.cfg.soft_limit * half
+        self.soft_hi = mid + self.cfg.soft_limit * half
+
+    # ---- state accessors --------------------------------------------------------------
+    def _state(self):
+        be = self.env.backend
+        qpos, qvel = be.qpos.to(self.env.device), be.qvel.to(self.env.device)
+        return qpos, qvel
+
+    def default_ctrl(self) -> torch.Tensor:
+        ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float64, device=self.env.device)
+        ctrl[:, self.ja] = self.act.default.to(torch.float64)
+        return ctrl
+
+    # ---- reset / commands ---------------------------------------------------------------
+    def reset(self, env_ids):
+        k, dev, g = len(env_ids), self.env.device, self.env.gen
+        nq, nv = self.env.model.nq, self.env.model.nv
+        qpos = self.qpos0.expand(k, nq).clone()
+        noise = (torch.rand(k, len(self.jq), generator=g, dtype=torch.float64) * 2 - 1).to(dev)
+        qpos[:, self.jq] += self.cfg.init_joint_noise * noise
+        yaw = ((torch.rand(k, generator=g, dtype=torch.float64) * 2 - 1) * torch.pi).to(dev)
+        qpos[:, self.b + 3:self.b + 7] = quat_mul(quat_from_yaw(yaw), qpos[:, self.b + 3:self.b + 7])
+        qvel = torch.zeros(k, nv, dtype=torch.float64, device=dev)
+        self._resample(env_ids)
+        self.air_time[env_ids] = 0
+        self.contact[env_ids] = True
+        self.first_contact[env_ids] = False
+        return qpos, qvel
+
+    def _resample(self, ids):
+        k, g, c = len(ids), self.env.gen, self.cfg
+        r = torch.rand(k, 4, generator=g).to(self.env.device)
+        cmd = torch.stack([c.command_vx[0] + r[:, 0] * (c.command_vx[1] - c.command_vx[0]),
+                           c.command_vy[0] + r[:, 1] * (c.command_vy[1] - c.command_vy[0]),
+                           c.command_yaw[0] + r[:, 2] * (c.command_yaw[1] - c.command_yaw[0])], dim=1)
+        cmd[r[:, 3] < c.standing_prob] = 0.0
+        self.command[ids] = cmd
+        self.next_resample[ids] = self.env.episode_step[ids] + self.resample_steps
+
+    # ---- step ----------------------------------------------------------------------------
+    def process_action(self, action):
+        ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float32, device=self.env.device)
+        ctrl[:, self.ja] = self.act.joint_targets(action)
+        return ctrl
+
+    def update(self):
+        self.refresh()
+        sd = self.env.backend.sensordata.to(self.env.device, torch.float32)
+        touch = sd[:, self.i_touch]  # [N, nf]
+        self.c_foot_vel = sd[:, self.i_vel].reshape(-1, len(self.s_vel), 3)
+        contact = touch > self.cfg.contact_force
+        self.first_contact = (self.air_time > 0) & contact
+        self.air_time += self.env.control_dt
+        self._air_at_touchdown = self.air_time * self.first_contact
+        self.air_time[contact] = 0.0
+        self.contact = contact
+        due = self.env.episode_step >= self.next_resample
+        if due.any():
+            self._resample(due.nonzero().squeeze(-1))
+
+    def refresh(self):
+        """Read the batch state once per step (after physics, and after resets)."""
+        be, dev = self.env.backend, self.env.device
+        qpos, qvel = be.qpos.to(dev, torch.float32), be.qvel.to(dev, torch.float32)
+        quat = qpos[:, self.b + 3:self.b + 7]
+        self.c_height = qpos[:, self.b + 2]
+        self.c_ang_b = qvel[:, self.bd + 3:self.bd + 6]  # free-joint angular velocity is body-frame
+        self.c_lin_b = quat_rotate_inverse(quat, qvel[:, self.bd:self.bd + 3])
+        self.c_grav = projected_gravity(quat)
+        self.c_q = qpos[:, self.jq]
+        self.c_qd = qvel[:, self.jd]
+
+    def terminated(self):
+        return (self.c_height < self.cfg.min_base_height) | (self.c_grav[:, 2] > self.cfg.max_tilt_cos)
+
+    def reward_terms(self):
+        c, env = self.cfg, self.env
+        g, q, qd, lin_b, ang_b = self.c_grav, self.c_q, self.c_qd, self.c_lin_b, self.c_ang_b
+        foot_vel = self.c_foot_vel  # [N, nf, 3]
+        moving = self.command[:, :2].norm(dim=1) > 0.1
+        tau = pd_torque(env.ctrl[:, self.ja].float(), q, qd, self.act.kp, self.act.kd, self.act.torque_limit)
+        lin_err = ((self.command[:, :2] - lin_b[:, :2]) ** 2).sum(1)
+        yaw_err = (self.command[:, 2] - ang_b[:, 2]) ** 2
+        out_of_limits = (self.soft_lo - q).clamp_min(0) + (q - self.soft_hi).clamp_min(0)
+        return {
+            "track_lin_vel_xy": torch.exp(-lin_err / c.tracking_sigma),
+            "track_ang_vel_z": torch.exp(-yaw_err / c.tracking_sigma),
+            "alive": torch.ones_like(lin_err),
+            "upright": torch.exp(-5.0 * (g[:, :2] ** 2).sum(1)),
+            "lin_vel_z": lin_b[:, 2] ** 2,
+            "ang_vel_xy": (ang_b[:, :2] ** 2).sum(1),
+            "feet_air_time": ((self._air_at_touchdown - c.air_time_target_s) * self.first_contact).sum(1) * moving,
+            "foot_slip": ((foot_vel[..., :2] ** 2).sum(-1) * self.contact).sum(1),
+            "action_rate": ((env.action - env.prev_action) ** 2).sum(1),
+            "torque": (tau ** 2).sum(1),
+            "joint_limit": out_of_limits.sum(1),
+        }
+
+    def observation_terms(self):
+        return {"base_ang_vel": self.c_ang_b, "projected_gravity": self.c_grav,
+                "velocity_command": self.command, "joint_pos": self.c_q - self.act.default,
+                "joint_vel": self.c_qd, "last_action": self.env.action}
+
+    def critic_terms(self):
+        env = self.env
+        return {"base_lin_vel": self.c_lin_b, "base_height": self.c_height[:, None],
+                "feet_contact": self.contact.float(), "friction": env.dr_summary["friction"][:, None],
+                "mass_scale": env.dr_summary["mass_scale"][:, None],
+                "strength": env.dr_summary["strength"][:, None]}

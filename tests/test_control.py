@@ -1,0 +1,124 @@
+"""control/: observation layout, action processing and IK shared by sim and robot."""
+
+import mujoco
+import numpy as np
+import pytest
+import torch
+
+from s2r.control.actions import ActionProcessor, pd_torque
+from s2r.control.ik import dls, hinge_jacobian
+from s2r.control.observations import ObservationBuilder, ObservationError
+from s2r.control.rotations import projected_gravity, quat_error, quat_from_yaw, quat_mul
+from s2r.control.spec import ObservationSpec, ObsTerm, RobotSpec
+
+
+def obs_spec(order, H=3):
+    return ObservationSpec(terms=[ObsTerm("a", 2, scale=2.0, clip=5.0), ObsTerm("b", 1)],
+                           history_length=H, history_order=order)
+
+
+def test_frame_major_history_orders_oldest_frame_first_and_fills_on_reset():
+    b = ObservationBuilder(obs_spec("frame_major"), num_envs=1)
+    o1 = b.compute({"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([[3.0]])})
+    assert o1.tolist() == [[2, 4, 3] * 3]  # fresh history is filled with the first frame
+    o2 = b.compute({"a": torch.tensor([[0.5, 0.0]]), "b": torch.tensor([[9.0]])})
+    assert o2.tolist() == [[2, 4, 3, 2, 4, 3, 1, 0, 9]]
+
+
+def test_term_major_history_groups_each_term():
+    b = ObservationBuilder(obs_spec("term_major"), num_envs=1)
+    b.compute({"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([[3.0]])})
+    o = b.compute({"a": torch.tensor([[0.5, 0.0]]), "b": torch.tensor([[9.0]])})
+    # a: [t-2, t-1, t] each 2 dims, then b: [t-2, t-1, t]
+    assert o.tolist() == [[2, 4, 2, 4, 1, 0, 3, 3, 9]]
+
+
+def test_scale_then_clip():
+    b = ObservationBuilder(obs_spec("frame_major", H=1), num_envs=1)
+    o = b.compute({"a": torch.tensor([[10.0, -10.0]]), "b": torch.tensor([[1e6]])})
+    assert o.tolist() == [[5.0, -5.0, 100.0]]
+
+
+def test_reset_of_one_env_leaves_the_others_history():
+    b = ObservationBuilder(obs_spec("frame_major"), num_envs=2)
+    v = lambda x: {"a": torch.full((2, 2), x), "b": torch.full((2, 1), x)}  # noqa: E731
+    b.compute(v(1.0))
+    b.reset(torch.tensor([1]))
+    o = b.compute(v(2.0))
+    assert o[0, 0].item() == 2.0 and o[0, -1].item() == 2.0  # env 0 keeps history: oldest is 1*2
+    assert o[1].unique().tolist() == [2.0, 4.0]  # env 1 refilled with the new frame
+
+
+def test_missing_or_misshaped_term_is_named():
+    b = ObservationBuilder(obs_spec("frame_major"), num_envs=1)
+    with pytest.raises(ObservationError, match="term 'b' missing"):
+        b.compute({"a": torch.zeros(1, 2)})
+    with pytest.raises(ObservationError, match=r"term 'a' has shape \(1, 3\)"):
+        b.compute({"a": torch.zeros(1, 3), "b": torch.zeros(1, 1)})
+
+
+def test_joint_targets_are_default_plus_scaled_action_clipped_to_range():
+    spec = RobotSpec.from_dict({"name": "t", "physics_dt": 0.005, "decimation": 4,
+                                "action": {"scale": 0.5},
+                                "joints": [{"name": "a", "default": 0.8, "range": [-1, 1]},
+                                           {"name": "b", "default": 0.0, "range": [-1, 1]}]})
+    ap = ActionProcessor(spec)
+    t = ap.joint_targets(torch.tensor([[1.0, -0.5], [-1.0, 3.0]]))
+    assert torch.allclose(t, torch.tensor([[1.0, -0.25], [0.3, 0.5]]))
+
+
+def test_pd_torque_matches_mujoco_position_servo():
+    tau = pd_torque(torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([2.0]), torch.tensor([10.0]),
+                    torch.tensor([1.0]), torch.tensor([100.0]))
+    assert tau.item() == pytest.approx(10 * 0.5 - 1 * 2.0)
+    assert pd_torque(torch.tensor([10.0]), torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([10.0]),
+                     torch.tensor([0.0]), torch.tensor([3.0])).item() == 3.0
+
+
+def test_projected_gravity_and_yaw_quaternions():
+    q = quat_from_yaw(torch.tensor([0.7]))
+    assert torch.allclose(projected_gravity(q), torch.tensor([[0.0, 0.0, -1.0]]), atol=1e-6)
+    pitch = torch.tensor([[np.cos(0.25), 0.0, np.sin(0.25), 0.0]], dtype=torch.float32)  # 0.5 rad about y
+    g = projected_gravity(pitch)
+    assert g[0, 0].item() == pytest.approx(np.sin(0.5), abs=1e-6)
+    e = quat_error(quat_mul(quat_from_yaw(torch.tensor([0.3])), pitch), pitch)
+    assert torch.allclose(e, torch.tensor([[0.0, 0.0, 0.3]]), atol=1e-5)
+
+
+CHAIN = """<mujoco><worldbody><body><joint name="j1" axis="0 0 1"/><geom type="capsule" size=".05" fromto="0 0 0 0 0 .3"/>
+  <body pos="0 0 .3" euler="0.3 0 0"><joint name="j2" axis="0 1 0" pos="0 0 0.02"/><geom type="capsule" size=".04" fromto="0 0 0 .3 0 0"/>
+    <body pos=".3 0 0"><joint name="j3" axis="1 1 0"/><geom type="capsule" size=".03" fromto="0 0 0 0 0 -.2"/>
+      <site name="tip" pos="0.05 0.02 -.2"/></body></body></body></worldbody></mujoco>"""
+
+
+def test_hinge_jacobian_from_anchors_and_axes_equals_mj_jacSite():
+    m = mujoco.MjModel.from_xml_string(CHAIN)
+    d = mujoco.MjData(m)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        d.qpos[:] = rng.uniform(-1, 1, m.nq)
+        mujoco.mj_forward(m, d)
+        jp, jr = np.zeros((3, m.nv)), np.zeros((3, m.nv))
+        mujoco.mj_jacSite(m, d, jp, jr, 0)
+        anchors = torch.tensor(d.xanchor[None], dtype=torch.float64)
+        axes = torch.tensor(d.xaxis[None], dtype=torch.float64)
+        J = hinge_jacobian(anchors, axes, torch.tensor(d.site_xpos[:1], dtype=torch.float64))
+        np.testing.assert_allclose(J[0, :3].numpy(), jp, atol=1e-12)
+        np.testing.assert_allclose(J[0, 3:].numpy(), jr, atol=1e-12)
+
+
+def test_dls_converges_to_a_reachable_point():
+    m = mujoco.MjModel.from_xml_string(CHAIN)
+    d = mujoco.MjData(m)
+    d.qpos[:] = [0.4, -0.3, 0.2]
+    mujoco.mj_forward(m, d)
+    goal = d.site_xpos[0].copy()
+    d.qpos[:] = 0
+    for _ in range(50):
+        mujoco.mj_forward(m, d)
+        J = hinge_jacobian(torch.tensor(d.xanchor[None]), torch.tensor(d.xaxis[None]),
+                           torch.tensor(d.site_xpos[:1]))[:, :3]
+        dq = dls(J, torch.tensor(goal - d.site_xpos[0])[None], damping=0.01)
+        d.qpos[:] += dq[0].numpy()
+    mujoco.mj_forward(m, d)
+    assert np.linalg.norm(d.site_xpos[0] - goal) < 1e-4
