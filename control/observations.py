@@ -82,7 +82,8 @@ class ObservationBuilder:
             self.history[self._fresh] = fr[self._fresh].unsqueeze(1).expand(-1, self.H, -1)
             self._fresh[:] = False
         flat = self.history.reshape(self.num_envs, -1)
-        return flat if self._perm is None else flat[:, self._perm]
+        # a copy: the caller keeps this tensor across steps while the history is updated in place
+        return flat.clone() if self._perm is None else flat[:, self._perm]
 
 
 # ---- raw terms shared by sim and robot ----------------------------------------------

@@ -44,7 +44,7 @@ def _make_env(task: str, num_envs: int, backend: str, spec: Optional[str], seed:
     try:
         return BatchedEnv(EnvConfig(task=task, num_envs=num_envs, backend=backend, spec=spec, seed=seed,
                                     randomize=randomize, device=device))
-    except (SpecError, EnvError, ModelError, UnknownTaskError, ValueError) as e:
+    except (SpecError, EnvError, ModelError, UnknownTaskError, ValueError, RuntimeError) as e:
         _fail(str(e))
 
 

@@ -122,3 +122,10 @@ def test_dls_converges_to_a_reachable_point():
         d.qpos[:] += dq[0].numpy()
     mujoco.mj_forward(m, d)
     assert np.linalg.norm(d.site_xpos[0] - goal) < 1e-4
+
+
+def test_returned_observation_is_not_overwritten_by_the_next_step():
+    b = ObservationBuilder(ObservationSpec(terms=[ObsTerm("a", 1)]), num_envs=1)
+    first = b.compute({"a": torch.ones(1, 1)})
+    b.compute({"a": torch.zeros(1, 1)})
+    assert first.item() == 1.0

@@ -163,7 +163,8 @@ class HumanoidWalk(Task):
     def refresh(self):
         """Read the batch state once per step (after physics, and after resets)."""
         be, dev = self.env.backend, self.env.device
-        qpos, qvel = be.qpos.to(dev, torch.float32), be.qvel.to(dev, torch.float32)
+        qpos = be.qpos.to(dev, torch.float32, copy=True)  # a snapshot, also on Warp's float32 views
+        qvel = be.qvel.to(dev, torch.float32, copy=True)
         quat = qpos[:, self.b + 3:self.b + 7]
         self.c_height = qpos[:, self.b + 2]
         self.c_ang_b = qvel[:, self.bd + 3:self.bd + 6]  # free-joint angular velocity is body-frame
