@@ -186,6 +186,84 @@ def _plot_rollout(path: Path, rewards: list[float], dt: float, task: str) -> Non
     atomic_write_bytes(path, buf.getvalue())
 
 
+@app.command("train")
+def train(task: str = typer.Option(..., help="s2r task (humanoid-walk, arm-reach, ...) or gymnasium id"),
+          algo: str = typer.Option("sac", help="sac | dsac-t"),
+          policy: str = typer.Option("gaussian", help="gaussian | pmoe"),
+          backend: str = typer.Option("mujoco", help="mujoco | warp (s2r tasks)"),
+          num_envs: Optional[int] = typer.Option(None, help="parallel envs (default: the recipe's)"),
+          steps: Optional[int] = typer.Option(None, help="total env steps (default: the recipe's)"),
+          out: Optional[Path] = typer.Option(None, help="run directory (default runs/<task>-<algo>-<policy>-<seed>)"),
+          resume: Optional[Path] = typer.Option(None, help="continue the run in this directory"),
+          seed: int = typer.Option(0),
+          device: Optional[str] = typer.Option(None, help="cpu | cuda (default: the recipe's, cpu if no CUDA)"),
+          threads: int = typer.Option(1, help="torch intra-op threads"),
+          utd: Optional[float] = typer.Option(None, help="gradient updates per vectorised env step"),
+          batch_size: Optional[int] = typer.Option(None),
+          bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (CUDA)"),
+          compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the networks"),
+          checkpoint_buffer: bool = typer.Option(False, help="store the replay buffer in checkpoints"),
+          progress: bool = typer.Option(True, "--progress/--no-progress")):
+    """Train SAC or DSAC-T (Gaussian or PMOE head) on a task; writes a run directory."""
+    import torch
+    import yaml
+
+    from s2r.control.spec import SpecError
+    from s2r.policies.checkpoint import CheckpointError
+    from s2r.policies.recipes import recipe
+    from s2r.policies.trainer import Trainer, TrainingError, config_from_dict
+    from s2r.sim.env import EnvError
+    from s2r.sim.model import ModelError
+
+    try:
+        if resume is not None:
+            cfg_path = resume / "config.yaml"
+            if not cfg_path.is_file():
+                _fail(f"--resume {resume}: no config.yaml there (not a run directory)")
+            cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
+            run_dir = resume
+        else:
+            if algo not in ("sac", "dsac-t"):
+                _fail(f"unknown --algo '{algo}' (sac | dsac-t)")
+            if policy not in ("gaussian", "pmoe"):
+                _fail(f"unknown --policy '{policy}' (gaussian | pmoe)")
+            agent = {k: v for k, v in {"bf16": bf16, "compile": compile}.items() if v is not None}
+            cfg = recipe(task, algo, policy, agent=agent, num_envs=num_envs, total_steps=steps, seed=seed,
+                         backend=backend, device=device, threads=threads, updates_per_step=utd,
+                         batch_size=batch_size, checkpoint_buffer=checkpoint_buffer, progress=progress)
+            if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+                cfg.device = "cpu"
+                cfg.agent.bf16 = False
+            if cfg.num_envs <= 0 or cfg.total_steps <= 0:
+                _fail("--num-envs and --steps must be > 0")
+            run_dir = out or Path("runs") / f"{task.replace('/', '_')}-{algo}-{policy}-{seed}"
+            if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+                _fail(f"{run_dir} already holds a run; pass --resume {run_dir} or another --out")
+        trainer = Trainer(cfg, run_dir, resume=resume is not None)
+        final = trainer.train()
+    except (SpecError, EnvError, ModelError, CheckpointError, TrainingError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({"run": str(run_dir), **final}))
+
+
+@app.command("eval")
+def evaluate(run: Path = typer.Argument(..., help="run directory (or a checkpoint file)"),
+             episodes: int = typer.Option(10, min=1),
+             video: Optional[Path] = typer.Option(None, help="film env 0 of an s2r task"),
+             seed: int = typer.Option(123)):
+    """Evaluate a run's deterministic policy; optionally film it."""
+    import torch
+
+    from s2r.policies.checkpoint import CheckpointError
+    from s2r.policies.evaluate import evaluate_run
+
+    try:
+        result = evaluate_run(run, episodes=episodes, video=video, seed=seed)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result))
+
+
 @bench_app.command("sim")
 def bench_sim(quick: bool = typer.Option(False, help="at most ~60 s"),
               envs: str = typer.Option("1,16,64,256", help="comma-separated env counts"),

@@ -1,0 +1,251 @@
+"""What learns: SAC and DSAC-T over a Gaussian or PMOE policy head.
+
+An algorithm owns its networks, target networks, optimisers and temperature,
+and turns one sampled batch into one gradient update (`update`). It never
+touches the environment (the trainer does) and never normalises observations
+(the trainer hands it normalised ones). Losses live in policies/losses.py, one
+function each; this file only wires them: read `SAC.update` and
+`DSACT.update` top to bottom.
+
+Registry: ALGORITHMS = {"sac": SAC, "dsac-t": DSACT}; heads: "gaussian" | "pmoe".
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_loss, pmoe_actor_loss,
+                                 sac_actor_loss, sac_critic_loss, update_b)
+from s2r.policies.networks import CriticEnsemble, PMOEActor, TanhGaussianActor
+
+POLICY_HEADS = ("gaussian", "pmoe")
+
+
+@dataclass
+class AgentConfig:
+    """Hyperparameters of SAC / DSAC-T (defaults per ../shared/ALGORITHMS.md; recipes override)."""
+
+    algo: str = "sac"  # sac | dsac-t
+    policy: str = "gaussian"  # gaussian | pmoe
+    n_experts: int = 4  # pmoe only
+    actor_hidden: tuple[int, ...] = (256, 256)
+    critic_hidden: tuple[int, ...] = (256, 256)
+    activation: str = "relu"  # DSAC-T's authors use gelu
+    layer_norm: bool = False  # LayerNorm in the critics (massively parallel recipes turn it on)
+    lr_actor: float = 3e-4
+    lr_critic: float = 3e-4
+    lr_alpha: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005  # Polyak factor for target networks
+    init_alpha: float = 1.0
+    target_entropy: float | None = None  # None: -|A| (scaled by target_entropy_scale)
+    target_entropy_scale: float = 1.0
+    policy_delay: int = 1  # actor, alpha and targets update every `policy_delay` critic updates
+    log_std_min: float = -5.0
+    log_std_max: float = 2.0
+    # DSAC-T
+    tau_b: float = 0.005
+    dsac_eps: float = 0.1
+    # speed options (CUDA)
+    bf16: bool = False  # autocast the forward passes to bfloat16
+    compile: bool = False  # torch.compile the networks
+    grad_clip: float | None = None
+
+
+def algo_defaults(algo: str) -> dict:
+    """Per-algorithm defaults from the papers / authors' code."""
+    if algo == "dsac-t":
+        return dict(actor_hidden=(256, 256, 256), critic_hidden=(256, 256, 256), activation="gelu",
+                    lr_actor=1e-4, lr_critic=1e-4, lr_alpha=3e-4, policy_delay=2, init_alpha=math.e,
+                    log_std_min=-20.0, log_std_max=0.5)
+    if algo == "sac":
+        return {}
+    raise ValueError(f"unknown algorithm '{algo}'; choose one of {sorted(ALGORITHMS)}")
+
+
+def allreduce_grads(params) -> None:
+    """Average gradients over data-parallel ranks (no-op outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    i = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[i:i + n].view_as(g))
+        i += n
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Make every rank start from rank 0's weights."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)
+
+
+class OffPolicyAgent(nn.Module):
+    """Networks, targets, optimisers and temperature shared by SAC and DSAC-T."""
+
+    distributional = False
+
+    def __init__(self, cfg: AgentConfig, obs_dim: int, critic_obs_dim: int, act_dim: int,
+                 device: str | torch.device = "cpu"):
+        super().__init__()
+        if cfg.policy not in POLICY_HEADS:
+            raise ValueError(f"unknown policy head '{cfg.policy}'; choose one of {POLICY_HEADS}")
+        self.cfg = cfg
+        self.obs_dim, self.critic_obs_dim, self.act_dim = obs_dim, critic_obs_dim, act_dim
+        self.device = torch.device(device)
+        if cfg.policy == "pmoe":
+            self.actor = PMOEActor(obs_dim, act_dim, cfg.actor_hidden, n_experts=cfg.n_experts,
+                                   activation=cfg.activation, log_std_min=cfg.log_std_min,
+                                   log_std_max=cfg.log_std_max)
+        else:
+            self.actor = TanhGaussianActor(obs_dim, act_dim, cfg.actor_hidden, activation=cfg.activation,
+                                           log_std_min=cfg.log_std_min, log_std_max=cfg.log_std_max)
+        self.critic = CriticEnsemble(critic_obs_dim, act_dim, cfg.critic_hidden, n_critics=2,
+                                     distributional=self.distributional, layer_norm=cfg.layer_norm,
+                                     activation=cfg.activation)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha)))
+        self.target_entropy = (cfg.target_entropy if cfg.target_entropy is not None
+                               else -float(act_dim) * cfg.target_entropy_scale)
+        self.to(self.device)
+        broadcast_module(self)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr_actor)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr_alpha)
+        self.register_buffer("n_updates", torch.zeros((), dtype=torch.long, device=self.device))
+        self._autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16
+                          else nullcontext())
+        if cfg.compile:
+            self.actor = torch.compile(self.actor)
+            self.critic = torch.compile(self.critic)
+
+    @property
+    def alpha(self) -> Tensor:
+        return self.log_alpha.detach().exp()
+
+    @torch.no_grad()
+    def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:
+        """obs: [N, obs_dim] normalised -> action [N, act_dim] in (-1, 1)."""
+        with self._autocast:
+            a = self.actor.deterministic(obs) if deterministic else self.actor.sample(obs)[0]
+        return a.float()
+
+    def _step(self, opt: torch.optim.Optimizer, loss: Tensor, params) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        allreduce_grads(params)
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        opt.step()
+
+    @torch.no_grad()
+    def _polyak(self, net: nn.Module, target: nn.Module) -> None:
+        tau = self.cfg.tau
+        for p, tp in zip(net.parameters(), target.parameters()):
+            tp.lerp_(p, tau)
+
+    def _actor_and_alpha(self, obs: Tensor, critic_obs: Tensor, q_fn) -> dict:
+        """Actor (Gaussian or PMOE) and temperature update; q_fn(critic_obs, action) -> [n, ...]."""
+        alpha = self.alpha
+        with self._autocast:
+            if self.cfg.policy == "pmoe":
+                _, _, router_probs = self.actor(obs)
+                actions, log_probs = self.actor.sample_all(obs)  # [B, K, A], [B, K]
+                q_all = q_fn(critic_obs.unsqueeze(1), actions).float()  # [n, B, K]
+                a_loss, r_loss, stats, log_prob = pmoe_actor_loss(q_all, log_probs.float(),
+                                                                  router_probs.float(), alpha)
+                loss = a_loss + r_loss
+            else:
+                action, log_prob = self.actor.sample(obs)
+                q_pi = q_fn(critic_obs, action).float()  # [n, B]
+                loss, stats = (sac_actor_loss if not self.distributional else dsac_t_actor_loss)(
+                    q_pi, log_prob.float(), alpha)
+                log_prob = log_prob.detach().float()
+        self.critic.requires_grad_(False)
+        self._step(self.actor_opt, loss, list(self.actor.parameters()))
+        self.critic.requires_grad_(True)
+        t_loss, t_stats = alpha_loss(self.log_alpha, log_prob, self.target_entropy)
+        self._step(self.alpha_opt, t_loss, [self.log_alpha])
+        return {**stats, **t_stats}
+
+
+class SAC(OffPolicyAgent):
+    """Soft Actor-Critic: twin critics (fused), tanh-Gaussian or PMOE actor, automatic temperature."""
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        obs, cobs, act = batch["obs"], batch["critic_obs"], batch["action"]  # [B, ...]
+        reward, done, discount = batch["reward"], batch["done"], batch["discount"]  # [B]
+        alpha = self.alpha
+        # critic: y = r + gamma^k (1 - d) (min Q'(s', a') - alpha log pi(a'|s'))
+        with torch.no_grad(), self._autocast:
+            next_a, next_logp = self.actor.sample(batch["next_obs"])
+            next_q = self.critic_target(batch["next_critic_obs"], next_a).float()  # [2, B]
+        with self._autocast:
+            q = self.critic(cobs, act).float()  # [2, B]
+        c_loss, stats = sac_critic_loss(q, reward, done, next_q, next_logp.float(), alpha, discount)
+        self._step(self.critic_opt, c_loss, list(self.critic.parameters()))
+        self.n_updates += 1
+        # actor, temperature, targets (every policy_delay critic updates)
+        if int(self.n_updates) % self.cfg.policy_delay == 0:
+            stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a)))
+            self._polyak(self.critic, self.critic_target)
+        stats["q_mean"] = q.detach().mean()
+        return stats
+
+
+class DSACT(OffPolicyAgent):
+    """DSAC-T: Gaussian distributional twin critics with the three refinements, target policy,
+    delayed actor / temperature / target updates."""
+
+    distributional = True
+
+    def __init__(self, cfg: AgentConfig, obs_dim: int, critic_obs_dim: int, act_dim: int, device="cpu"):
+        super().__init__(cfg, obs_dim, critic_obs_dim, act_dim, device)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
+        self.register_buffer("b", torch.full((2,), -1.0, device=self.device))  # <0: set from first batch
+
+    def update(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        obs, cobs, act = batch["obs"], batch["critic_obs"], batch["action"]
+        reward, done, discount = batch["reward"], batch["done"], batch["discount"]
+        alpha = self.alpha
+        with torch.no_grad(), self._autocast:
+            next_a, next_logp = self.actor_target.sample(batch["next_obs"])  # target policy at s'
+            next_mu, next_sigma = self.critic_target(batch["next_critic_obs"], next_a)  # [2, B] each
+        with self._autocast:
+            mu, sigma = self.critic(cobs, act)
+        mu, sigma = mu.float(), sigma.float()
+        self.b = update_b(self.b, sigma.detach().mean(-1), self.cfg.tau_b)  # b from this batch's sigma
+        c_loss, stats = dsac_t_critic_loss(mu, sigma, reward, done, next_mu.float(), next_sigma.float(),
+                                           next_logp.float(), alpha, discount, self.b, eps=self.cfg.dsac_eps)
+        self._step(self.critic_opt, c_loss, list(self.critic.parameters()))
+        self.n_updates += 1
+        if int(self.n_updates) % self.cfg.policy_delay == 0:
+            stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a)[0]))
+            self._polyak(self.critic, self.critic_target)
+            self._polyak(self.actor, self.actor_target)
+        stats.update({"q_mean": mu.detach().mean(), "sigma_mean": sigma.detach().mean(),
+                      "b": self.b.mean()})
+        return stats
+
+
+ALGORITHMS: dict[str, type[OffPolicyAgent]] = {"sac": SAC, "dsac-t": DSACT}
+
+
+def make_agent(cfg: AgentConfig, obs_dim: int, critic_obs_dim: int, act_dim: int, device="cpu") -> OffPolicyAgent:
+    if cfg.algo not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm '{cfg.algo}'; choose one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[cfg.algo](cfg, obs_dim, critic_obs_dim, act_dim, device)

@@ -1,0 +1,63 @@
+"""Training recipes: a tuned TrainConfig per task, algorithm and policy head.
+
+`recipe(task, algo, policy)` starts from the algorithm's paper defaults
+(policies/algorithms.py: algo_defaults) and applies the task's settings.
+Small-budget recipes (Pendulum, InvertedPendulum) are what CI learns with; the
+massively parallel ones follow FastSAC/LIFT (many envs, large batches, LayerNorm
+critics, gamma 0.97 for locomotion) and are meant for a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from s2r.policies.algorithms import AgentConfig, algo_defaults
+from s2r.policies.trainer import TrainConfig
+
+# task -> (TrainConfig fields, AgentConfig fields)
+RECIPES: dict[str, tuple[dict, dict]] = {
+    "Pendulum-v1": (dict(num_envs=1, total_steps=8_000, learning_starts=1_000, batch_size=256,
+                         eval_every=2_000, eval_episodes=5, checkpoint_every=4_000, buffer_size=100_000),
+                    dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_critic=1e-3)),
+    "InvertedPendulum-v5": (dict(num_envs=1, total_steps=10_000, learning_starts=1_000, batch_size=256,
+                                 eval_every=2_500, eval_episodes=5, checkpoint_every=5_000, buffer_size=100_000),
+                            dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_critic=1e-3)),
+    "Hopper-v5": (dict(num_envs=1, total_steps=300_000, learning_starts=5_000, eval_every=10_000),
+                  dict()),
+    "HalfCheetah-v5": (dict(num_envs=1, total_steps=300_000, learning_starts=5_000, eval_every=10_000),
+                       dict()),
+    "humanoid-walk": (dict(num_envs=1024, total_steps=50_000_000, learning_starts=100_000, batch_size=8192,
+                           updates_per_step=8, buffer_size=10_000_000, eval_every=1_000_000,
+                           checkpoint_every=2_000_000, n_step=3, device="cuda"),
+                      dict(actor_hidden=(512, 256, 128), critic_hidden=(768, 384, 192), layer_norm=True,
+                           gamma=0.97, tau=0.1, init_alpha=0.001, log_std_min=-5.0, log_std_max=0.0,
+                           lr_actor=3e-4, lr_critic=3e-4, bf16=True)),
+    "arm-reach": (dict(num_envs=32, total_steps=400_000, learning_starts=10_000, batch_size=1024,
+                       updates_per_step=4, eval_every=50_000, n_step=1),
+                  dict(layer_norm=True, gamma=0.97)),
+    "arm-pick": (dict(num_envs=64, total_steps=5_000_000, learning_starts=50_000, batch_size=4096,
+                      updates_per_step=8, eval_every=250_000, n_step=3),
+                 dict(layer_norm=True, gamma=0.97, critic_hidden=(512, 512, 256), actor_hidden=(256, 256, 128))),
+}
+
+CPU_DEFAULTS = dict(device="cpu")
+
+
+def recipe(task: str, algo: str = "sac", policy: str = "gaussian", **overrides) -> TrainConfig:
+    """The recipe for `task` (or generic SAC defaults for an unlisted gymnasium id), then overrides."""
+    train_kw, agent_kw = RECIPES.get(task, ({}, {}))
+    a = {**algo_defaults(algo), **agent_kw, "algo": algo, "policy": policy}
+    agent_over = overrides.pop("agent", {}) or {}
+    a.update(agent_over)
+    known = {f.name for f in dataclasses.fields(AgentConfig)}
+    bad = set(a) - known
+    if bad:
+        raise ValueError(f"unknown agent setting(s) {sorted(bad)}")
+    cfg = TrainConfig(task=task, algo=algo, policy=policy, agent=AgentConfig(**a), **train_kw)
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if not hasattr(cfg, k):
+            raise ValueError(f"unknown training setting '{k}'")
+        setattr(cfg, k, v)
+    return cfg

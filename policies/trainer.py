@@ -1,0 +1,392 @@
+"""What drives: the off-policy trainer over the batched env API.
+
+One loop for every algorithm and env (s2r tasks and gymnasium ids alike):
+
+    act (random before learning_starts, else the policy on normalised obs)
+    -> env.step over all envs -> store the transition (final_obs where an episode ended)
+    -> update observation normalisers -> `updates_per_step` gradient updates on sampled batches
+    -> log, evaluate, checkpoint
+
+Runs are directories: config.yaml, checkpoints/ckpt_<env steps>.pt (atomic; the
+newest one that verifies is used by --resume), tb/ (TensorBoard), eval.csv and
+learning_curve.png. A NaN in a loss stops the run with the step and the term
+named, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from s2r.io import atomic_write_bytes, atomic_write_text
+from s2r.policies.algorithms import AgentConfig, algo_defaults, make_agent
+from s2r.policies.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                     rng_state, save_checkpoint, set_rng_state)
+from s2r.policies.normalizer import RunningNorm
+from s2r.policies.replay import ReplayBuffer
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (NaN loss, bad resume); the message says where and what is kept."""
+
+
+@dataclass
+class TrainConfig:
+    task: str = "Pendulum-v1"  # s2r task name or gymnasium id
+    algo: str = "sac"
+    policy: str = "gaussian"
+    backend: str = "mujoco"
+    spec: str | None = None
+    num_envs: int = 1
+    total_steps: int = 20_000  # env steps summed over all envs
+    learning_starts: int = 1_000  # env steps of uniform-random actions first
+    batch_size: int = 256
+    updates_per_step: float = 1.0  # gradient updates per vectorised env step (UTD x num_envs)
+    buffer_size: int = 1_000_000
+    n_step: int = 1
+    normalize_obs: bool = True
+    eval_every: int = 5_000  # env steps
+    eval_episodes: int = 5
+    checkpoint_every: int = 10_000
+    keep_checkpoints: int = 3
+    checkpoint_buffer: bool = False  # include the replay buffer (large) for exact resumption
+    log_every: int = 1_000
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 1  # torch intra-op threads (2-core machine: 1 leaves a core for MuJoCo)
+    progress: bool = True
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    env_overrides: dict[str, Any] = field(default_factory=dict)  # EnvConfig fields for s2r tasks
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    d = dict(d)
+    agent = AgentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("agent", {}).items()})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown training config field(s) {sorted(unknown)}")
+    return TrainConfig(agent=agent, **d)
+
+
+def _is_main() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def make_env_for(cfg: TrainConfig, num_envs: int, seed: int, eval_mode: bool = False):
+    from s2r.sim.gym import make_env
+
+    kw: dict[str, Any] = {"seed": seed}
+    from s2r.sim.tasks import TASKS
+
+    if cfg.task in TASKS:
+        kw.update(backend=cfg.backend, spec=cfg.spec, device=cfg.device if cfg.backend == "warp" else "cpu",
+                  **cfg.env_overrides)
+        if eval_mode:
+            kw["randomize"] = kw.get("randomize", None)
+    return make_env(cfg.task, num_envs, **kw)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world = _world()
+        torch.set_num_threads(max(1, cfg.threads))
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed + 1000 * self.rank)
+        if cfg.num_envs % self.world:
+            raise TrainingError(f"num_envs {cfg.num_envs} is not divisible by the {self.world} ranks")
+        self.local_envs = cfg.num_envs // self.world
+        self.env = make_env_for(cfg, self.local_envs, cfg.seed + 1000 * self.rank)
+        self.spec_hash = self.env.spec.hash() if getattr(self.env, "spec", None) is not None else None
+        e = self.env
+        self.agent = make_agent(cfg.agent, e.obs_dim, e.critic_obs_dim, e.action_dim, self.device)
+        self.obs_norm = RunningNorm(e.obs_dim, self.device)
+        self.critic_norm = RunningNorm(e.critic_obs_dim, self.device)
+        self.buffer = ReplayBuffer(cfg.buffer_size // self.world, self.local_envs, e.obs_dim, e.critic_obs_dim,
+                                   e.action_dim, self.device, n_step=cfg.n_step, gamma=cfg.agent.gamma)
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 7 + 1000 * self.rank)
+        self.env_steps = 0  # global env steps (all ranks)
+        self.n_updates = 0
+        self.eval_history: list[dict] = []
+        self._update_debt = 0.0
+        self.writer = None
+        if _is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+            if not resume:
+                atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+            except ImportError:
+                self.writer = None
+        if resume:
+            self._resume()
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def _payload(self) -> dict:
+        p = {
+            "format": "s2r-train-v1", "spec_hash": self.spec_hash or "", "task": self.cfg.task,
+            "algo": self.cfg.algo, "policy": self.cfg.policy, "config": config_to_dict(self.cfg),
+            "env_steps": self.env_steps, "n_updates": self.n_updates,
+            "agent": self.agent.state_dict(),
+            "optim": {"actor": self.agent.actor_opt.state_dict(), "critic": self.agent.critic_opt.state_dict(),
+                      "alpha": self.agent.alpha_opt.state_dict()},
+            "obs_norm": self.obs_norm.state_dict(), "critic_norm": self.critic_norm.state_dict(),
+            "rng": rng_state(), "gen": self.gen.get_state(),
+            "eval_history": json.dumps(self.eval_history),
+            "obs_dim": self.env.obs_dim, "critic_obs_dim": self.env.critic_obs_dim, "action_dim": self.env.action_dim,
+        }
+        if self.cfg.checkpoint_buffer:
+            p["buffer"] = self.buffer.state_dict()
+        return p
+
+    def save(self) -> Path | None:
+        if not _is_main():
+            return None
+        path = self.run_dir / "checkpoints" / f"ckpt_{self.env_steps:09d}.pt"
+        save_checkpoint(path, self._payload())
+        prune_checkpoints(self.run_dir, keep=self.cfg.keep_checkpoints)
+        self.last_checkpoint = path
+        return path
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise TrainingError(f"--resume: no valid checkpoint in {self.run_dir / 'checkpoints'}")
+        ck = load_checkpoint(path, expected_spec_hash=self.spec_hash, map_location=self.device)
+        self.load_payload(ck)
+        self.last_checkpoint = path
+
+    def load_payload(self, ck: dict) -> None:
+        for k in ("obs_dim", "critic_obs_dim", "action_dim"):
+            if int(ck[k]) != getattr(self.env, k):
+                raise CheckpointError(f"checkpoint {k} = {int(ck[k])} but the env has {getattr(self.env, k)}: "
+                                      f"it was trained for another observation/action layout")
+        self.agent.load_state_dict(ck["agent"])
+        self.agent.actor_opt.load_state_dict(ck["optim"]["actor"])
+        self.agent.critic_opt.load_state_dict(ck["optim"]["critic"])
+        self.agent.alpha_opt.load_state_dict(ck["optim"]["alpha"])
+        self.obs_norm.load_state_dict(ck["obs_norm"])
+        self.critic_norm.load_state_dict(ck["critic_norm"])
+        set_rng_state(ck["rng"])
+        self.gen.set_state(ck["gen"].cpu())
+        self.env_steps = int(ck["env_steps"])
+        self.n_updates = int(ck["n_updates"])
+        self.eval_history = json.loads(ck["eval_history"])
+        if "buffer" in ck:
+            self.buffer.load_state_dict(ck["buffer"])
+
+    # ---- acting -------------------------------------------------------------------------
+    def _norm(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        p = obs["policy"].to(self.device)
+        c = obs["critic"].to(self.device)
+        if not self.cfg.normalize_obs:
+            return p, c
+        return self.obs_norm.normalize(p), self.critic_norm.normalize(c)
+
+    def _act(self, obs) -> torch.Tensor:
+        if self.env_steps < self.cfg.learning_starts:
+            return torch.rand(self.local_envs, self.env.action_dim, generator=self.gen).to(self.device) * 2 - 1
+        return self.agent.act(self._norm(obs)[0])
+
+    # ---- learning -----------------------------------------------------------------------
+    def _learn(self) -> dict:
+        stats: dict = {}
+        self._update_debt += self.cfg.updates_per_step
+        n = int(self._update_debt)
+        self._update_debt -= n
+        for _ in range(n):
+            b = self.buffer.sample(self.cfg.batch_size, generator=self.gen)
+            if self.cfg.normalize_obs:
+                for k, norm in (("obs", self.obs_norm), ("next_obs", self.obs_norm),
+                                ("critic_obs", self.critic_norm), ("next_critic_obs", self.critic_norm)):
+                    b[k] = norm.normalize(b[k])
+            stats = self.agent.update(b)
+            self.n_updates += 1
+            self._check_finite(stats)
+        return stats
+
+    def _check_finite(self, stats: dict) -> None:
+        for name, v in stats.items():
+            if isinstance(v, torch.Tensor) and not torch.isfinite(v).all():
+                kept = getattr(self, "last_checkpoint", None)
+                raise TrainingError(
+                    f"non-finite {name} at gradient update {self.n_updates} (env step {self.env_steps}); "
+                    f"stopping. Last good checkpoint: {kept or 'none yet'}")
+
+    # ---- evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, episodes: int | None = None) -> dict:
+        """Deterministic policy, `episodes` parallel envs, one episode each."""
+        episodes = episodes or self.cfg.eval_episodes
+        env = make_env_for(self.cfg, episodes, seed=10_000 + self.cfg.seed, eval_mode=True)
+        obs = env.reset(seed=10_000 + self.cfg.seed)
+        returns = torch.zeros(episodes)
+        lengths = torch.zeros(episodes, dtype=torch.long)
+        done = torch.zeros(episodes, dtype=torch.bool)
+        success = torch.zeros(episodes, dtype=torch.bool)
+        limit = (env.max_episode_steps or 10_000) + 5
+        for _ in range(limit):
+            p = obs["policy"].to(self.device)
+            a = self.agent.act(self.obs_norm.normalize(p) if self.cfg.normalize_obs else p, deterministic=True)
+            obs, r, term, trunc, info = env.step(a)
+            returns += torch.where(done, torch.zeros_like(r), r.cpu())
+            lengths += (~done).long()
+            if "success" in info:
+                success |= info["success"].cpu() & ~done
+            done |= (term | trunc).cpu()
+            if done.all():
+                break
+        env.close()
+        out = {"env_steps": self.env_steps, "return_mean": float(returns.mean()),
+               "return_std": float(returns.std(unbiased=False)), "length_mean": float(lengths.float().mean())}
+        if hasattr(env, "task") and env.task.success() is not None:
+            out["success_rate"] = float(success.float().mean())
+        return out
+
+    # ---- the loop ------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        obs = self.env.reset(seed=cfg.seed + 1000 * self.rank)
+        ep_returns: list[float] = []
+        t0, steps0, upd0 = time.perf_counter(), self.env_steps, self.n_updates
+        bar = None
+        if cfg.progress and _is_main():
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.total_steps, initial=self.env_steps, unit="step", dynamic_ncols=True,
+                       desc=f"{cfg.algo}/{cfg.policy} {cfg.task}")
+        next_eval = (self.env_steps // cfg.eval_every + 1) * cfg.eval_every
+        next_ckpt = (self.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
+        next_log = self.env_steps + cfg.log_every
+        stats: dict = {}
+        while self.env_steps < cfg.total_steps:
+            action = self._act(obs)
+            next_obs, reward, term, trunc, info = self.env.step(action)
+            done = term | trunc
+            real_next = next_obs
+            if done.any():
+                real_next = {k: torch.where(done[:, None], info["final_obs"][k], next_obs[k]) for k in next_obs}
+                ep_returns += info["episode"]["return"].tolist()
+            self.buffer.add(obs["policy"].to(self.device), obs["critic"].to(self.device), action.to(self.device),
+                            reward.to(self.device), real_next["policy"].to(self.device),
+                            real_next["critic"].to(self.device), term.to(self.device), trunc.to(self.device))
+            if cfg.normalize_obs and not self.obs_norm.frozen:
+                self.obs_norm.update(obs["policy"].to(self.device))
+                self.critic_norm.update(obs["critic"].to(self.device))
+                if self.world > 1:
+                    self.obs_norm.sync_()
+                    self.critic_norm.sync_()
+            obs = next_obs
+            self.env_steps += cfg.num_envs
+            if bar is not None:
+                bar.update(cfg.num_envs)
+            if self.env_steps >= cfg.learning_starts and len(self.buffer) >= cfg.batch_size:
+                stats = self._learn()
+            if self.env_steps >= next_log and _is_main():
+                next_log += cfg.log_every
+                wall = time.perf_counter() - t0
+                sps = (self.env_steps - steps0) / wall
+                ups = (self.n_updates - upd0) / wall
+                recent = sum(ep_returns[-20:]) / max(1, len(ep_returns[-20:])) if ep_returns else float("nan")
+                self._log({**{f"train/{k}": v for k, v in stats.items()}, "perf/env_steps_per_s": sps,
+                           "perf/updates_per_s": ups, "train/episode_return": recent})
+                if bar is not None:
+                    bar.set_postfix(sps=f"{sps:.0f}", ups=f"{ups:.0f}", ret=f"{recent:.1f}")
+            if self.env_steps >= next_eval:
+                next_eval += cfg.eval_every
+                if _is_main():
+                    ev = self.evaluate()
+                    ev["wall_s"] = time.perf_counter() - t0
+                    self.eval_history.append(ev)
+                    self._log({f"eval/{k}": v for k, v in ev.items() if k != "env_steps"})
+                    self._write_eval()
+            if self.env_steps >= next_ckpt:
+                next_ckpt += cfg.checkpoint_every
+                self.save()
+        if bar is not None:
+            bar.close()
+        final = self.evaluate() if _is_main() else {}
+        if _is_main():
+            final["wall_s"] = time.perf_counter() - t0
+            self.eval_history.append(final)
+            self._write_eval()
+            self.save()
+            if self.writer is not None:
+                self.writer.close()
+        self.env.close()
+        return final
+
+    def _log(self, scalars: dict) -> None:
+        if self.writer is None:
+            return
+        for k, v in scalars.items():
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    for i, x in enumerate(v.flatten().tolist()):
+                        self.writer.add_scalar(f"{k}/{i}", x, self.env_steps)
+                    continue
+                v = float(v)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(k, v, self.env_steps)
+
+    def _write_eval(self) -> None:
+        if not self.eval_history:
+            return
+        keys = sorted({k for e in self.eval_history for k in e})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.eval_history)
+        atomic_write_text(self.run_dir / "eval.csv", buf.getvalue())
+        plot_learning_curve(self.eval_history, self.run_dir / "learning_curve.png",
+                            f"{self.cfg.algo}/{self.cfg.policy} on {self.cfg.task}")
+
+
+def plot_learning_curve(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [h["env_steps"] for h in history]
+    y = [h["return_mean"] for h in history]
+    s = [h.get("return_std", 0.0) for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(x, y, marker="o")
+    ax.fill_between(x, [a - b for a, b in zip(y, s)], [a + b for a, b in zip(y, s)], alpha=0.2)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("eval return (deterministic)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
