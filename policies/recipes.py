@@ -18,7 +18,8 @@ from s2r.policies.trainer import TrainConfig
 RECIPES: dict[str, tuple[dict, dict]] = {
     "Pendulum-v1": (dict(num_envs=1, total_steps=8_000, learning_starts=1_000, batch_size=256,
                          eval_every=2_000, eval_episodes=5, checkpoint_every=4_000, buffer_size=100_000),
-                    dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_critic=1e-3)),
+                    dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_actor=1e-3, lr_critic=1e-3,
+                         lr_alpha=1e-3, init_alpha=1.0)),
     "InvertedPendulum-v5": (dict(num_envs=1, total_steps=10_000, learning_starts=1_000, batch_size=256,
                                  eval_every=2_500, eval_episodes=5, checkpoint_every=5_000, buffer_size=100_000),
                             dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_critic=1e-3)),
@@ -40,9 +41,6 @@ RECIPES: dict[str, tuple[dict, dict]] = {
                  dict(layer_norm=True, gamma=0.97, critic_hidden=(512, 512, 256), actor_hidden=(256, 256, 128))),
 }
 
-CPU_DEFAULTS = dict(device="cpu")
-
-
 def recipe(task: str, algo: str = "sac", policy: str = "gaussian", **overrides) -> TrainConfig:
     """The recipe for `task` (or generic SAC defaults for an unlisted gymnasium id), then overrides."""
     train_kw, agent_kw = RECIPES.get(task, ({}, {}))
@@ -60,4 +58,9 @@ def recipe(task: str, algo: str = "sac", policy: str = "gaussian", **overrides) 
         if not hasattr(cfg, k):
             raise ValueError(f"unknown training setting '{k}'")
         setattr(cfg, k, v)
+    import torch
+
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():  # GPU recipe on a CPU machine
+        cfg.device = "cpu"
+        cfg.agent.bf16 = False
     return cfg

@@ -187,7 +187,7 @@ def _plot_rollout(path: Path, rewards: list[float], dt: float, task: str) -> Non
 
 
 @app.command("train")
-def train(task: str = typer.Option(..., help="s2r task (humanoid-walk, arm-reach, ...) or gymnasium id"),
+def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk, arm-reach, ...) or gymnasium id"),
           algo: str = typer.Option("sac", help="sac | dsac-t"),
           policy: str = typer.Option("gaussian", help="gaussian | pmoe"),
           backend: str = typer.Option("mujoco", help="mujoco | warp (s2r tasks)"),
@@ -202,6 +202,8 @@ def train(task: str = typer.Option(..., help="s2r task (humanoid-walk, arm-reach
           batch_size: Optional[int] = typer.Option(None),
           bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (CUDA)"),
           compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the networks"),
+          checkpoint_every: Optional[int] = typer.Option(None, help="env steps between checkpoints"),
+          eval_every: Optional[int] = typer.Option(None, help="env steps between evaluations"),
           checkpoint_buffer: bool = typer.Option(False, help="store the replay buffer in checkpoints"),
           progress: bool = typer.Option(True, "--progress/--no-progress")):
     """Train SAC or DSAC-T (Gaussian or PMOE head) on a task; writes a run directory."""
@@ -215,6 +217,7 @@ def train(task: str = typer.Option(..., help="s2r task (humanoid-walk, arm-reach
     from s2r.sim.env import EnvError
     from s2r.sim.model import ModelError
 
+    _init_distributed()
     try:
         if resume is not None:
             cfg_path = resume / "config.yaml"
@@ -223,6 +226,8 @@ def train(task: str = typer.Option(..., help="s2r task (humanoid-walk, arm-reach
             cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
             run_dir = resume
         else:
+            if task is None:
+                _fail("--task is required (or --resume RUN_DIR)")
             if algo not in ("sac", "dsac-t"):
                 _fail(f"unknown --algo '{algo}' (sac | dsac-t)")
             if policy not in ("gaussian", "pmoe"):
@@ -230,10 +235,8 @@ def train(task: str = typer.Option(..., help="s2r task (humanoid-walk, arm-reach
             agent = {k: v for k, v in {"bf16": bf16, "compile": compile}.items() if v is not None}
             cfg = recipe(task, algo, policy, agent=agent, num_envs=num_envs, total_steps=steps, seed=seed,
                          backend=backend, device=device, threads=threads, updates_per_step=utd,
-                         batch_size=batch_size, checkpoint_buffer=checkpoint_buffer, progress=progress)
-            if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-                cfg.device = "cpu"
-                cfg.agent.bf16 = False
+                         batch_size=batch_size, checkpoint_buffer=checkpoint_buffer, progress=progress,
+                         checkpoint_every=checkpoint_every, eval_every=eval_every)
             if cfg.num_envs <= 0 or cfg.total_steps <= 0:
                 _fail("--num-envs and --steps must be > 0")
             run_dir = out or Path("runs") / f"{task.replace('/', '_')}-{algo}-{policy}-{seed}"
@@ -244,6 +247,19 @@ def train(task: str = typer.Option(..., help="s2r task (humanoid-walk, arm-reach
     except (SpecError, EnvError, ModelError, CheckpointError, TrainingError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps({"run": str(run_dir), **final}))
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU; envs are sharded per rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @app.command("eval")

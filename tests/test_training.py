@@ -1,0 +1,188 @@
+"""Trainer operations: resumable runs after kill -9, NaN stops, safe checkpoints, spec mismatch,
+data-parallel gradient averaging (2 gloo processes)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2r.policies.algorithms import AgentConfig, make_agent
+from s2r.policies.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from s2r.policies.recipes import recipe
+from s2r.policies.trainer import Trainer, TrainingError
+
+S2R = [sys.executable, "-m", "s2r.cli"]
+
+
+def small(task="Pendulum-v1", algo="sac", policy="gaussian", **kw):
+    base = dict(total_steps=600, learning_starts=200, batch_size=64, eval_every=10**9, eval_episodes=2,
+                checkpoint_every=200, progress=False, log_every=100)
+    base.update(kw)
+    return recipe(task, algo, policy, **base)
+
+
+@pytest.mark.parametrize("algo, policy", [("sac", "gaussian"), ("sac", "pmoe"), ("dsac-t", "gaussian"),
+                                          ("dsac-t", "pmoe")])
+def test_every_algorithm_and_head_trains_and_checkpoints(tmp_path, algo, policy):
+    final = Trainer(small(algo=algo, policy=policy), tmp_path).train()
+    assert set(final) >= {"return_mean", "env_steps"} and final["env_steps"] == 600
+    ck = load_checkpoint(latest_checkpoint(tmp_path))
+    assert int(ck["env_steps"]) == 600 and ck["algo"] == algo and ck["policy"] == policy
+    assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+    assert (tmp_path / "eval.csv").read_text().startswith("env_steps") or "return_mean" in (tmp_path / "eval.csv").read_text()
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_s2r_task_trains_with_asymmetric_observations(tmp_path):
+    cfg = small("humanoid-walk", num_envs=4, total_steps=160, learning_starts=80, batch_size=32,
+                checkpoint_every=80, device="cpu", eval_episodes=1,
+                env_overrides={"episode_length_s": 0.5})
+    cfg.agent.bf16 = False
+    tr = Trainer(cfg, tmp_path)
+    assert tr.env.critic_obs_dim > tr.env.obs_dim
+    tr.train()
+    ck = load_checkpoint(latest_checkpoint(tmp_path), expected_spec_hash=tr.env.spec.hash())
+    assert ck["spec_hash"] == tr.env.spec.hash()
+
+
+def test_checkpoint_from_another_robot_spec_is_refused(tmp_path):
+    cfg = small("humanoid-walk", num_envs=2, total_steps=40, learning_starts=20, batch_size=16,
+                checkpoint_every=40, eval_episodes=1, env_overrides={"episode_length_s": 0.2})
+    cfg.agent.bf16 = False
+    Trainer(cfg, tmp_path).train()
+    with pytest.raises(CheckpointError, match="robot spec|spec hash"):
+        load_checkpoint(latest_checkpoint(tmp_path), expected_spec_hash="0000000000000000")
+
+
+def test_nan_in_a_loss_stops_with_the_step_and_term_named(tmp_path):
+    tr = Trainer(small(total_steps=1000), tmp_path)
+    real = tr.agent.update
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        calls["n"] += 1
+        stats = real(batch)
+        if calls["n"] == 150:
+            stats["critic_loss"] = torch.tensor(float("nan"))
+        return stats
+
+    tr.agent.update = poisoned
+    with pytest.raises(TrainingError, match=r"non-finite critic_loss at gradient update \d+ .*Last good checkpoint: .*ckpt_"):
+        tr.train()
+    assert latest_checkpoint(tmp_path) is not None  # the last good checkpoint is kept
+
+
+def test_kill_9_then_resume_loses_at_most_one_checkpoint_interval(tmp_path):
+    run = tmp_path / "run"
+    args = [*S2R, "train", "--task", "Pendulum-v1", "--steps", "3000", "--checkpoint-every", "500",
+            "--eval-every", "100000", "--out", str(run), "--no-progress", "--checkpoint-buffer"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and latest_checkpoint(run) is None:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)  # mid-run, possibly mid-write of the next checkpoint
+    p.wait()
+    ck = latest_checkpoint(run)
+    assert ck is not None, "no checkpoint written before the kill"
+    saved = load_checkpoint(ck)
+    assert 500 <= int(saved["env_steps"]) < 3000 and len(saved["buffer"]["obs"]) > 0
+    r = subprocess.run([*S2R, "train", "--resume", str(run), "--no-progress"], capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["env_steps"] == 3000
+    steps = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("ckpt_*.pt"))
+    assert steps[-1] == 3000 and all(b - a <= 500 for a, b in zip(steps, steps[1:]))
+
+
+def test_resume_refuses_a_directory_without_a_run(tmp_path):
+    r = subprocess.run([*S2R, "train", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no config.yaml" in r.stderr
+
+
+def test_unknown_algorithm_and_head_are_named():
+    r = subprocess.run([*S2R, "train", "--task", "Pendulum-v1", "--algo", "ppo"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown --algo 'ppo'" in r.stderr
+    r = subprocess.run([*S2R, "train", "--task", "Pendulum-v1", "--policy", "moe"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown --policy 'moe'" in r.stderr
+    r = subprocess.run([*S2R, "train", "--task", "NoSuchEnv-v9"], capture_output=True, text=True)
+    assert r.returncode == 2 and "NoSuchEnv-v9" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_of_a_corrupt_checkpoint_is_refused(tmp_path):
+    Trainer(small(total_steps=200, learning_starts=100, checkpoint_every=200), tmp_path).train()
+    ck = latest_checkpoint(tmp_path)
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 2])
+    r = subprocess.run([*S2R, "eval", str(ck)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "truncated or corrupt" in r.stderr
+
+
+# ---- data parallel -------------------------------------------------------------------------
+
+def _shards(B=8):
+    g = torch.Generator().manual_seed(123)
+    full = {k: torch.randn(2 * B, d, generator=g) for k, d in
+            (("obs", 3), ("critic_obs", 3), ("action", 1), ("next_obs", 3), ("next_critic_obs", 3))}
+    full.update(reward=torch.randn(2 * B, generator=g), done=torch.zeros(2 * B), discount=torch.full((2 * B,), 0.99))
+    return [{k: v[r * B:(r + 1) * B] for k, v in full.items()} for r in range(2)]
+
+
+def _dp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = AgentConfig(algo="sac", actor_hidden=(16,), critic_hidden=(16,), policy_delay=1000)
+    agent = make_agent(cfg, 3, 3, 1)
+    shard = _shards()[rank]
+    torch.manual_seed(1)  # the same target-action noise on both ranks
+    agent.update(shard)
+    torch.save({k: v.detach().clone() for k, v in agent.critic.state_dict().items()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_gradients_are_averaged_across_two_gloo_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_dp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for k in r0:
+        torch.testing.assert_close(r0[k], r1[k])  # identical after the averaged step
+    # reference in one process: the mean of the two shards' gradients, applied by one Adam step
+    torch.manual_seed(0)
+    cfg = AgentConfig(algo="sac", actor_hidden=(16,), critic_hidden=(16,), policy_delay=1000)
+    ref = make_agent(cfg, 3, 3, 1)
+    init = {k: v.clone() for k, v in ref.critic.state_dict().items()}
+    grads = []
+
+    def capture(opt, loss, params):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads.append([p.grad.clone() for p in params])
+
+    ref._step = capture
+    for shard in _shards():
+        torch.manual_seed(1)
+        ref.update(shard)
+    for p, g0, g1 in zip(ref.critic.parameters(), *grads):
+        p.grad = (g0 + g1) / 2
+    ref.critic_opt.step()
+    for k, v in ref.critic.state_dict().items():
+        torch.testing.assert_close(r0[k], v)
+    # and a rank that had NOT averaged (its own shard's gradient) would differ
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[0], grads[1]))
+    assert any(not torch.allclose(r0[k], init[k]) for k in r0)
