@@ -26,6 +26,7 @@ from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_lo
 from s2r.policies.networks import CriticEnsemble, PMOEActor, TanhGaussianActor
 
 POLICY_HEADS = ("gaussian", "pmoe")
+_ADAM = {"fused": True}  # one kernel per optimiser step (CPU and CUDA), not one per parameter
 
 
 @dataclass
@@ -123,9 +124,9 @@ class OffPolicyAgent(nn.Module):
                                else -float(act_dim) * cfg.target_entropy_scale)
         self.to(self.device)
         broadcast_module(self)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr_actor)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr_alpha)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr_actor, **_ADAM)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic, **_ADAM)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr_alpha, **_ADAM)
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long, device=self.device))
         self._autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16
                           else nullcontext())
