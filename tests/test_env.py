@@ -33,13 +33,17 @@ def test_step_returns_batched_tensors_of_the_documented_shapes():
     assert set(info["log"]["reward_terms"]) == {k for k, w in env.reward_weights.items() if w}
 
 
-def test_g1_stands_on_its_pd_servos_with_zero_action():
-    env = make(num_envs=2, randomize=False)
+def test_g1_holds_its_default_pose_on_pd_servos_before_balance_is_needed():
+    # kp 20 ankles cannot hold a 33 kg inverted pendulum (m g h ~ 223 N m/rad): after ~0.5 s it
+    # tips slowly, which is the policy's job to prevent. Before that the pose must be held.
+    env = make(num_envs=2, randomize=False, task_overrides={"init_joint_noise": 0.0})
     env.reset()
-    for _ in range(100):  # 2 s at 50 Hz
+    h0 = env.task.c_height.clone()
+    for _ in range(25):  # 0.5 s at 50 Hz
         _, _, term, _, _ = env.step(zeros(env))
         assert not term.any()
-    assert env.task.c_height.min() > 0.6
+    assert (env.task.c_height - h0).abs().max() < 0.03
+    assert env.task.contact.all()  # both feet on the floor
 
 
 def test_time_limit_truncates_without_terminating_and_returns_final_obs():
