@@ -16,13 +16,14 @@ from s2r.policies.trainer import TrainConfig
 
 # task -> (TrainConfig fields, AgentConfig fields)
 RECIPES: dict[str, tuple[dict, dict]] = {
-    "Pendulum-v1": (dict(num_envs=1, total_steps=8_000, learning_starts=1_000, batch_size=256,
+    "Pendulum-v1": (dict(num_envs=1, total_steps=10_000, learning_starts=1_000, batch_size=256,
                          eval_every=2_000, eval_episodes=5, checkpoint_every=4_000, buffer_size=100_000),
                     dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_actor=1e-3, lr_critic=1e-3,
                          lr_alpha=1e-3, init_alpha=1.0)),
     "InvertedPendulum-v5": (dict(num_envs=1, total_steps=10_000, learning_starts=1_000, batch_size=256,
                                  eval_every=2_500, eval_episodes=5, checkpoint_every=5_000, buffer_size=100_000),
-                            dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_critic=1e-3)),
+                            dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_actor=1e-3, lr_critic=1e-3,
+                                 lr_alpha=1e-3, init_alpha=1.0)),
     "Hopper-v5": (dict(num_envs=1, total_steps=300_000, learning_starts=5_000, eval_every=10_000),
                   dict()),
     "HalfCheetah-v5": (dict(num_envs=1, total_steps=300_000, learning_starts=5_000, eval_every=10_000),

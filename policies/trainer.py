@@ -57,6 +57,7 @@ class TrainConfig:
     buffer_size: int = 1_000_000
     n_step: int = 1
     normalize_obs: bool = True
+    reward_scale: float = 1.0  # multiplies rewards stored for learning (evaluation reports raw returns)
     eval_every: int = 5_000  # env steps
     eval_episodes: int = 5
     checkpoint_every: int = 10_000
@@ -295,7 +296,7 @@ class Trainer:
                 real_next = {k: torch.where(done[:, None], info["final_obs"][k], next_obs[k]) for k in next_obs}
                 ep_returns += info["episode"]["return"].tolist()
             self.buffer.add(obs["policy"].to(self.device), obs["critic"].to(self.device), action.to(self.device),
-                            reward.to(self.device), real_next["policy"].to(self.device),
+                            reward.to(self.device) * cfg.reward_scale, real_next["policy"].to(self.device),
                             real_next["critic"].to(self.device), term.to(self.device), trunc.to(self.device))
             if cfg.normalize_obs and not self.obs_norm.frozen:
                 self.obs_norm.update(obs["policy"].to(self.device))

@@ -1,0 +1,165 @@
+"""Learning benchmark: SAC, DSAC-T, SAC+PMOE, DSAC-T+PMOE and stable-baselines3 SAC side by side.
+
+    python bench/learning.py [--quick] [--tasks Hopper-v5,HalfCheetah-v5] [--steps 100000]
+                             [--seeds 0,1,2] [--methods sac,dsac-t,sac+pmoe,dsac-t+pmoe,sb3-sac]
+                             [--reward-scales 1]  [--out out/bench_learning] [--workers 2]
+
+Every method gets the same env-step budget and the same evaluation (deterministic policy,
+5 episodes, every budget/10 steps). Runs execute in `--workers` parallel processes (one torch
+thread each). Writes curves.png and results.json to --out; the last stdout line is a JSON
+summary with final return mean +- std per (task, method) and, with --reward-scales, DSAC-T's
+final return at each reward scale relative to scale 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+
+def _eval_sb3(model, task: str, episodes: int, seed: int) -> float:
+    import gymnasium as gym
+    import numpy as np
+
+    env = gym.make(task)
+    rets = []
+    for e in range(episodes):
+        obs, _ = env.reset(seed=seed + e)
+        done, ret = False, 0.0
+        while not done:
+            a, _ = model.predict(obs, deterministic=True)
+            obs, r, term, trunc, _ = env.step(a)
+            ret += float(r)
+            done = term or trunc
+        rets.append(ret)
+    env.close()
+    return float(np.mean(rets))
+
+
+def run_one(job: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    task, method, seed, steps, scale = job["task"], job["method"], job["seed"], job["steps"], job["scale"]
+    every = max(steps // 10, 1)
+    t0 = time.perf_counter()
+    curve = []
+    if method == "sb3-sac":
+        import gymnasium as gym
+        from stable_baselines3 import SAC
+        from stable_baselines3.common.callbacks import BaseCallback
+
+        env = gym.make(task)
+        if scale != 1.0:  # evaluation (_eval_sb3) uses a fresh, unscaled env
+            env = gym.wrappers.TransformReward(env, lambda r: r * scale)
+        model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0,
+                    learning_starts=min(5000, steps // 10))
+
+        class Eval(BaseCallback):
+            def _on_step(self):
+                if self.num_timesteps % every == 0:
+                    curve.append((self.num_timesteps, _eval_sb3(self.model, task, 5, 10_000 + seed)))
+                return True
+
+        model.learn(total_timesteps=steps, callback=Eval())
+        env.close()
+    else:
+        import tempfile
+
+        from s2r.policies.recipes import recipe
+        from s2r.policies.trainer import Trainer
+
+        algo, _, head = method.partition("+")
+        cfg = recipe(task, algo, head or "gaussian", total_steps=steps, seed=seed, progress=False,
+                     eval_every=every, checkpoint_every=10**12, eval_episodes=5,
+                     learning_starts=min(5000, steps // 10))
+        cfg.reward_scale = scale  # learning sees scaled rewards; evaluation reports raw returns
+        with tempfile.TemporaryDirectory() as d:
+            tr = Trainer(cfg, d)
+            tr.train()
+            curve = [(h["env_steps"], h["return_mean"]) for h in tr.eval_history]
+    return {**job, "curve": curve, "final": curve[-1][1] if curve else float("nan"),
+            "wall_s": time.perf_counter() - t0}
+
+
+def main() -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="<= 60 s: Pendulum-v1, 2 methods, 1 seed, 3k steps")
+    p.add_argument("--tasks", default="Hopper-v5,HalfCheetah-v5")
+    p.add_argument("--methods", default="sac,dsac-t,sac+pmoe,dsac-t+pmoe,sb3-sac")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--reward-scales", default="1", help="e.g. 0.1,1,10 (applied to dsac-t and sac)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default="out/bench_learning")
+    a = p.parse_args()
+    if a.quick:
+        a.tasks, a.methods, a.seeds, a.steps, a.reward_scales = "Pendulum-v1", "sac,sb3-sac", "0", 3000, "1"
+    tasks = [t for t in a.tasks.split(",") if t]
+    methods = [m for m in a.methods.split(",") if m]
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    scales = [float(s) for s in a.reward_scales.split(",") if s]
+    jobs = [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0) for t in tasks for m in methods for s in seeds]
+    jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c) for c in scales if c != 1.0
+             for t in tasks for m in ("dsac-t", "sac") for s in seeds]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=a.workers) as ex:
+        results = list(ex.map(run_one, jobs))
+    import numpy as np
+
+    summary: dict = {"bench": "learning", "quick": a.quick, "steps": a.steps, "seeds": seeds, "results": {}}
+    for t in tasks:
+        for m in methods:
+            finals = [r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0]
+            summary["results"][f"{t}/{m}"] = {"mean": round(float(np.mean(finals)), 1),
+                                              "std": round(float(np.std(finals)), 1), "n": len(finals)}
+        for c in scales:
+            if c == 1.0:
+                continue
+            for m in ("dsac-t", "sac"):
+                f1 = np.mean([r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0])
+                fc = np.mean([r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == c])
+                summary["results"][f"{t}/{m}/reward_x{c:g}_relative"] = round(float(fc / f1), 3) if f1 else None
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    (out / "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    _plot(results, tasks, methods, out / "curves.png")
+    return summary
+
+
+def _plot(results, tasks, methods, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for m in methods:
+            curves = [r["curve"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            x = np.array([s for s, _ in curves[0][:n]])
+            y = np.array([[v for _, v in c[:n]] for c in curves])
+            ax.plot(x, y.mean(0), label=m)
+            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+        ax.set_title(t)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel("eval return")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(print(json.dumps(main())))

@@ -1,0 +1,33 @@
+"""Learning in CI: every algorithm x policy head solves Pendulum-v1 and InvertedPendulum-v5
+within a small fixed budget (fixed seed, deterministic evaluation over 5 episodes).
+
+Thresholds are the usual "solved" levels: Pendulum-v1 mean return >= -200 (a random policy
+scores about -1200); InvertedPendulum-v5 >= 950 of a maximum 1000. Budgets (env steps) were
+measured on the 2-core CI machine: each run takes 40-90 s.
+"""
+
+import pytest
+
+from s2r.policies.recipes import recipe
+from s2r.policies.trainer import Trainer
+
+CASES = [
+    ("Pendulum-v1", "sac", "gaussian", 10_000, -200.0),
+    ("Pendulum-v1", "sac", "pmoe", 10_000, -200.0),
+    ("Pendulum-v1", "dsac-t", "gaussian", 10_000, -200.0),
+    ("Pendulum-v1", "dsac-t", "pmoe", 10_000, -200.0),
+    ("InvertedPendulum-v5", "sac", "gaussian", 10_000, 950.0),
+    ("InvertedPendulum-v5", "sac", "pmoe", 15_000, 950.0),  # K=4 experts share the data: slower start
+    ("InvertedPendulum-v5", "dsac-t", "gaussian", 10_000, 950.0),
+    ("InvertedPendulum-v5", "dsac-t", "pmoe", 15_000, 950.0),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task, algo, policy, steps, solved", CASES,
+                         ids=[f"{t}-{a}-{p}" for t, a, p, *_ in CASES])
+def test_reaches_the_solved_level(tmp_path, task, algo, policy, steps, solved):
+    cfg = recipe(task, algo, policy, total_steps=steps, seed=0, progress=False, eval_every=10**9,
+                 checkpoint_every=10**9)
+    final = Trainer(cfg, tmp_path).train()
+    assert final["return_mean"] >= solved, final
