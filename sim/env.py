@@ -101,6 +101,7 @@ class BatchedEnv:
         self.dr_summary = {k: torch.ones(N, device=dev) for k in ("friction", "mass_scale", "strength")}
 
         self.task.bind(self)
+        self._default_ctrl = self.task.default_ctrl().to(self.device, torch.float64)  # [N, nu]
         self.policy_obs = ObservationBuilder(self.spec.observation, N, dev)
         self.obs_dim = self.policy_obs.dim
         self.critic_dims = self.task.critic_term_dims()
@@ -239,8 +240,9 @@ class BatchedEnv:
         if self.randomizer.active:
             params, summary = self.randomizer.sample(k, self.gen)
             self.backend.set_params(ids, params)
-            for key, v in summary.items():
-                self.dr_summary[key][ids] = torch.as_tensor(v, dtype=torch.float32, device=self.device)
+            vals = torch.as_tensor(np.stack([summary[key] for key in self.dr_summary]), dtype=torch.float32)
+            for j, key in enumerate(self.dr_summary):
+                self.dr_summary[key][ids] = vals[j].to(self.device)
         rc = self.rand_cfg
         if rc.enabled:
             lo, hi = rc.latency_steps
@@ -254,9 +256,9 @@ class BatchedEnv:
         self.episode_return[ids] = 0
         self.action[ids] = 0
         self.prev_action[ids] = 0
-        self.ctrl[ids] = self.task.default_ctrl()[ids] if hasattr(self.task, "default_ctrl") else 0
+        self.ctrl[ids] = self._default_ctrl[ids]
         self._schedule_push(ids)
-        self.task.after_reset(ids) if hasattr(self.task, "after_reset") else None
+        self.task.after_reset(ids)
 
     def _schedule_push(self, ids: torch.Tensor) -> None:
         lo, hi = self.rand_cfg.push_interval_s

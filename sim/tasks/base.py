@@ -63,6 +63,13 @@ class Task:
         """action: [N, action_dim] in [-1, 1] -> actuator ctrl [N, nu]."""
         raise NotImplementedError
 
+    def default_ctrl(self) -> torch.Tensor:
+        """Actuator controls that hold the default pose: [N, nu] (used at reset)."""
+        return torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float64, device=self.env.device)
+
+    def after_reset(self, env_ids: torch.Tensor) -> None:
+        """Hook after env_ids were reset and their controls set to default_ctrl."""
+
     def refresh(self) -> None:
         """Read the batch state into cached tensors; called after physics and after resets."""
 
