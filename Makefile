@@ -34,8 +34,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	MUJOCO_GL=egl $(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmarks need the comparison peers (stable-baselines3): the `bench` extra.
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/sim_throughput.py
+	$(PY) bench/train_speed.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
