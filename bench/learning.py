@@ -21,24 +21,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-
-def _eval_sb3(model, task: str, episodes: int, seed: int) -> float:
-    import gymnasium as gym
-    import numpy as np
-
-    env = gym.make(task)
-    rets = []
-    for e in range(episodes):
-        obs, _ = env.reset(seed=seed + e)
-        done, ret = False, 0.0
-        while not done:
-            a, _ = model.predict(obs, deterministic=True)
-            obs, r, term, trunc, _ = env.step(a)
-            ret += float(r)
-            done = term or trunc
-        rets.append(ret)
-    env.close()
-    return float(np.mean(rets))
+from s2r.bench_util import sb3_eval_return
 
 
 def run_one(job: dict) -> dict:
@@ -63,7 +46,7 @@ def run_one(job: dict) -> dict:
         class Eval(BaseCallback):
             def _on_step(self):
                 if self.num_timesteps % every == 0:
-                    curve.append((self.num_timesteps, _eval_sb3(self.model, task, 5, 10_000 + seed)))
+                    curve.append((self.num_timesteps, sb3_eval_return(self.model, task, 5, 10_000 + seed)))
                 return True
 
         model.learn(total_timesteps=steps, callback=Eval())

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from s2r.bench_sim import _machine
+from s2r.bench_util import machine_info, sb3_eval_return
 from s2r.policies.algorithms import AgentConfig, make_agent
 
 OBS, ACT = 17, 6  # HalfCheetah-v5 sizes (SB3 builds its nets from that env)
@@ -134,7 +134,7 @@ def main() -> dict:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     sec = 3.0 if a.quick else 10.0
-    res: dict = {"bench": "train_speed", "quick": a.quick, "threads": a.threads, "machine": _machine()}
+    res: dict = {"bench": "train_speed", "quick": a.quick, "threads": a.threads, "machine": machine_info()}
     import stable_baselines3
 
     res["machine"]["stable_baselines3"] = stable_baselines3.__version__

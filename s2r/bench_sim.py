@@ -14,32 +14,14 @@ Measures, in one run and interleaved per env count, physics steps per second:
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 
 import numpy as np
 import torch
 
+from s2r.bench_util import machine_info
+
 ASYNC_MAX_ENVS = 64  # AsyncVectorEnv forks one process per env: beyond this it only thrashes 2 cores
-
-
-def _machine() -> dict:
-    import mujoco
-
-    import gymnasium
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "mujoco": mujoco.__version__, "gymnasium": gymnasium.__version__, "torch": torch.__version__}
 
 
 class _Recorder:
@@ -141,7 +123,7 @@ def run(counts: list[int], quick: bool = False) -> dict:
     best_gym = max(r["gym_best"] for r in rows)
     top = max(rows, key=lambda r: r["num_envs"])
     return {
-        "bench": "sim_throughput", "quick": quick, "unit": "physics steps/s", "machine": _machine(),
+        "bench": "sim_throughput", "quick": quick, "unit": "physics steps/s", "machine": machine_info(),
         "rows": rows,
         "ratio_vs_gymnasium": round(best_s2r / best_gym, 3),
         "fraction_of_ceiling": round(min(top["fraction_of_ceiling_gym_humanoid"],

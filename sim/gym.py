@@ -64,6 +64,20 @@ def _render_fps(control_dt: float) -> float | int:
 # =====================================================================================
 # s2r -> gymnasium: single env
 # =====================================================================================
+def _lazy_renderer(view):
+    """The view's EnvRenderer, built on first use; None (with a warning) without a render_mode."""
+    if view.render_mode is None:
+        gymnasium.logger.warn("render() called without a render_mode; construct the env with "
+                              "render_mode='rgb_array'")
+        return None
+    if view._renderer is None:
+        from s2r.sim.render import EnvRenderer
+
+        w, h, cam = view._render_size
+        view._renderer = EnvRenderer(view.env, width=w, height=h, camera=cam)
+    return view._renderer
+
+
 class S2RGymEnv(gymnasium.Env):
     """One env of an s2r task behind the `gymnasium.Env` API.
 
@@ -132,16 +146,8 @@ class S2RGymEnv(gymnasium.Env):
         return _np(obs["policy"][0]), float(reward[0]), term, trunc, info
 
     def render(self):
-        if self.render_mode is None:
-            gymnasium.logger.warn("render() called without a render_mode; construct the env with "
-                                  "render_mode='rgb_array'")
-            return None
-        if self._renderer is None:
-            from s2r.sim.render import EnvRenderer
-
-            w, h, cam = self._render_size
-            self._renderer = EnvRenderer(self.env, width=w, height=h, camera=cam)
-        return self._renderer.frame(0)
+        r = _lazy_renderer(self)
+        return None if r is None else r.frame(0)
 
     def close(self) -> None:
         if self._closed:
@@ -255,16 +261,8 @@ class S2RVectorEnv(gymnasium.vector.VectorEnv):
         return _np(obs["policy"]), rew, term, trunc, info
 
     def render(self):
-        if self.render_mode is None:
-            gymnasium.logger.warn("render() called without a render_mode; construct the env with "
-                                  "render_mode='rgb_array'")
-            return None
-        if self._renderer is None:
-            from s2r.sim.render import EnvRenderer
-
-            w, h, cam = self._render_size
-            self._renderer = EnvRenderer(self.env, width=w, height=h, camera=cam)
-        return tuple(self._renderer.frame(i) for i in range(self.num_envs))
+        r = _lazy_renderer(self)
+        return None if r is None else tuple(r.frame(i) for i in range(self.num_envs))
 
     def close_extras(self, **kwargs: Any) -> None:
         if self._renderer is not None:

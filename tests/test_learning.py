@@ -30,4 +30,6 @@ def test_reaches_the_solved_level(tmp_path, task, algo, policy, steps, solved):
     cfg = recipe(task, algo, policy, total_steps=steps, seed=0, progress=False, eval_every=10**9,
                  checkpoint_every=10**9)
     final = Trainer(cfg, tmp_path).train()
+    print(f"{task} {algo}+{policy} {steps} steps: return {final['return_mean']:.1f} +- {final['return_std']:.1f} "
+          f"({final['wall_s']:.0f} s)")
     assert final["return_mean"] >= solved, final

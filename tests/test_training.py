@@ -186,3 +186,27 @@ def test_data_parallel_gradients_are_averaged_across_two_gloo_processes(tmp_path
     # and a rank that had NOT averaged (its own shard's gradient) would differ
     assert any(not torch.allclose(a, b) for a, b in zip(grads[0], grads[1]))
     assert any(not torch.allclose(r0[k], init[k]) for k in r0)
+
+
+def test_eval_films_an_s2r_task_run(tmp_path):
+    cfg = small("arm-reach", num_envs=2, total_steps=60, learning_starts=30, batch_size=16,
+                checkpoint_every=60, eval_episodes=1, env_overrides={"episode_length_s": 0.3})
+    Trainer(cfg, tmp_path).train()
+    video = tmp_path / "reach.mp4"
+    r = subprocess.run([*S2R, "eval", str(tmp_path), "--episodes", "2", "--video", str(video)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["episodes"] == 2 and out["length_mean"] == 15 and "success_rate" in out
+    assert video.stat().st_size > 1000
+
+
+def test_torchrun_trains_with_two_gloo_ranks(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "s2r.cli", "train",
+                        "--task", "Pendulum-v1", "--num-envs", "2", "--steps", "600", "--checkpoint-every", "600",
+                        "--out", str(tmp_path / "run"), "--no-progress"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert int(ck["env_steps"]) == 600  # global steps: 2 ranks x 1 env each
