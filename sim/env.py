@@ -273,10 +273,11 @@ class BatchedEnv:
         if not due.any():
             return
         ids = due.nonzero().squeeze(-1)
-        qvel = self.backend.qvel[ids.cpu() if self.backend.qvel.device.type == "cpu" else ids].clone()
+        sim_ids = ids.to(self.backend.qvel.device)  # backend state may live elsewhere (warp: its device)
+        qvel = self.backend.qvel[sim_ids].clone()  # [k, nv]
         kick = (torch.rand(len(ids), 2, generator=self.gen, dtype=torch.float64) * 2 - 1) * rc.push_velocity
-        qvel[:, self.index.base_dof:self.index.base_dof + 2] += kick.to(qvel.device)
-        self.backend.set_qvel(ids.to(self.backend.qvel.device), qvel)
+        qvel[:, self.index.base_dof:self.index.base_dof + 2] += kick.to(qvel.device, qvel.dtype)
+        self.backend.set_qvel(sim_ids, qvel)
         self._schedule_push(ids)
 
     def _observe(self, commit: bool = True) -> dict[str, torch.Tensor]:

@@ -44,6 +44,8 @@ solver, plugins, and whatever else `mjw.put_model` rejects.
 
 from __future__ import annotations
 
+import os
+
 import contextlib
 import warnings
 
@@ -59,6 +61,10 @@ MJMAXVAL = 1e10  # mjMAXVAL: MuJoCo's bound for a sane qpos/qacc
 def _import_warp():
     try:
         import warp as wp
+
+        if not os.environ.get("S2R_WARP_VERBOSE"):
+            wp.config.quiet = True  # no banner and no per-module load lines (S2R_WARP_VERBOSE=1 shows them)
+            wp.config.log_level = wp.LOG_WARNING
         import mujoco_warp as mjw
     except ImportError as e:
         raise RuntimeError(
