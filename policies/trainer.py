@@ -97,16 +97,14 @@ def _world() -> tuple[int, int]:
 
 
 def make_env_for(cfg: TrainConfig, num_envs: int, seed: int, eval_mode: bool = False):
+    """The run's env (training, or evaluation: same task distribution, its own seed)."""
     from s2r.sim.gym import make_env
-
-    kw: dict[str, Any] = {"seed": seed}
     from s2r.sim.tasks import TASKS
 
+    kw: dict[str, Any] = {"seed": seed}
     if cfg.task in TASKS:
         kw.update(backend=cfg.backend, spec=cfg.spec, device=cfg.device if cfg.backend == "warp" else "cpu",
                   **cfg.env_overrides)
-        if eval_mode:
-            kw["randomize"] = kw.get("randomize", None)
     return make_env(cfg.task, num_envs, **kw)
 
 
