@@ -41,6 +41,8 @@ from s2r.io import atomic_write_bytes
 from s2r.policies.normalizer import RunningNorm
 
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
+# the highest opset that exporter writes (20 in torch 2.5-2.13); a private constant, hence the fallback
+MAX_OPSET = getattr(getattr(torch.onnx, "_constants", None), "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
 
 
 class ExportError(RuntimeError):
@@ -80,8 +82,9 @@ def to_onnx_bytes(policy: DeterministicPolicy, obs_dim: int, metadata: dict[str,
     """Trace `policy` at batch 1 into an ONNX model with `metadata` as metadata_props; checker-verified."""
     import onnx
 
-    if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is too old; s2r policies need opset >= {MIN_OPSET}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset {opset} is not supported: s2r policies need opset >= {MIN_OPSET}, and the "
+                         f"TorchScript exporter of torch {torch.__version__} writes at most {MAX_OPSET}")
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export"
@@ -119,6 +122,9 @@ def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random
         raise ValueError(f"--out {out_path} is a directory; give a file name such as {out_path / 'policy.onnx'}")
     if n_random < 1:
         raise ValueError(f"n_random must be >= 1, got {n_random}")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset {opset} is not supported: s2r policies need opset >= {MIN_OPSET}, and the "
+                         f"TorchScript exporter of torch {torch.__version__} writes at most {MAX_OPSET}")
     cfg, agent, obs_norm, ck, ckpt_path = load_run(run)
     obs_dim, act_dim, steps = int(ck["obs_dim"]), int(ck["action_dim"]), int(ck["env_steps"])
     policy = DeterministicPolicy(agent.actor, obs_norm if cfg.normalize_obs else None)

@@ -280,6 +280,24 @@ def evaluate(run: Path = typer.Argument(..., help="run directory (or a checkpoin
     typer.echo(json.dumps(result))
 
 
+@app.command("export")
+def export(run: Path = typer.Argument(..., help="run directory (or a checkpoint file)"),
+           out: Path = typer.Option(..., "--out", help="ONNX file to write, e.g. policy.onnx"),
+           opset: int = typer.Option(17, help="ONNX opset (>= 17)")):
+    """Export a run's deterministic policy (normaliser inside) to ONNX with the robot spec embedded;
+    verified against torch with onnxruntime before the file is written."""
+    _set_threads(1)
+    from s2r.control.spec import SpecError
+    from s2r.policies.checkpoint import CheckpointError
+    from s2r.policies.export import ExportError, export_onnx
+
+    try:
+        report = export_onnx(run, out, opset=opset)
+    except (FileNotFoundError, CheckpointError, ExportError, SpecError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(report))
+
+
 @bench_app.command("sim")
 def bench_sim(quick: bool = typer.Option(False, help="at most ~60 s"),
               envs: str = typer.Option("1,16,64,256", help="comma-separated env counts"),

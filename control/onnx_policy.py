@@ -1,0 +1,237 @@
+"""The policy runtime on the robot: an exported ONNX policy behind one call, `actions = policy(obs)`.
+
+Reads a file written by `s2r export` (policies/export.py): a static batch-1 graph
+`obs [1, obs_dim] float32 -> actions [1, action_dim] float32` with the observation
+normaliser inside, plus `s2r.*` metadata naming the robot spec it was trained for.
+The ROS node builds one `OnnxPolicy(path, expected_spec=<the robot's spec>)` and calls it
+once per control tick; a policy whose embedded spec differs from the robot's is refused
+with the first concrete difference (joint order, a gain, the observation terms, ...).
+
+Latency: onnxruntime on one thread, sequential, full graph optimisation; input and output
+live in numpy buffers bound once (IOBinding), so a call copies the observation in, runs,
+and hands back a view of the bound output; nothing is allocated per call beyond ORT's own.
+
+Imports onnxruntime and numpy only (never torch): this module runs on the robot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from s2r.control.spec import RobotSpec, SpecError
+
+# ---- the file format (policies/export.py writes it, this module reads it) --------------
+INPUT_NAME, OUTPUT_NAME = "obs", "actions"
+MIN_OPSET = 17
+NO_SPEC = "none"  # s2r.spec / s2r.spec_hash of a policy trained on a gymnasium task (no robot spec)
+META_SPEC_HASH = "s2r.spec_hash"
+META_SPEC = "s2r.spec"  # JSON of RobotSpec.to_dict(), or NO_SPEC
+META_ALGO = "s2r.algo"
+META_POLICY_HEAD = "s2r.policy_head"
+META_RUN_ID = "s2r.run_id"
+META_OBS_DIM = "s2r.obs_dim"
+META_ACTION_DIM = "s2r.action_dim"
+META_EXPORTER = "s2r.exporter_version"
+REQUIRED_METADATA = (META_SPEC_HASH, META_SPEC, META_ALGO, META_POLICY_HEAD, META_RUN_ID, META_OBS_DIM,
+                     META_ACTION_DIM, META_EXPORTER)
+
+
+class PolicyFileError(ValueError):
+    """The file is not a loadable s2r ONNX policy (truncated, not ONNX, metadata missing or inconsistent)."""
+
+
+class OnnxPolicy:
+    """`policy(obs [obs_dim]) -> actions [action_dim]` in (-1, 1), validated against a robot spec.
+
+    expected_spec: the spec of the robot this policy is about to drive. Its hash must equal the
+    one embedded at export, else SpecError naming both hashes and the first difference.
+    None skips the check (benchmarks, offline analysis).
+    """
+
+    def __init__(self, path: str | os.PathLike | bytes, expected_spec: RobotSpec | None = None):
+        self.path = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
+        if not isinstance(path, (bytes, bytearray)) and not Path(path).is_file():
+            raise FileNotFoundError(f"ONNX policy file not found: {path}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # errors only: no per-session chatter in the robot's log
+        try:
+            self._sess = ort.InferenceSession(bytes(path) if isinstance(path, bytearray) else
+                                              (path if isinstance(path, bytes) else str(path)),
+                                              sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / InvalidGraph types
+            size = len(path) if isinstance(path, (bytes, bytearray)) else Path(path).stat().st_size
+            raise PolicyFileError(f"cannot load ONNX policy {self.path} ({size} bytes): it is truncated, "
+                                  f"corrupt or not an ONNX model ({type(e).__name__}: {str(e)[:300]})") from None
+        self.metadata: dict[str, str] = dict(self._sess.get_modelmeta().custom_metadata_map)
+        missing = [k for k in REQUIRED_METADATA if k not in self.metadata]
+        if missing:
+            raise PolicyFileError(f"ONNX policy {self.path} lacks s2r metadata {missing}: it was not written by "
+                                  f"`s2r export` (or by an older version); re-export it from its training run")
+        self.obs_dim = _int_meta(self.metadata, META_OBS_DIM, self.path)
+        self.action_dim = _int_meta(self.metadata, META_ACTION_DIM, self.path)
+        self._check_graph()
+        self.spec_hash = self.metadata[META_SPEC_HASH]
+        self.spec_dict: dict[str, Any] | None = None
+        if self.metadata[META_SPEC] != NO_SPEC:
+            try:
+                self.spec_dict = json.loads(self.metadata[META_SPEC])
+                embedded = RobotSpec.from_dict(self.spec_dict).hash()
+            except (json.JSONDecodeError, SpecError) as e:
+                raise PolicyFileError(f"ONNX policy {self.path}: embedded robot spec is unreadable: {e}") from None
+            if embedded != self.spec_hash:
+                raise PolicyFileError(f"ONNX policy {self.path}: embedded robot spec hashes to {embedded} but the "
+                                      f"metadata says {self.spec_hash}; the file was edited or corrupted")
+        if expected_spec is not None:
+            self.check_spec(expected_spec)
+        # preallocated, bound once: __call__ only copies into _obs and runs
+        self._obs = np.zeros((1, self.obs_dim), np.float32)  # [1, obs_dim]
+        self._actions = np.zeros((1, self.action_dim), np.float32)  # [1, action_dim]
+        self._obs_row, self._actions_row = self._obs[0], self._actions[0]
+        self._view = self._actions[0].view()
+        self._view.flags.writeable = False
+        self._binding = self._sess.io_binding()
+        self._binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(self._obs))
+        self._binding.bind_ortvalue_output(OUTPUT_NAME, ort.OrtValue.ortvalue_from_numpy(self._actions))
+
+    # ---- validation ---------------------------------------------------------------------
+    def _check_graph(self) -> None:
+        ins, outs = self._sess.get_inputs(), self._sess.get_outputs()
+        want_in, want_out = [1, self.obs_dim], [1, self.action_dim]
+        if [i.name for i in ins] != [INPUT_NAME] or list(ins[0].shape) != want_in or ins[0].type != "tensor(float)":
+            got = [(i.name, i.shape, i.type) for i in ins]
+            raise PolicyFileError(f"ONNX policy {self.path}: expected one float input '{INPUT_NAME}' of shape "
+                                  f"{want_in} (s2r.obs_dim), got {got}")
+        if ([o.name for o in outs] != [OUTPUT_NAME] or list(outs[0].shape) != want_out
+                or outs[0].type != "tensor(float)"):
+            got = [(o.name, o.shape, o.type) for o in outs]
+            raise PolicyFileError(f"ONNX policy {self.path}: expected one float output '{OUTPUT_NAME}' of shape "
+                                  f"{want_out} (s2r.action_dim), got {got}")
+
+    def check_spec(self, spec: RobotSpec) -> None:
+        """Refuse a robot whose spec differs from the one this policy was trained with."""
+        where = f" ({spec.source})" if spec.source else ""
+        if self.spec_dict is None:
+            raise SpecError(f"ONNX policy {self.path} was exported from a task without a robot spec "
+                            f"(run {self.metadata[META_RUN_ID]}); it cannot drive robot '{spec.name}'{where}")
+        robot_hash = spec.hash()
+        if robot_hash != self.spec_hash:
+            diff = first_spec_difference(self.spec_dict, spec.to_dict())
+            raise SpecError(
+                f"robot spec mismatch: ONNX policy {self.path} was exported for robot spec hash {self.spec_hash} "
+                f"('{self.spec_dict.get('name')}'), but the robot spec in use{where} hashes to {robot_hash}: "
+                f"{diff or 'no field differs (the hashes were computed by different s2r versions?)'}. "
+                f"Drive the robot with the spec the policy was trained with, or retrain/re-export for this one.")
+        if spec.observation.dim != self.obs_dim or spec.action_dim != self.action_dim:
+            raise SpecError(f"ONNX policy {self.path} takes obs {self.obs_dim} / gives actions {self.action_dim}, "
+                            f"but robot spec '{spec.name}'{where} has obs {spec.observation.dim} / "
+                            f"actions {spec.action_dim}")
+
+    # ---- acting -------------------------------------------------------------------------
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        """obs [obs_dim] (or [1, obs_dim]) -> actions [action_dim] float32, a read-only view of the bound
+        output buffer: the next call overwrites it, so copy it to keep it."""
+        shape = getattr(obs, "shape", None)
+        if shape is None:
+            obs = np.asarray(obs, dtype=np.float32)
+            shape = obs.shape
+        if shape != (self.obs_dim,) and shape != (1, self.obs_dim):
+            raise ValueError(f"ONNX policy expects an observation of shape ({self.obs_dim},), got {tuple(shape)}")
+        np.copyto(self._obs_row, obs[0] if len(shape) == 2 else obs, casting="same_kind")
+        if not math.isfinite(self._obs_row.sum(dtype=np.float64)):  # one reduction; float64 cannot overflow
+            bad = np.flatnonzero(~np.isfinite(self._obs_row))
+            raise ValueError(f"observation has non-finite values at indices {bad.tolist()[:10]} "
+                             f"({self._obs_row[bad[:10]].tolist()}); refusing to act on it")
+        self._sess.run_with_iobinding(self._binding)
+        return self._view
+
+    def __repr__(self) -> str:
+        return (f"OnnxPolicy({self.path!r}, obs {self.obs_dim} -> actions {self.action_dim}, "
+                f"spec {self.spec_hash}, run {self.metadata.get(META_RUN_ID)})")
+
+
+# ---- spec comparison ----------------------------------------------------------------------
+
+def first_spec_difference(policy: dict[str, Any], robot: dict[str, Any]) -> str | None:
+    """The first concrete difference between two RobotSpec.to_dict()s, in the order a deployer cares
+    about (joints and their order, gains and limits, rates, action, observation layout), or None."""
+    pj = [j["name"] for j in policy.get("joints", [])]
+    rj = [j["name"] for j in robot.get("joints", [])]
+    if pj != rj:
+        missing, extra = [n for n in pj if n not in rj], [n for n in rj if n not in pj]
+        if missing or extra:
+            parts = ([f"the robot lacks {missing}"] if missing else []) + ([f"the policy does not know {extra}"]
+                                                                             if extra else [])
+            return f"joint set differs (policy {len(pj)} joints, robot {len(rj)}): " + "; ".join(parts)
+        i = next(k for k, (a, b) in enumerate(zip(pj, rj)) if a != b)
+        return f"joint order differs at index {i}: policy has '{pj[i]}', robot has '{rj[i]}'"
+    for p, r in zip(policy["joints"], robot["joints"]):
+        for key in [*p, *(k for k in r if k not in p)]:  # field order: default, kp, kd, range, ...
+            if p.get(key) != r.get(key):
+                return f"{key} of '{p['name']}' differs: policy {_fmt(p.get(key))} vs robot {_fmt(r.get(key))}"
+    for key in ("physics_dt", "decimation"):
+        if policy.get(key) != robot.get(key):
+            return f"{key} differs: policy {_fmt(policy.get(key))} vs robot {_fmt(robot.get(key))}"
+    d = _diff(policy.get("action"), robot.get("action"), "action")
+    if d:
+        return d
+    po, ro = policy.get("observation") or {}, robot.get("observation") or {}
+    pt = [(t["name"], t["dim"]) for t in po.get("terms", [])]
+    rt = [(t["name"], t["dim"]) for t in ro.get("terms", [])]
+    if pt != rt:
+        return f"observation term list differs: policy {_terms(pt)} vs robot {_terms(rt)}"
+    for p, r in zip(po.get("terms", []), ro.get("terms", [])):
+        d = _diff(p, r, f"observation term '{p['name']}'")
+        if d:
+            return d
+    for key in ("history_length", "history_order"):
+        if po.get(key) != ro.get(key):
+            return f"observation {key} differs: policy {_fmt(po.get(key))} vs robot {_fmt(ro.get(key))}"
+    skip = {"joints", "physics_dt", "decimation", "action", "observation", "mjcf"}  # mjcf is not in the hash
+    for key in sorted((set(policy) | set(robot)) - skip):
+        d = _diff(policy.get(key), robot.get(key), key)
+        if d:
+            return d
+    return None
+
+
+def _diff(p: Any, r: Any, where: str) -> str | None:
+    if isinstance(p, dict) and isinstance(r, dict):
+        for k in sorted(set(p) | set(r)):
+            d = _diff(p.get(k), r.get(k), f"{where}.{k}")
+            if d:
+                return d
+        return None
+    return None if p == r else f"{where} differs: policy {_fmt(p)} vs robot {_fmt(r)}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _terms(terms: list[tuple[str, int]]) -> str:
+    return "[" + ", ".join(f"{n}({d})" for n, d in terms) + "]"
+
+
+def _int_meta(meta: dict[str, str], key: str, path: str) -> int:
+    try:
+        v = int(meta[key])
+    except ValueError:
+        raise PolicyFileError(f"ONNX policy {path}: metadata {key} = {meta[key]!r} is not an integer") from None
+    if v < 1:
+        raise PolicyFileError(f"ONNX policy {path}: metadata {key} = {v} must be >= 1")
+    return v
