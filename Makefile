@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,ros
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s2r-installed
 PYTEST_ARGS ?=
