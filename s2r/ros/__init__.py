@@ -8,3 +8,22 @@
 Both need rclpy and the std/sensor/geometry message packages (`pip install s2r[ros]`); the
 rest of s2r never imports this package.
 """
+
+
+def spin_node(node_cls, args=None) -> None:
+    """Entry point body shared by the nodes: init, spin until Ctrl-C, clean shutdown."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException
+
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = node_cls()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C or SIGTERM (ros2 launch, systemd)
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()

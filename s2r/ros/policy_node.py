@@ -308,18 +308,9 @@ class PolicyNode(Node):
 
 
 def main(args=None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = PolicyNode()
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    from s2r.ros import spin_node
+
+    spin_node(PolicyNode, args)
 
 
 if __name__ == "__main__":

@@ -145,18 +145,9 @@ class SimBridgeNode(Node):
 
 
 def main(args=None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = SimBridgeNode()
-        rclpy.spin(node)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    from s2r.ros import spin_node
+
+    spin_node(SimBridgeNode, args)
 
 
 if __name__ == "__main__":
