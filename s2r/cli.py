@@ -102,6 +102,7 @@ def sim_play(task: str = typer.Argument(..., help="task name"),
              num_envs: int = typer.Option(4, help="parallel envs (env 0 is filmed)"),
              policy: str = typer.Option("default", help="default (hold pose) | random | scripted (arm tasks)"),
              backend: str = typer.Option("mujoco", help="mujoco | warp"),
+             device: str = typer.Option("cpu", help="torch/Warp device: cpu | cuda (warp backend)"),
              spec: Optional[str] = typer.Option(None, help="robot spec YAML overriding the task's"),
              seed: int = typer.Option(0),
              randomize: Optional[bool] = typer.Option(None, "--randomize/--no-randomize")):
@@ -113,7 +114,7 @@ def sim_play(task: str = typer.Argument(..., help="task name"),
         _fail(f"--num-envs must be > 0, got {num_envs}")
     if policy not in ("default", "random", "scripted"):
         _fail(f"unknown --policy '{policy}' (default | random | scripted)")
-    env = _make_env(task, num_envs, backend, spec, seed, randomize)
+    env = _make_env(task, num_envs, backend, spec, seed, randomize, device=device)
     if policy == "scripted" and not hasattr(env.task, "scripted_action"):
         _fail(f"task {task} has no scripted policy; use --policy default or random")
     renderer = None
@@ -131,11 +132,11 @@ def sim_play(task: str = typer.Argument(..., help="task name"),
     t0 = time.perf_counter()
     for _ in range(steps):
         if policy == "random":
-            a = torch.rand(num_envs, env.action_dim, generator=gen) * 2 - 1
+            a = (torch.rand(num_envs, env.action_dim, generator=gen) * 2 - 1).to(env.device)
         elif policy == "scripted":
             a = env.task.scripted_action()
         else:
-            a = torch.zeros(num_envs, env.action_dim)
+            a = torch.zeros(num_envs, env.action_dim, device=env.device)
         obs, r, term, trunc, info = env.step(a)
         rewards.append(float(r[0]))
         if "success" in info:
