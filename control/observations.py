@@ -92,7 +92,3 @@ def base_terms(base_quat: torch.Tensor, base_ang_vel: torch.Tensor) -> dict[str,
     """IMU-derived terms: body-frame angular velocity and gravity direction."""
     return {"base_ang_vel": base_ang_vel, "projected_gravity": projected_gravity(base_quat)}
 
-
-def joint_terms(q: torch.Tensor, qd: torch.Tensor, default_q: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Joint positions relative to the default pose, and velocities (policy order)."""
-    return {"joint_pos": q - default_q, "joint_vel": qd}

@@ -53,6 +53,8 @@ def sim_info(task: str = typer.Argument(..., help="task name, e.g. humanoid-walk
              spec: Optional[str] = typer.Option(None, help="robot spec YAML overriding the task's"),
              as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Print the task's robot spec (the sim-to-real contract), its hash and the model's sizes."""
+    from s2r.sim.model import check_spec_against_model
+
     _set_threads(1)
     env = _make_env(task, 1, "mujoco", spec, 0)
     s, m = env.spec, env.model
@@ -69,6 +71,7 @@ def sim_info(task: str = typer.Argument(..., help="task name, e.g. humanoid-walk
                         for t in s.observation.terms],
         "history": {"length": s.observation.history_length, "order": s.observation.history_order},
         "reward_weights": env.reward_weights,
+        "warnings": check_spec_against_model(s, m),
     }
     env.close()
     if as_json:
@@ -92,6 +95,8 @@ def sim_info(task: str = typer.Argument(..., help="task name, e.g. humanoid-walk
         typer.echo(f"    {t.name:20s} dim {t.dim:3d}  scale {t.scale:g}  clip {t.clip:g}")
     typer.echo(f"  critic observation dim {env.critic_obs_dim}")
     typer.echo("  reward weights: " + ", ".join(f"{k}={v:g}" for k, v in env.reward_weights.items()))
+    for w in info["warnings"]:
+        typer.secho(f"  warning: {w}", fg=typer.colors.YELLOW)
 
 
 @sim_app.command("play")

@@ -199,10 +199,10 @@ def compile_model(spec: RobotSpec, sensors: list[SensorRequest] = (),
     return model, idx
 
 
-def check_spec_against_model(spec: RobotSpec, model: mujoco.MjModel, idx: ModelIndex) -> list[str]:
-    """Differences between the spec's joint ranges and the MJCF's (warnings, not errors)."""
+def check_spec_against_model(spec: RobotSpec, model: mujoco.MjModel) -> list[str]:
+    """Spec joint ranges wider than the MJCF's limits (warnings for `s2r sim info`, not errors)."""
     out = []
-    for k, j in enumerate(spec.joints):
+    for j in spec.joints:
         jid = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_JOINT, j.name)
         if model.jnt_limited[jid]:
             lo, hi = model.jnt_range[jid]

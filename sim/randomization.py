@@ -48,7 +48,6 @@ class ModelRandomizer:
         self.nominal = {f: np.array(getattr(model, f)) for f in (
             "geom_friction", "body_mass", "body_ipos", "body_inertia", "actuator_gainprm",
             "actuator_biasprm", "actuator_forcerange", "dof_frictionloss", "dof_armature")}
-        self.last: dict[str, np.ndarray] = {}  # last draw, for privileged critic observations
 
     @property
     def active(self) -> bool:

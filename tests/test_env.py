@@ -244,3 +244,13 @@ def test_joint_without_actuator_is_named(tmp_path):
 def test_missing_spec_file_is_named():
     with pytest.raises(SpecError, match="not found"):
         make("humanoid-walk", spec="/nonexistent/robot.yaml")
+
+
+def test_spec_range_wider_than_the_mjcf_is_reported():
+    from s2r.sim.model import check_spec_against_model
+
+    env = make(num_envs=1)
+    assert check_spec_against_model(env.spec, env.model) == []
+    env.spec.joints[3].range = (-1.0, 3.5)  # left knee: MJCF allows [-0.0873, 2.8798]
+    (warning,) = check_spec_against_model(env.spec, env.model)
+    assert "left_knee_joint" in warning and "exceeds MJCF range" in warning

@@ -105,7 +105,6 @@ class ArmReach(Task):
         d.qpos[:] = self.qpos0.cpu().numpy()
         mujoco.mj_forward(m, d)
         self.ee_quat_home = torch.as_tensor(d.sensordata[self.s_eeq], dtype=torch.float32, device=dev)
-        self.finger_qpos = None
         if self.g_act is not None and m.actuator_trntype[self.g_act] == mujoco.mjtTrn.mjTRN_TENDON:
             self._gripper_len = ("tendon", int(m.actuator_trnid[self.g_act, 0]))
         elif self.g_act is not None:
