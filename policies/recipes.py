@@ -34,6 +34,12 @@ RECIPES: dict[str, tuple[dict, dict]] = {
                       dict(actor_hidden=(512, 256, 128), critic_hidden=(768, 384, 192), layer_norm=True,
                            gamma=0.97, tau=0.1, init_alpha=0.001, log_std_min=-5.0, log_std_max=0.0,
                            lr_actor=3e-4, lr_critic=3e-4, bf16=True)),
+    # CPU-sized: the standing policy of the ROS 2 sim-to-sim test and `make demo` (2 cores, minutes)
+    "humanoid-stand": (dict(num_envs=32, total_steps=1_500_000, learning_starts=20_000, batch_size=512,
+                            updates_per_step=2, buffer_size=1_000_000, eval_every=100_000, eval_episodes=4,
+                            checkpoint_every=100_000, n_step=3),
+                       dict(actor_hidden=(256, 256), critic_hidden=(256, 256), layer_norm=True, gamma=0.97,
+                            tau=0.02, init_alpha=0.01, log_std_max=0.0)),
     "arm-reach": (dict(num_envs=32, total_steps=400_000, learning_starts=10_000, batch_size=1024,
                        updates_per_step=4, eval_every=50_000, n_step=1),
                   dict(layer_norm=True, gamma=0.97)),

@@ -21,6 +21,8 @@ sim_app = typer.Typer(no_args_is_help=True, help="Simulated robots and tasks")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (also runnable as bench/*.py)")
 app.add_typer(sim_app, name="sim")
 app.add_typer(bench_app, name="bench")
+ros_app = typer.Typer(no_args_is_help=True, help="ROS 2 deployment (needs the ros extra: pip install s2r[ros])")
+app.add_typer(ros_app, name="ros")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -302,6 +304,48 @@ def export(run: Path = typer.Argument(..., help="run directory (or a checkpoint 
     except (FileNotFoundError, CheckpointError, ExportError, SpecError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps(report))
+
+
+@ros_app.command("sim")
+def ros_sim(policy: Path = typer.Argument(..., help="exported ONNX policy (s2r export)"),
+            seconds: float = typer.Option(10.0, help="wall-clock seconds in POLICY mode after the gantry release"),
+            spec: str = typer.Option("g1/g1.yaml", help="robot spec (path, or relative to sim/robots/)"),
+            vx: float = typer.Option(0.0, help="/cmd_vel linear x, m/s"),
+            vy: float = typer.Option(0.0, help="/cmd_vel linear y, m/s"),
+            yaw_rate: float = typer.Option(0.0, help="/cmd_vel angular z, rad/s"),
+            video: Optional[Path] = typer.Option(None, help="write the sim bridge's trajectory as MP4"),
+            out: Optional[Path] = typer.Option(None, help="also write the JSON report here"),
+            strict: bool = typer.Option(False, help="exit 1 unless the robot stayed up in POLICY mode")):
+    """Sim-to-sim over ROS 2: the policy node drives the MuJoCo sim bridge over DDS (gantry, ramp,
+    start, release, hold /cmd_vel), then reports height, tilt and command tracking."""
+    _set_threads(1)
+    if seconds <= 0:
+        _fail(f"--seconds must be > 0, got {seconds}")
+    if not policy.is_file():
+        _fail(f"policy file '{policy}' not found (make one with: s2r export RUN --out policy.onnx)")
+    try:
+        from s2r.ros.sim_loop import SimLoopConfig, render_trajectory, run_sim_loop
+    except ImportError as e:
+        _fail(f"ROS 2 Python packages are missing ({e}); install them with: pip install 's2r[ros]'")
+    from s2r.control.spec import SpecError
+
+    try:
+        report = run_sim_loop(SimLoopConfig(policy_path=str(policy), robot_spec=spec, seconds=seconds,
+                                            command=(vx, vy, yaw_rate)))
+    except (SpecError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(report.summary())
+    if video is not None and report.trajectory:
+        n = render_trajectory(report, str(video), robot_spec=spec)
+        typer.echo(f"video: {video} ({n} frames)")
+    doc = report.to_json()
+    if out is not None:
+        from s2r.io import atomic_write_text
+
+        atomic_write_text(out, json.dumps(doc, indent=2))
+    typer.echo(json.dumps(doc))
+    if strict and not report.ok:
+        raise typer.Exit(1)
 
 
 @bench_app.command("sim")

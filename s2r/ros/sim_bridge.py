@@ -1,14 +1,18 @@
 """A simulated robot behind ROS 2 topics: the s2r MuJoCo G1 standing in for the real one.
 
 One env of the `humanoid-walk` task (randomisation off, no initial joint noise) stepped by a
-wall-clock timer at the spec's control rate. Each tick applies the newest
+wall-clock timer, like a robot's hardware interface: every tick advances `substeps` physics steps
+(default 1, i.e. 200 Hz for the G1's 5 ms physics step) with the newest
 /<controller_name>/commands (joint position targets in spec order, the same message the policy
-node publishes) as the actuators' PD targets for `decimation` physics steps, exactly as the
-training env does, and publishes:
+node publishes) as the actuators' PD targets, and publishes:
 
     /joint_states  sensor_msgs/JointState  spec joint names, positions, velocities
     /imu/data      sensor_msgs/Imu         base (pelvis) orientation, body-frame angular velocity
     /clock         rosgraph_msgs/Clock     simulated time (only when rosgraph_msgs is installed)
+
+A state stream faster than the policy (as real drives give) keeps the sensor-to-actuation delay
+of the loop near one physics step; `substeps:=decimation` instead steps once per control period
+(the training env's zero-order hold), which adds up to a whole control period of delay.
 
 Before the first command it holds the default pose. With `gantry:=true` the base is pinned to its
 start pose after every tick (a test stand) until the ~/release service is called. A command of the wrong length or with
@@ -20,6 +24,7 @@ transported by a position command.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 import rclpy
@@ -47,6 +52,8 @@ class SimBridgeNode(Node):
         self.declare_parameter("seed", 0)
         self.declare_parameter("realtime_factor", 1.0)  # > 1 steps faster than wall time
         self.declare_parameter("gantry", False)  # hold the base in its start pose until ~/release
+        self.declare_parameter("substeps", 1)  # physics steps per tick: 1 = state at the physics rate
+        self.declare_parameter("record", False)  # keep every tick's qpos (sim_loop's video and report)
         p = lambda name: self.get_parameter(name).value  # noqa: E731
 
         self.env = BatchedEnv(EnvConfig(task=p("task"), num_envs=1, nthread=1, seed=int(p("seed")),
@@ -64,6 +71,11 @@ class SimBridgeNode(Node):
         self.commands_rejected = 0
         self.diverged = 0
         self.gantry = bool(p("gantry"))
+        self.record = bool(p("record"))
+        self.substeps = int(p("substeps"))
+        if self.substeps < 1:
+            raise ValueError(f"substeps must be >= 1, got {self.substeps}")
+        self.trajectory: deque[tuple[float, bool, np.ndarray]] = deque()  # (sim time, on gantry, qpos [nq])
         self._base_qpos0 = self.env.backend.qpos[0, self.task.b:self.task.b + 7].clone()  # [7] start pose
 
         ctrl = str(p("controller_name")).strip("/")
@@ -73,12 +85,14 @@ class SimBridgeNode(Node):
         self.pub_clock = self.create_publisher(Clock, "/clock", 10) if Clock is not None else None
         if Clock is None:
             self.get_logger().warning("rosgraph_msgs is not installed: no /clock")
-        period = self.spec.control_dt / float(p("realtime_factor"))
+        self.tick_dt = self.spec.physics_dt * self.substeps  # simulated seconds per tick
+        self.trajectory = deque(maxlen=int(600.0 / self.tick_dt))  # the newest 10 simulated minutes
+        period = self.tick_dt / float(p("realtime_factor"))
         self.timer = self.create_timer(period, self._tick)
         self.create_service(Trigger, "~/release", self._on_release)
         self._publish()
-        self.get_logger().info(f"sim robot '{self.spec.name}' at {1 / self.spec.control_dt:.0f} Hz "
-                               f"({self.spec.decimation} x {self.spec.physics_dt * 1e3:g} ms), "
+        self.get_logger().info(f"sim robot '{self.spec.name}': state at {1 / self.tick_dt:.0f} Hz "
+                               f"({self.substeps} x {self.spec.physics_dt * 1e3:g} ms physics per tick), "
                                f"listening on /{ctrl}/commands")
 
     def _on_command(self, msg: Float64MultiArray) -> None:
@@ -92,10 +106,10 @@ class SimBridgeNode(Node):
         self.commands_received += 1
 
     def _tick(self) -> None:
-        ctrl_seq = self.ctrl.unsqueeze(1).expand(1, self.spec.decimation, -1)  # [1, decimation, nu]
+        ctrl_seq = self.ctrl.unsqueeze(1).expand(1, self.substeps, -1)  # [1, substeps, nu]
         diverged = bool(self.env.backend.step(ctrl_seq)[0])
         self.steps += 1
-        self.sim_time += self.spec.control_dt
+        self.sim_time += self.tick_dt
         if diverged:  # MuJoCo reset the state itself; start again from the default pose
             self.diverged += 1
             self.get_logger().error("simulation diverged: resetting the robot")
@@ -107,6 +121,8 @@ class SimBridgeNode(Node):
             qvel[0, bd:bd + 6] = 0.0
             be.reset_envs(torch.zeros(1, dtype=torch.long), torch.as_tensor(qpos), torch.as_tensor(qvel))
         self.task.refresh()
+        if self.record:
+            self.trajectory.append((self.sim_time, self.gantry, self.env.backend.qpos[0].numpy().copy()))
         self._publish()
 
     def _publish(self) -> None:

@@ -14,13 +14,14 @@ from typing import Any
 from s2r.control.spec import RobotSpec
 from s2r.sim.tasks.arm import ArmPick, ArmReach
 from s2r.sim.tasks.base import Task, TaskConfig
-from s2r.sim.tasks.humanoid_walk import HumanoidWalk
+from s2r.sim.tasks.humanoid_walk import HumanoidStand, HumanoidWalk
 from s2r.sim.tasks.mjcf_locomotion import MjcfLocomotion
 
 ROBOTS_DIR = Path(__file__).resolve().parent.parent / "robots"
 
 TASKS: dict[str, type[Task]] = {
     "humanoid-walk": HumanoidWalk,
+    "humanoid-stand": HumanoidStand,
     "arm-reach": ArmReach,
     "arm-pick": ArmPick,
     "mjcf-locomotion": MjcfLocomotion,

@@ -210,3 +210,48 @@ class HumanoidWalk(Task):
                 "feet_contact": self.contact.float(), "friction": env.dr_summary["friction"][:, None],
                 "mass_scale": env.dr_summary["mass_scale"][:, None],
                 "strength": env.dr_summary["strength"][:, None]}
+
+
+def _stand_randomization() -> RandomizationConfig:
+    # latency up to one whole control step (4 physics steps): what a ROS 2 loop adds between a
+    # sensor message and the command it causes (see s2r/ros/sim_loop.py)
+    return RandomizationConfig(
+        latency_steps=(0, 4),
+        obs_noise={"base_ang_vel": 0.1, "projected_gravity": 0.03, "joint_pos": 0.01, "joint_vel": 0.75},
+        push_interval_s=(4.0, 8.0), push_velocity=0.3)
+
+
+@dataclass
+class HumanoidStandConfig(HumanoidWalkConfig):
+    """Stand still: the zero command of humanoid-walk, always. Learnable on a CPU in minutes, so it is
+    the policy the ROS 2 sim-to-sim loop is tested with (the full walking recipe needs a GPU)."""
+
+    episode_length_s: float = 20.0
+    command_vx: tuple[float, float] = (0.0, 0.0)
+    command_vy: tuple[float, float] = (0.0, 0.0)
+    command_yaw: tuple[float, float] = (0.0, 0.0)
+    standing_prob: float = 1.0
+    reward_weights: dict[str, float] = field(default_factory=lambda: {
+        "track_lin_vel_xy": 1.0, "track_ang_vel_z": 0.5, "alive": 1.0, "upright": 1.0, "height": 1.0,
+        "lin_vel_z": -1.0, "ang_vel_xy": -0.05, "foot_slip": -0.1, "action_rate": -0.01, "torque": -1e-5,
+        "joint_limit": -5.0, "pose": -0.1,
+    })
+    target_height: float = 0.0  # m; <= 0: the home keyframe's base height
+    randomization: RandomizationConfig = field(default_factory=_stand_randomization)
+
+
+class HumanoidStand(HumanoidWalk):
+    name = "humanoid-stand"
+    Config = HumanoidStandConfig
+    cfg: HumanoidStandConfig
+
+    def bind(self, env):
+        super().bind(env)
+        self.h0 = self.cfg.target_height if self.cfg.target_height > 0 else float(self.qpos0[self.b + 2])
+
+    def reward_terms(self):
+        out = super().reward_terms()
+        del out["feet_air_time"]
+        out["height"] = torch.exp(-((self.c_height - self.h0) / 0.05) ** 2)
+        out["pose"] = ((self.c_q - self.act.default) ** 2).sum(1)
+        return out

@@ -1,0 +1,246 @@
+"""Sim-to-sim over ROS 2 in one call: the policy node drives the MuJoCo sim bridge over real DDS.
+
+The same procedure an operator follows on the robot, with the sim bridge as the robot:
+
+    robot on the gantry --> ~/ramp (PASSIVE -> RAMP_TO_DEFAULT) --> ~/start (POLICY)
+        --> gantry ~/release --> /cmd_vel held for `seconds` --> report
+
+Both nodes and a driver node (services, /cmd_vel) share one process and one executor thread; the
+messages still cross FastDDS (loopback), so the loop sees real serialisation, queueing and the
+unsynchronised timers of two nodes, which training's latency randomisation must cover. Used by
+`s2r ros sim`, by `make demo` and by the trained-policy test.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SimLoopConfig:
+    policy_path: str
+    robot_spec: str = "g1/g1.yaml"
+    task: str = "humanoid-walk"  # the sim bridge's physics (every G1 task shares the model)
+    seconds: float = 10.0  # wall-clock seconds in POLICY mode after the gantry release
+    command: tuple[float, float, float] = (0.0, 0.0, 0.0)  # /cmd_vel: vx, vy (m/s), yaw rate (rad/s)
+    ramp_time: float = 1.0  # s, PASSIVE -> default pose on the gantry
+    min_height: float = 0.45  # m: below this the robot has fallen (humanoid-walk's termination)
+    domain_id: int | None = None  # default: one per process (no cross-talk with other runs)
+    seed: int = 0
+
+
+@dataclass
+class SimLoopReport:
+    policy: str
+    ok: bool  # started, released, stayed in POLICY and upright for the whole time
+    problem: str  # why not, "" when ok
+    seconds_in_policy: float  # wall clock
+    sim_seconds_released: float  # simulated time off the gantry
+    fell_at_s: float | None  # simulated time after release when the base dropped below min_height
+    min_height_m: float
+    max_tilt_rad: float
+    command: tuple[float, float, float]
+    mean_abs_vel_error: tuple[float, float, float]  # |vx - cmd|, |vy - cmd| (m/s), |yaw rate - cmd| (rad/s)
+    base_drift_m: float  # horizontal distance from the release point at the end
+    final_mode: str
+    mode_log: list[str]
+    policy_steps: int
+    period_mean_ms: float
+    inference_max_ms: float
+    interventions: dict
+    commands_received: int
+    commands_rejected: int
+    trajectory_dt: float = 0.0
+    trajectory: list = field(default_factory=list, repr=False)  # [(sim time, on gantry, qpos)]
+
+    def summary(self) -> str:
+        fell = f"fell after {self.fell_at_s:.2f} s" if self.fell_at_s is not None else "stayed up"
+        v = ", ".join(f"{x:.3f}" for x in self.mean_abs_vel_error)
+        return (f"{'OK' if self.ok else 'NOT OK'}: {self.seconds_in_policy:.1f} s in POLICY, {fell} "
+                f"(min base height {self.min_height_m:.3f} m, max tilt {math.degrees(self.max_tilt_rad):.1f} deg), "
+                f"command {self.command} tracked with mean |error| ({v}), drift {self.base_drift_m:.2f} m; "
+                f"{self.policy_steps} policy steps, loop period {self.period_mean_ms:.2f} ms, "
+                f"inference max {self.inference_max_ms:.2f} ms; final mode {self.final_mode}"
+                + (f"; {self.problem}" if self.problem else ""))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("trajectory")
+        return d
+
+
+def _yaw(quat: np.ndarray) -> np.ndarray:
+    """quat [T, 4] (w, x, y, z) -> yaw [T]."""
+    w, x, y, z = quat.T
+    return np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
+
+
+def _tilt(quat: np.ndarray) -> np.ndarray:
+    """Angle between the base's z axis and the world's, [T]."""
+    w, x, y, z = quat.T
+    return np.arccos(np.clip(1 - 2 * (x * x + y * y), -1.0, 1.0))
+
+
+def _call(node, fut_fn, timeout: float, what: str):
+    fut = fut_fn()
+    t_end = time.monotonic() + timeout
+    while not fut.done():
+        if time.monotonic() > t_end:
+            raise TimeoutError(f"no reply from {what} within {timeout} s")
+        time.sleep(0.005)
+    return fut.result()
+
+
+def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
+    import rclpy
+    from geometry_msgs.msg import Twist
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from std_srvs.srv import Trigger
+
+    from s2r.ros.policy_node import PolicyNode
+    from s2r.ros.sim_bridge import SimBridgeNode
+
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    ctx = rclpy.Context()
+    domain = cfg.domain_id if cfg.domain_id is not None else 150 + os.getpid() % 80
+    rclpy.init(context=ctx, domain_id=domain)
+    sim = node = driver = None
+    ex = SingleThreadedExecutor(context=ctx)
+    th = None
+    problem = ""
+    t_policy = 0.0
+    try:
+        sim = SimBridgeNode(context=ctx, parameter_overrides=[
+            Parameter("gantry", value=True), Parameter("record", value=True), Parameter("task", value=cfg.task),
+            Parameter("robot_spec", value=cfg.robot_spec), Parameter("seed", value=cfg.seed)])
+        node = PolicyNode(context=ctx, parameter_overrides=[
+            Parameter("policy_path", value=str(cfg.policy_path)), Parameter("robot_spec", value=cfg.robot_spec),
+            Parameter("ramp_time", value=float(cfg.ramp_time))])
+        driver = Node("s2r_sim_loop_driver", context=ctx)
+        pub_cmd = driver.create_publisher(Twist, "/cmd_vel", 10)
+        clients = {name: driver.create_client(Trigger, f"/{name}") for name in
+                   ("s2r_policy/ramp", "s2r_policy/start", "s2r_sim_bridge/release")}
+        for n in (sim, node, driver):
+            ex.add_node(n)
+        th = threading.Thread(target=ex.spin, daemon=True)
+        th.start()
+
+        def trigger(name: str, retry_s: float = 0.0):
+            t_end = time.monotonic() + retry_s
+            while True:
+                if not clients[name].wait_for_service(timeout_sec=5.0):
+                    raise TimeoutError(f"service /{name} not available")
+                resp = _call(driver, lambda: clients[name].call_async(Trigger.Request()), 5.0, f"/{name}")
+                if resp.success or time.monotonic() > t_end:
+                    return resp
+                time.sleep(0.05)
+
+        t_end = time.monotonic() + 10.0
+        while not (node.ticks > 3 and np.isfinite(node.q).all()):
+            if time.monotonic() > t_end:
+                raise TimeoutError("the policy node got no joint states from the sim bridge within 10 s")
+            time.sleep(0.01)
+        for name, retry in (("s2r_policy/ramp", 0.0), ("s2r_policy/start", cfg.ramp_time + 5.0)):
+            resp = trigger(name, retry)
+            if not resp.success:
+                raise RuntimeError(f"/{name} refused: {resp.message}")
+        twist = Twist()
+        twist.linear.x, twist.linear.y, twist.angular.z = (float(c) for c in cfg.command)
+        pub_cmd.publish(twist)
+        time.sleep(0.1)  # the command arrives before the robot stands on its own
+        trigger("s2r_sim_bridge/release")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < cfg.seconds:
+            pub_cmd.publish(twist)
+            if node.safety.mode.name != "POLICY":
+                problem = f"left POLICY mode: {node.safety.mode.name} ({node.safety.reason})"
+                break
+            time.sleep(0.1)
+        t_policy = time.monotonic() - t0
+    except (TimeoutError, RuntimeError) as e:
+        problem = str(e)
+    finally:
+        ex.shutdown(timeout_sec=2.0)
+        if th is not None:
+            th.join(timeout=2.0)
+    try:
+        return _report(cfg, sim, node, problem, t_policy)
+    finally:
+        for n in (driver, node, sim):
+            if n is not None:
+                n.destroy_node()
+        ctx.try_shutdown()
+
+
+def _report(cfg: SimLoopConfig, sim, node, problem: str, t_policy: float) -> SimLoopReport:
+    traj = list(sim.trajectory) if sim is not None else []
+    free = [(t, q) for t, g, q in traj if not g]
+    b = sim.task.b if sim is not None else 0
+    dt = sim.tick_dt if sim is not None else 0.0
+    fell_at, min_h, max_tilt, err, drift, t_free = None, math.nan, math.nan, (math.nan,) * 3, math.nan, 0.0
+    if len(free) > 2:
+        ts = np.array([t for t, _ in free])
+        q = np.stack([x for _, x in free])[:, b:b + 7]  # [T, 7] base pos + quat
+        t_free = float(ts[-1] - ts[0])
+        h = q[:, 2]
+        min_h, max_tilt = float(h.min()), float(_tilt(q[:, 3:]).max())
+        below = np.flatnonzero(h < cfg.min_height)
+        fell_at = float(ts[below[0]] - ts[0]) if below.size else None
+        yaw = np.unwrap(_yaw(q[:, 3:]))
+        v_world = np.diff(q[:, :2], axis=0) / dt  # [T-1, 2]
+        c, s = np.cos(yaw[:-1]), np.sin(yaw[:-1])
+        v_body = np.stack([c * v_world[:, 0] + s * v_world[:, 1], -s * v_world[:, 0] + c * v_world[:, 1]], 1)
+        yaw_rate = np.diff(yaw) / dt
+        cmd = np.asarray(cfg.command)
+        err = (float(np.abs(v_body[:, 0] - cmd[0]).mean()), float(np.abs(v_body[:, 1] - cmd[1]).mean()),
+               float(np.abs(yaw_rate - cmd[2]).mean()))
+        drift = float(np.linalg.norm(q[-1, :2] - q[0, :2]))
+    elif not problem:
+        problem = "the sim bridge recorded no free-standing time"
+    if not problem and fell_at is not None:
+        problem = f"the base dropped below {cfg.min_height} m after {fell_at:.2f} s"
+    d = node.diagnostics() if node is not None else {}
+    return SimLoopReport(
+        policy=str(cfg.policy_path), ok=not problem, problem=problem, seconds_in_policy=t_policy,
+        sim_seconds_released=t_free, fell_at_s=fell_at, min_height_m=min_h, max_tilt_rad=max_tilt,
+        command=tuple(cfg.command), mean_abs_vel_error=err, base_drift_m=drift,
+        final_mode=d.get("mode", "?"), mode_log=[m for _, m in node.mode_log] if node is not None else [],
+        policy_steps=int(d.get("policy_steps", 0)), period_mean_ms=1e3 * float(d.get("period_mean_s", math.nan)),
+        inference_max_ms=1e3 * float(d.get("inference_max_s", math.nan)), interventions=d.get("interventions", {}),
+        commands_received=sim.commands_received if sim is not None else 0,
+        commands_rejected=sim.commands_rejected if sim is not None else 0,
+        trajectory_dt=dt, trajectory=traj)
+
+
+def render_trajectory(report: SimLoopReport, path: str, robot_spec: str = "g1/g1.yaml",
+                      task: str = "humanoid-walk", width: int = 480, height: int = 360, fps: float = 50.0) -> int:
+    """Write the recorded sim-bridge trajectory as an MP4 (real time, about `fps`); returns the frame count."""
+    import mujoco
+
+    from s2r.sim.env import BatchedEnv, EnvConfig
+    from s2r.sim.render import EnvRenderer, write_video
+
+    env = BatchedEnv(EnvConfig(task=task, num_envs=1, spec=robot_spec, randomize=False))
+    try:
+        r = EnvRenderer(env, width=width, height=height)
+        frames = []
+        every = max(1, round(1.0 / (fps * report.trajectory_dt)))
+        for _, _, qpos in report.trajectory[::every]:
+            r.data.qpos[:] = qpos
+            r.data.qvel[:] = 0.0
+            mujoco.mj_forward(env.model, r.data)
+            r.renderer.update_scene(r.data, camera=r.camera)
+            frames.append(r.renderer.render().copy())
+        r.close()
+    finally:
+        env.close()
+    write_video(path, frames, fps=1.0 / (every * report.trajectory_dt))
+    return len(frames)
