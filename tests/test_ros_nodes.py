@@ -305,3 +305,41 @@ def test_policy_drives_the_sim_bridge_at_the_control_rate(ctx, policy_file):
         assert cmd.shape == (SPEC.num_joints,) and np.isfinite(cmd).all()
         d = rig.diagnostics[-1]
         assert d["mode"] == "POLICY" and d["policy_steps"] > 0 and "interventions" in d
+
+
+# ---- (g) timing diagnostics (what bench/ros_loop.py reads; timing targets belong to the bench) --------------
+
+def test_diagnostics_time_each_tick_and_name_the_joint_state_behind_its_command(ctx):
+    rig = Rig(ctx)
+    commands = {}  # DDS publication sequence number -> MessageInfo
+    rig.create_subscription(Float64MultiArray, CMD_TOPIC,
+                            lambda _m, info: commands.__setitem__(info["publication_sequence_number"], info), 50)
+    node = policy_node(ctx)
+
+    def with_data():
+        return [d for d in rig.diagnostics if d["joint_states_received"] > 0 and d["ticks"] in commands]
+
+    with spinning(ctx, node, rig):
+        wait_for(lambda: connected(rig), 5.0, "DDS discovery")
+        rig.streaming = True
+        wait_for(lambda: len(with_data()) > 5, 3.0, "ticks with sensor data and their commands")
+        d = with_data()[-1]
+        assert d["joint_states_received"] > 0 and d["realtime"] == "off"
+        assert 0.0 <= d["sensor_age_s"] < 1.0 and 0.0 <= d["tick_late_s"] < 1.0 and d["ticks_skipped"] >= 0
+        # the command with DDS sequence number n is tick n's: sent after the joint state its diagnostics name
+        sent_cmd, sent_js = commands[d["ticks"]]["source_timestamp"], d["joint_state_sent_ns"]
+        assert 0 < sent_cmd - sent_js < 1e9, (sent_cmd, sent_js)
+
+
+def test_realtime_runs_the_tick_at_sched_fifo_or_says_why_not(ctx):
+    from s2r.ros.policy_node import REALTIME_PRIORITY
+
+    rig = Rig(ctx)
+    node = policy_node(ctx, realtime=True)
+    with spinning(ctx, node, rig):
+        wait_for(lambda: node.ticks > 3, 3.0, "ticks")
+        assert node.realtime == f"SCHED_FIFO {REALTIME_PRIORITY}" or node.realtime.startswith("refused"), node.realtime
+        ticks = node.ticks
+        wait_for(lambda: node.ticks > ticks + 3, 1.0, "the control loop to keep ticking")
+        wait_for(lambda: bool(rig.diagnostics) and rig.diagnostics[-1]["realtime"] == node.realtime, 1.0,
+                 "the scheduling in ~/diagnostics")

@@ -21,13 +21,27 @@ good message follows); a policy whose embedded robot spec differs from the node'
 load (the SpecError is logged, the node stays usable in PASSIVE/RAMP, ~/start is refused).
 
 ~/diagnostics (std_msgs/String, JSON, every tick): mode, loop period, inference time, safety
-intervention counts, rejected message counts.
+intervention counts, rejected message counts, and the tick's timing (what bench/ros_loop.py reads):
+    tick_late_s          the timer callback's start minus its scheduled time (rcl's TimerInfo)
+    ticks_skipped        timer periods skipped so far because a tick came more than a period late
+    sensor_age_s         the command's publish minus the arrival of the joint state it was computed from
+    joint_state_sent_ns  DDS source timestamp of that joint state (its publisher's clock, ns since the epoch)
+    ticks                also the DDS publication sequence number of this tick's command (one per tick)
+
+Timing: the timer runs on whatever executor spins the node (`spin_node`: a SingleThreadedExecutor).
+All objects that exist once the node is built are moved out of the garbage collector's view
+(gc.freeze), so a full collection never walks torch's and onnxruntime's import-time objects during
+a tick. `realtime:=true` additionally asks for SCHED_FIFO (priority REALTIME_PRIORITY) for the
+thread that runs the control tick; where that is not permitted (no CAP_SYS_NICE / rtprio limit, not
+Linux) the node logs a warning and runs on normal scheduling. Measured effect: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import time
 from importlib.util import find_spec
 from pathlib import Path
@@ -37,6 +51,7 @@ import rclpy
 import torch
 from geometry_msgs.msg import Twist
 from rclpy.node import Node
+from rclpy.timer import TimerInfo
 from sensor_msgs.msg import Imu, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import Trigger
@@ -49,6 +64,7 @@ from s2r.control.safety import Mode, SafetyConfig, SafetyFilter
 from s2r.control.spec import RobotSpec, SpecError
 
 DEFAULT_SPEC = "g1/g1.yaml"  # relative to sim/robots/ (or any path)
+REALTIME_PRIORITY = 50  # SCHED_FIFO priority with realtime:=true (ros2_control's default control thread priority)
 SUPPORTED_TERMS = ("base_ang_vel", "projected_gravity", "velocity_command", "joint_pos", "joint_vel",
                    "last_action")
 
@@ -105,6 +121,7 @@ class PolicyNode(Node):
         self.declare_parameter("rate_hz", 0.0)  # <= 0: 1 / spec.control_dt
         self.declare_parameter("ramp_time", 2.0)  # s, RAMP_TO_DEFAULT duration
         self.declare_parameter("sensor_timeout", 0.0)  # s; <= 0: two control periods
+        self.declare_parameter("realtime", False)  # SCHED_FIFO for the control tick's thread, if permitted
         p = lambda name: self.get_parameter(name).value  # noqa: E731
 
         self.spec = _resolve_spec(p("robot_spec"))
@@ -161,7 +178,15 @@ class PolicyNode(Node):
         self.period_max = 0.0
         self.inference_last = math.nan  # s
         self.inference_max = 0.0
+        self.tick_late = math.nan  # s, timer callback start minus its scheduled time
+        self.ticks_skipped = 0  # timer periods rcl skipped because a tick was over a period late
+        self.sensor_age = math.nan  # s, command publish minus the arrival of the joint state it used
+        self.joint_state_sent_ns = 0  # DDS source timestamp of the newest joint state (publisher's clock)
+        self.joint_states_received = 0
+        self.want_realtime = bool(p("realtime"))
+        self.realtime = "off"  # what the scheduler request gave (diagnostics)
         self._t_prev_tick = math.nan
+        self._expected_prev_ns = -1
         self.mode_log: list[tuple[float, str]] = []  # (monotonic time, mode) at each change
 
         ctrl = str(p("controller_name")).strip("/")
@@ -179,15 +204,22 @@ class PolicyNode(Node):
         self._note_mode()
         self.get_logger().info(f"robot '{self.spec.name}' ({nj} joints, spec {self.spec.hash()}), "
                                f"{self.rate_hz:.1f} Hz -> /{ctrl}/commands; mode PASSIVE")
+        # Everything built so far (torch, onnxruntime, rclpy: ~180k objects) leaves the collector's view:
+        # a full collection then costs microseconds instead of ~35 ms (7 periods at 200 Hz) during a tick.
+        gc.collect()
+        gc.freeze()
 
     # ---- inputs -----------------------------------------------------------------------------
-    def _on_joint_state(self, msg: JointState) -> None:
+    def _on_joint_state(self, msg: JointState, info: dict) -> None:
+        """info: rclpy's MessageInfo (DDS source/received timestamps): the second argument asks for it."""
         try:
             q, qd = self.matcher.match(msg.name, msg.position, msg.velocity)
         except ValueError as e:
             self._reject("joint_states", str(e))
             return
         self.q, self.qd, self.joint_stamp = q, qd, time.monotonic()
+        self.joint_state_sent_ns = int(info.get("source_timestamp", 0))
+        self.joint_states_received += 1
 
     def _on_imu(self, msg: Imu) -> None:
         o, w = msg.orientation, msg.angular_velocity
@@ -257,8 +289,29 @@ class PolicyNode(Node):
                 "joint_vel": self.qd.astype(np.float32),
                 "last_action": self.last_action.copy()}
 
-    def _tick(self) -> None:
+    def _enter_realtime(self) -> None:
+        """SCHED_FIFO for the calling thread (the executor's, which runs the tick); warn and go on if refused."""
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+            self.realtime = f"SCHED_FIFO {REALTIME_PRIORITY}"
+            self.get_logger().info(f"control tick thread runs at {self.realtime}")
+        except (AttributeError, OSError) as e:  # not Linux, or no CAP_SYS_NICE / rtprio limit
+            self.realtime = f"refused: {e}"
+            self.get_logger().warning(f"realtime:=true but SCHED_FIFO was refused ({e}); normal scheduling. "
+                                      f"Grant it with `ulimit -r {REALTIME_PRIORITY}` (limits.conf rtprio) "
+                                      f"or CAP_SYS_NICE")
+
+    def _tick(self, info: TimerInfo | None = None) -> None:
         now = time.monotonic()
+        if self.want_realtime and self.realtime == "off":
+            self._enter_realtime()
+        if info is not None:  # rcl's schedule: lateness, and periods skipped after a late tick
+            expected = info.expected_call_time.nanoseconds
+            self.tick_late = (info.actual_call_time.nanoseconds - expected) * 1e-9
+            if self._expected_prev_ns >= 0:
+                gap = (expected - self._expected_prev_ns) * 1e-9 * self.rate_hz
+                self.ticks_skipped += max(0, round(gap) - 1)
+            self._expected_prev_ns = expected
         if math.isfinite(self._t_prev_tick):
             dt = now - self._t_prev_tick
             self.period_last = dt
@@ -277,8 +330,14 @@ class PolicyNode(Node):
                                  projected_gravity=terms["projected_gravity"] if self.has_imu else None)
         self.last_command = cmd
         self._note_mode()
-        self.pub_cmd.publish(Float64MultiArray(data=cmd.q_target.tolist()))
+        msg = Float64MultiArray(data=cmd.q_target.tolist())
+        self.sensor_age = time.monotonic() - self.joint_stamp if math.isfinite(self.joint_stamp) else math.nan
+        self.pub_cmd.publish(msg)
         self.pub_diag.publish(String(data=json.dumps(self.diagnostics())))
+
+    # rclpy hands TimerInfo to a parameter annotated with the class itself; this module's annotations
+    # are strings (postponed evaluation), so give it the class
+    _tick.__annotations__["info"] = TimerInfo
 
     def _act(self, terms: dict[str, np.ndarray]) -> np.ndarray | None:
         """Observation -> policy -> joint targets [nj]; None (and counted) when it cannot act."""
@@ -304,7 +363,10 @@ class PolicyNode(Node):
                 "inference_max_s": self.inference_max, "interventions": dict(self.safety.counters),
                 "guards_now": self.last_command.guards if self.last_command is not None else [],
                 "rejected": dict(self.rejected), "last_reject_reason": self.last_reject_reason,
-                "policy_loaded": self.policy is not None, "policy_error": self.policy_error[:500]}
+                "policy_loaded": self.policy is not None, "policy_error": self.policy_error[:500],
+                "tick_late_s": self.tick_late, "ticks_skipped": self.ticks_skipped, "sensor_age_s": self.sensor_age,
+                "joint_state_sent_ns": self.joint_state_sent_ns,
+                "joint_states_received": self.joint_states_received, "realtime": self.realtime}
 
 
 def main(args=None) -> None:
