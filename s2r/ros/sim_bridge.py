@@ -23,6 +23,7 @@ transported by a position command.
 
 from __future__ import annotations
 
+import io
 import math
 from collections import deque
 
@@ -53,7 +54,7 @@ class SimBridgeNode(Node):
         self.declare_parameter("realtime_factor", 1.0)  # > 1 steps faster than wall time
         self.declare_parameter("gantry", False)  # hold the base in its start pose until ~/release
         self.declare_parameter("substeps", 1)  # physics steps per tick: 1 = state at the physics rate
-        self.declare_parameter("record", False)  # keep every tick's qpos (sim_loop's video and report)
+        self.declare_parameter("record_path", "")  # .npz: every tick's qpos, written at shutdown ("" = off)
         p = lambda name: self.get_parameter(name).value  # noqa: E731
 
         self.env = BatchedEnv(EnvConfig(task=p("task"), num_envs=1, nthread=1, seed=int(p("seed")),
@@ -71,7 +72,8 @@ class SimBridgeNode(Node):
         self.commands_rejected = 0
         self.diverged = 0
         self.gantry = bool(p("gantry"))
-        self.record = bool(p("record"))
+        self.record_path = str(p("record_path"))
+        self.record = bool(self.record_path)
         self.substeps = int(p("substeps"))
         if self.substeps < 1:
             raise ValueError(f"substeps must be >= 1, got {self.substeps}")
@@ -155,7 +157,24 @@ class SimBridgeNode(Node):
     def base_height(self) -> float:
         return float(self.task.c_height[0])
 
+    def save_recording(self) -> None:
+        """The recorded ticks as .npz (t [T], on_gantry [T], qpos [T, nq], counters), written atomically."""
+        from s2r.io import atomic_write_bytes
+
+        rows = list(self.trajectory)
+        buf = io.BytesIO()
+        np.savez(buf, t=np.array([r[0] for r in rows]), on_gantry=np.array([r[1] for r in rows], dtype=bool),
+                 qpos=np.stack([r[2] for r in rows]) if rows else np.zeros((0, self.env.model.nq)),
+                 tick_dt=self.tick_dt, base_qpos=self.task.b, commands_received=self.commands_received,
+                 commands_rejected=self.commands_rejected, diverged=self.diverged, spec_hash=self.spec.hash())
+        atomic_write_bytes(self.record_path, buf.getvalue())
+
     def destroy_node(self):
+        if self.record:
+            try:
+                self.save_recording()
+            except OSError as e:
+                self.get_logger().error(f"could not write the recording to {self.record_path}: {e}")
         self.env.close()
         return super().destroy_node()
 

@@ -5,9 +5,11 @@ The same procedure an operator follows on the robot, with the sim bridge as the 
     robot on the gantry --> ~/ramp (PASSIVE -> RAMP_TO_DEFAULT) --> ~/start (POLICY)
         --> gantry ~/release --> /cmd_vel held for `seconds` --> report
 
-Both nodes and a driver node (services, /cmd_vel) share one process and one executor thread; the
-messages still cross FastDDS (loopback), so the loop sees real serialisation, queueing and the
-unsynchronised timers of two nodes, which training's latency randomisation must cover. Used by
+The sim bridge runs in its own process (as a robot's drivers do); the policy node and a driver node
+(services, /cmd_vel) share this one. Every message crosses FastDDS (loopback), so the loop sees
+real serialisation, queueing and the unsynchronised timers of two processes, which training's
+latency randomisation must cover. The bridge records its trajectory to a file at shutdown; the
+report (fall, height, tilt, command tracking) and the video come from it. Used by
 `s2r ros sim`, by `make demo` and by the trained-policy test.
 """
 
@@ -97,38 +99,88 @@ def _call(node, fut_fn, timeout: float, what: str):
     return fut.result()
 
 
+class _Bridge:
+    """The sim bridge in its own process, as on a robot: its timer, GIL and scheduler are its own."""
+
+    def __init__(self, cfg: SimLoopConfig, domain: int, record_path: str):
+        import subprocess
+        import sys
+        import tempfile
+
+        self.record_path = record_path
+        self.log = tempfile.TemporaryFile()
+        env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+        args = [sys.executable, "-m", "s2r.ros.sim_bridge", "--ros-args", "-p", "gantry:=true",
+                "-p", f"record_path:={record_path}", "-p", f"task:={cfg.task}",
+                "-p", f"robot_spec:={cfg.robot_spec}", "-p", f"seed:={cfg.seed}"]
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the sim bridge exited with code {self.proc.returncode}:\n{self.output()}")
+
+    def stop(self) -> dict | None:
+        """SIGINT (as ros2 launch does), wait, and read its recording."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=15.0)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:
+            with np.load(self.record_path) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError):
+            return None
+
+
 def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
+    import tempfile
+
     import rclpy
     from geometry_msgs.msg import Twist
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
+    from sensor_msgs.msg import JointState
     from std_srvs.srv import Trigger
 
     from s2r.ros.policy_node import PolicyNode
-    from s2r.ros.sim_bridge import SimBridgeNode
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
-    ctx = rclpy.Context()
     domain = cfg.domain_id if cfg.domain_id is not None else 150 + os.getpid() % 80
+    tmp = tempfile.TemporaryDirectory(prefix="s2r_sim_loop_")
+    bridge = _Bridge(cfg, domain, os.path.join(tmp.name, "bridge.npz"))
+    ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=domain)
-    sim = node = driver = None
+    node = driver = None
     ex = SingleThreadedExecutor(context=ctx)
     th = None
     problem = ""
     t_policy = 0.0
     try:
-        sim = SimBridgeNode(context=ctx, parameter_overrides=[
-            Parameter("gantry", value=True), Parameter("record", value=True), Parameter("task", value=cfg.task),
-            Parameter("robot_spec", value=cfg.robot_spec), Parameter("seed", value=cfg.seed)])
         node = PolicyNode(context=ctx, parameter_overrides=[
             Parameter("policy_path", value=str(cfg.policy_path)), Parameter("robot_spec", value=cfg.robot_spec),
             Parameter("ramp_time", value=float(cfg.ramp_time))])
         driver = Node("s2r_sim_loop_driver", context=ctx)
         pub_cmd = driver.create_publisher(Twist, "/cmd_vel", 10)
+        joint_states = [0]
+
+        def count(_msg):
+            joint_states[0] += 1
+
+        driver.create_subscription(JointState, "/joint_states", count, 10)
         clients = {name: driver.create_client(Trigger, f"/{name}") for name in
                    ("s2r_policy/ramp", "s2r_policy/start", "s2r_sim_bridge/release")}
-        for n in (sim, node, driver):
+        for n in (node, driver):
             ex.add_node(n)
         th = threading.Thread(target=ex.spin, daemon=True)
         th.start()
@@ -136,18 +188,19 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
         def trigger(name: str, retry_s: float = 0.0):
             t_end = time.monotonic() + retry_s
             while True:
-                if not clients[name].wait_for_service(timeout_sec=5.0):
+                if not clients[name].wait_for_service(timeout_sec=10.0):
                     raise TimeoutError(f"service /{name} not available")
                 resp = _call(driver, lambda: clients[name].call_async(Trigger.Request()), 5.0, f"/{name}")
                 if resp.success or time.monotonic() > t_end:
                     return resp
                 time.sleep(0.05)
 
-        t_end = time.monotonic() + 10.0
-        while not (node.ticks > 3 and np.isfinite(node.q).all()):
+        t_end = time.monotonic() + 60.0  # the bridge imports torch and MuJoCo and builds its model first
+        while not (joint_states[0] >= 50 and node.ticks > 3 and np.isfinite(node.q).all()):  # a steady stream
+            bridge.check_alive()
             if time.monotonic() > t_end:
-                raise TimeoutError("the policy node got no joint states from the sim bridge within 10 s")
-            time.sleep(0.01)
+                raise TimeoutError("the policy node got no joint states from the sim bridge within 60 s")
+            time.sleep(0.02)
         for name, retry in (("s2r_policy/ramp", 0.0), ("s2r_policy/start", cfg.ramp_time + 5.0)):
             resp = trigger(name, retry)
             if not resp.success:
@@ -171,20 +224,24 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
         ex.shutdown(timeout_sec=2.0)
         if th is not None:
             th.join(timeout=2.0)
+        rec = bridge.stop()
     try:
-        return _report(cfg, sim, node, problem, t_policy)
+        if rec is None and not problem:
+            problem = f"the sim bridge left no recording:\n{bridge.output()}"
+        return _report(cfg, rec, node, problem, t_policy)
     finally:
-        for n in (driver, node, sim):
+        for n in (driver, node):
             if n is not None:
                 n.destroy_node()
         ctx.try_shutdown()
+        tmp.cleanup()
 
 
-def _report(cfg: SimLoopConfig, sim, node, problem: str, t_policy: float) -> SimLoopReport:
-    traj = list(sim.trajectory) if sim is not None else []
+def _report(cfg: SimLoopConfig, rec: dict | None, node, problem: str, t_policy: float) -> SimLoopReport:
+    traj = [] if rec is None else list(zip(rec["t"].tolist(), rec["on_gantry"].tolist(), rec["qpos"]))
     free = [(t, q) for t, g, q in traj if not g]
-    b = sim.task.b if sim is not None else 0
-    dt = sim.tick_dt if sim is not None else 0.0
+    b = int(rec["base_qpos"]) if rec is not None else 0
+    dt = float(rec["tick_dt"]) if rec is not None else 0.0
     fell_at, min_h, max_tilt, err, drift, t_free = None, math.nan, math.nan, (math.nan,) * 3, math.nan, 0.0
     if len(free) > 2:
         ts = np.array([t for t, _ in free])
@@ -215,8 +272,8 @@ def _report(cfg: SimLoopConfig, sim, node, problem: str, t_policy: float) -> Sim
         final_mode=d.get("mode", "?"), mode_log=[m for _, m in node.mode_log] if node is not None else [],
         policy_steps=int(d.get("policy_steps", 0)), period_mean_ms=1e3 * float(d.get("period_mean_s", math.nan)),
         inference_max_ms=1e3 * float(d.get("inference_max_s", math.nan)), interventions=d.get("interventions", {}),
-        commands_received=sim.commands_received if sim is not None else 0,
-        commands_rejected=sim.commands_rejected if sim is not None else 0,
+        commands_received=int(rec["commands_received"]) if rec is not None else 0,
+        commands_rejected=int(rec["commands_rejected"]) if rec is not None else 0,
         trajectory_dt=dt, trajectory=traj)
 
 
