@@ -53,6 +53,8 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/sim_throughput.py
 	$(PY) bench/train_speed.py
+	$(PY) bench/inference_latency.py
+	$(PY) bench/ros_loop.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -216,6 +216,40 @@ def test_malformed_joint_states_are_rejected_counted_and_the_node_keeps_running(
                  "the count in ~/diagnostics")
 
 
+def test_a_1khz_burst_of_joint_states_keeps_the_control_rate_and_uses_the_newest(ctx, policy_file):
+    """A driver flooding /joint_states at 1 kHz (20 per control period) must not slow the loop, queue
+    stale data, or count as bad input: each tick uses the newest message."""
+    rig = Rig(ctx)
+    node = policy_node(ctx, policy_path=policy_file)
+    default = np.array(rig.positions)
+    with spinning(ctx, node, rig):
+        wait_for(lambda: connected(rig), 5.0, "DDS discovery")
+        rig.streaming = True
+        assert rig.call_until_ok("s2r_policy", "ramp").success
+        wait_for(lambda: rig.call("s2r_policy", "start").success, 5.0, "POLICY mode")
+        rig.streaming = False
+        received0, ticks0, steps0 = node.joint_states_received, node.ticks, node.policy_steps
+        t0 = time.monotonic()
+        n = 1000
+        for i in range(n):  # 1 s at 1 kHz; the newest position encodes its index
+            pos = default.copy()
+            pos[0] += 1e-4 * i
+            rig.pub_js.publish(rig.joint_state(position=pos))
+            imu = Imu()
+            imu.orientation.w = 1.0
+            if i % 5 == 0:
+                rig.pub_imu.publish(imu)
+            time.sleep(max(0.0, t0 + (i + 1) * 1e-3 - time.monotonic()))
+        elapsed = time.monotonic() - t0
+        mode_at_end = node.safety.mode.name  # (afterwards the silence trips the watchdog, as it should)
+        wait_for(lambda: node.joint_states_received - received0 >= 0.9 * n, 2.0, "the burst to arrive")
+        assert node.rejected["joint_states"] == 0
+        assert node.q[0] == pytest.approx(default[0] + 1e-4 * (n - 1), abs=1e-9), "the newest message wins"
+        assert node.ticks - ticks0 >= 0.8 * elapsed / DT, "the control loop kept its rate"
+        assert node.policy_steps - steps0 >= 0.8 * elapsed / DT
+        assert mode_at_end == "POLICY", node.safety.reason
+
+
 # ---- (c) watchdog ---------------------------------------------------------------------------------------
 
 def test_sensor_silence_latches_damping_within_two_control_periods(ctx):
