@@ -2,11 +2,15 @@
 
   s2r.ros.policy_node  PolicyNode: /joint_states + /imu/data + /cmd_vel -> ObservationBuilder ->
                        OnnxPolicy -> ActionProcessor -> SafetyFilter -> /<controller>/commands
-  s2r.ros.sim_bridge   SimBridgeNode: the s2r MuJoCo G1 stepped at the spec's control rate,
-                       /<controller>/commands in, /joint_states, /imu/data and /clock out
+  s2r.ros.sim_bridge   SimBridgeNode: the s2r MuJoCo G1 stepped like a hardware interface (state
+                       at the physics rate), /<controller>/commands in, /joint_states, /imu/data
+                       and /clock out
+  s2r.ros.sim_loop     `s2r ros sim`: both over DDS (bridge in its own process), gantry -> ramp ->
+                       start -> release -> hold /cmd_vel -> report and video
 
-Both need rclpy and the std/sensor/geometry message packages (`pip install s2r[ros]`); the
-rest of s2r never imports this package.
+They need rclpy and the std/sensor/geometry message packages: on a machine without ROS,
+`pip install s2r[ros]` (ROS 2 Kilted wheels); on a ROS install, plain `pip install s2r` into a venv
+made with --system-site-packages (ros_ws/README.md). The rest of s2r never imports this package.
 """
 
 
