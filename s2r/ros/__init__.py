@@ -26,6 +26,11 @@ def spin_node(node_cls, args=None) -> None:
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):  # Ctrl-C or SIGTERM (ros2 launch, systemd)
         pass
+    except Exception:
+        # A signal during start-up shuts the context down under the node being built or the executor
+        # being made; rcl then raises its own error. That is a requested exit, not a crash.
+        if rclpy.ok():
+            raise
     finally:
         if node is not None:
             node.destroy_node()
