@@ -193,7 +193,7 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
                 resp = _call(driver, lambda: clients[name].call_async(Trigger.Request()), 5.0, f"/{name}")
                 if resp.success or time.monotonic() > t_end:
                     return resp
-                time.sleep(0.05)
+                time.sleep(0.2)
 
         t_end = time.monotonic() + 60.0  # the bridge imports torch and MuJoCo and builds its model first
         while not (joint_states[0] >= 50 and node.ticks > 3 and np.isfinite(node.q).all()):  # a steady stream
@@ -201,10 +201,12 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
             if time.monotonic() > t_end:
                 raise TimeoutError("the policy node got no joint states from the sim bridge within 60 s")
             time.sleep(0.02)
-        for name, retry in (("s2r_policy/ramp", 0.0), ("s2r_policy/start", cfg.ramp_time + 5.0)):
+        for name, retry in (("s2r_policy/ramp", 0.0), ("s2r_policy/start", 5.0)):
             resp = trigger(name, retry)
             if not resp.success:
                 raise RuntimeError(f"/{name} refused: {resp.message}")
+            if name.endswith("ramp"):
+                time.sleep(cfg.ramp_time)  # ~/start is refused until the ramp is over
         twist = Twist()
         twist.linear.x, twist.linear.y, twist.angular.z = (float(c) for c in cfg.command)
         pub_cmd.publish(twist)
