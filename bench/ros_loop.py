@@ -78,6 +78,7 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 
 from s2r.bench_util import machine_info
+from s2r.ros import call_trigger
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {50: ROOT / "sim/robots/g1/g1.yaml", 200: ROOT / "sim/robots/g1/g1_200hz.yaml"}
@@ -195,16 +196,7 @@ class Probe:
         self.cmds, self.diags, self.joint_states = [], [], []
 
     def call(self, service: str, timeout: float = 10.0):
-        cli = self.clients[service]
-        if not cli.wait_for_service(timeout_sec=timeout):
-            raise TimeoutError(f"/s2r_policy/{service} not available after {timeout} s")
-        fut = cli.call_async(Trigger.Request())
-        t_end = time.monotonic() + timeout
-        while not fut.done():
-            if time.monotonic() > t_end:
-                raise TimeoutError(f"no reply from /s2r_policy/{service} within {timeout} s")
-            time.sleep(0.005)
-        return fut.result()
+        return call_trigger(self.clients[service], wait_s=timeout, reply_s=timeout)
 
     def close(self) -> None:
         self.ex.shutdown(timeout_sec=2.0)

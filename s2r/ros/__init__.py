@@ -36,3 +36,21 @@ def spin_node(node_cls, args=None) -> None:
             node.destroy_node()
         if rclpy.ok():
             rclpy.shutdown()
+
+
+def call_trigger(client, wait_s: float = 10.0, reply_s: float = 10.0):
+    """Call a std_srvs/Trigger client from a thread other than the one spinning its node (the
+    executor delivers the reply); a TimeoutError names the service."""
+    import time
+
+    from std_srvs.srv import Trigger
+
+    if not client.wait_for_service(timeout_sec=wait_s):
+        raise TimeoutError(f"service {client.srv_name} not available after {wait_s} s")
+    fut = client.call_async(Trigger.Request())
+    t_end = time.monotonic() + reply_s
+    while not fut.done():
+        if time.monotonic() > t_end:
+            raise TimeoutError(f"no reply from {client.srv_name} within {reply_s} s")
+        time.sleep(0.005)
+    return fut.result()

@@ -77,7 +77,6 @@ class SimBridgeNode(Node):
         self.substeps = int(p("substeps"))
         if self.substeps < 1:
             raise ValueError(f"substeps must be >= 1, got {self.substeps}")
-        self.trajectory: deque[tuple[float, bool, np.ndarray]] = deque()  # (sim time, on gantry, qpos [nq])
         self._base_qpos0 = self.env.backend.qpos[0, self.task.b:self.task.b + 7].clone()  # [7] start pose
 
         ctrl = str(p("controller_name")).strip("/")
@@ -88,7 +87,8 @@ class SimBridgeNode(Node):
         if Clock is None:
             self.get_logger().warning("rosgraph_msgs is not installed: no /clock")
         self.tick_dt = self.spec.physics_dt * self.substeps  # simulated seconds per tick
-        self.trajectory = deque(maxlen=int(600.0 / self.tick_dt))  # the newest 10 simulated minutes
+        # (sim time, on gantry, qpos [nq]) of each tick: the newest 10 simulated minutes
+        self.trajectory: deque[tuple[float, bool, np.ndarray]] = deque(maxlen=int(600.0 / self.tick_dt))
         period = self.tick_dt / float(p("realtime_factor"))
         self.timer = self.create_timer(period, self._tick)
         self.create_service(Trigger, "~/release", self._on_release)

@@ -89,16 +89,6 @@ def _tilt(quat: np.ndarray) -> np.ndarray:
     return np.arccos(np.clip(1 - 2 * (x * x + y * y), -1.0, 1.0))
 
 
-def _call(node, fut_fn, timeout: float, what: str):
-    fut = fut_fn()
-    t_end = time.monotonic() + timeout
-    while not fut.done():
-        if time.monotonic() > t_end:
-            raise TimeoutError(f"no reply from {what} within {timeout} s")
-        time.sleep(0.005)
-    return fut.result()
-
-
 class _Bridge:
     """The sim bridge in its own process, as on a robot: its timer, GIL and scheduler are its own."""
 
@@ -153,6 +143,7 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
     from sensor_msgs.msg import JointState
     from std_srvs.srv import Trigger
 
+    from s2r.ros import call_trigger
     from s2r.ros.policy_node import PolicyNode
 
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
@@ -188,9 +179,7 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
         def trigger(name: str, retry_s: float = 0.0):
             t_end = time.monotonic() + retry_s
             while True:
-                if not clients[name].wait_for_service(timeout_sec=10.0):
-                    raise TimeoutError(f"service /{name} not available")
-                resp = _call(driver, lambda: clients[name].call_async(Trigger.Request()), 5.0, f"/{name}")
+                resp = call_trigger(clients[name], wait_s=10.0, reply_s=5.0)
                 if resp.success or time.monotonic() > t_end:
                     return resp
                 time.sleep(0.2)
