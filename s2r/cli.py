@@ -254,7 +254,18 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
         final = trainer.train()
     except (SpecError, EnvError, ModelError, CheckpointError, TrainingError, ValueError) as e:
         _fail(str(e))
+    _close_distributed()
     typer.echo(json.dumps({"run": str(run_dir), **final}))
+
+
+def _close_distributed() -> None:
+    """Tear the process group down while every rank is alive: a gloo group left to interpreter exit can
+    abort a rank ("terminate called without an active exception") after a run that finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _init_distributed() -> None:
