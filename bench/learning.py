@@ -1,14 +1,20 @@
 """Learning benchmark: SAC, DSAC-T, SAC+PMOE, DSAC-T+PMOE and stable-baselines3 SAC side by side.
 
-    python bench/learning.py [--quick] [--tasks Hopper-v5,HalfCheetah-v5] [--steps 100000]
+    python bench/learning.py [--quick] [--tasks Hopper-v5,HalfCheetah-v5,humanoid-walk] [--steps 100000]
                              [--seeds 0,1,2] [--methods sac,dsac-t,sac+pmoe,dsac-t+pmoe,sb3-sac]
                              [--reward-scales 1]  [--out out/bench_learning] [--workers 2]
 
 Every method gets the same env-step budget and the same evaluation (deterministic policy,
 5 episodes, every budget/10 steps). Runs execute in `--workers` parallel processes (one torch
-thread each). Writes curves.png and results.json to --out; the last stdout line is a JSON
-summary with final return mean +- std per (task, method) and, with --reward-scales, DSAC-T's
-final return at each reward scale relative to scale 1.
+thread each). Each finished run is written to --out/runs/ (atomically) and reused by a later
+invocation with the same job, so a killed benchmark resumes and methods can be run in separate
+invocations (e.g. `--methods sb3-sac` first) and summarised together. Writes curves.png and
+results.json to --out; the last stdout line is a JSON summary with final return mean +- std per
+(task, method) and, with --reward-scales, DSAC-T's final return at each reward scale relative to 1.
+
+humanoid-walk: SB3 trains on the gymnasium id s2r/HumanoidWalk-v0 (one env, the task's own
+randomisation); the s2r methods use the CPU-sized parallel setting in CPU_PARALLEL below
+(16 envs, one update per 8 env steps, batch 512) at the same env-step budget.
 """
 
 from __future__ import annotations
@@ -22,6 +28,32 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from s2r.bench_util import sb3_eval_return
+
+# s2r task name -> the gymnasium id SB3 trains on (gymnasium tasks are their own ids)
+SB3_IDS = {"humanoid-walk": "s2r/HumanoidWalk-v0"}
+# CPU-sized massively parallel setting for the s2r tasks (the recipes' GPU settings do not fit 2 cores)
+CPU_PARALLEL = {
+    "humanoid-walk": dict(num_envs=16, batch_size=512, updates_per_step=2, n_step=3, device="cpu",
+                          buffer_size=1_000_000,
+                          agent=dict(actor_hidden=(256, 256), critic_hidden=(256, 256), bf16=False)),
+}
+
+
+def job_path(out: Path, job: dict) -> Path:
+    return out / "runs" / f"{job['task'].replace('/', '_')}__{job['method']}__s{job['seed']}__x{job['scale']:g}__{job['steps']}.json"
+
+
+def run_cached(job: dict) -> dict:
+    """run_one, unless this exact job already finished (its JSON is in --out/runs/)."""
+    path = job_path(Path(job["out"]), job)
+    if path.exists():
+        return json.loads(path.read_text())
+    res = run_one(job)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    os.replace(tmp, path)
+    return res
 
 
 def run_one(job: dict) -> dict:
@@ -37,7 +69,10 @@ def run_one(job: dict) -> dict:
         from stable_baselines3 import SAC
         from stable_baselines3.common.callbacks import BaseCallback
 
-        env = gym.make(task)
+        import s2r.sim.gym  # noqa: F401  (registers the s2r/... gymnasium ids)
+
+        gym_id = SB3_IDS.get(task, task)
+        env = gym.make(gym_id)
         if scale != 1.0:  # evaluation (_eval_sb3) uses a fresh, unscaled env
             env = gym.wrappers.TransformReward(env, lambda r: r * scale)
         model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0,
@@ -46,7 +81,7 @@ def run_one(job: dict) -> dict:
         class Eval(BaseCallback):
             def _on_step(self):
                 if self.num_timesteps % every == 0:
-                    curve.append((self.num_timesteps, sb3_eval_return(self.model, task, 5, 10_000 + seed)))
+                    curve.append((self.num_timesteps, sb3_eval_return(self.model, gym_id, 5, 10_000 + seed)))
                 return True
 
         model.learn(total_timesteps=steps, callback=Eval())
@@ -58,14 +93,16 @@ def run_one(job: dict) -> dict:
         from s2r.policies.trainer import Trainer
 
         algo, _, head = method.partition("+")
+        over = dict(CPU_PARALLEL.get(task, {}))
         cfg = recipe(task, algo, head or "gaussian", total_steps=steps, seed=seed, progress=False,
                      eval_every=every, checkpoint_every=10**12, eval_episodes=5,
-                     learning_starts=min(5000, steps // 10))
+                     learning_starts=min(5000, steps // 10), threads=1, **over)
         cfg.reward_scale = scale  # learning sees scaled rewards; evaluation reports raw returns
         with tempfile.TemporaryDirectory() as d:
             tr = Trainer(cfg, d)
             tr.train()
             curve = [(h["env_steps"], h["return_mean"]) for h in tr.eval_history]
+    curve = [c for i, c in enumerate(curve) if i == 0 or c[0] != curve[i - 1][0]]  # one point per step count
     return {**job, "curve": curve, "final": curve[-1][1] if curve else float("nan"),
             "wall_s": time.perf_counter() - t0}
 
@@ -77,7 +114,8 @@ def main() -> dict:
     p.add_argument("--methods", default="sac,dsac-t,sac+pmoe,dsac-t+pmoe,sb3-sac")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--reward-scales", default="1", help="e.g. 0.1,1,10 (applied to dsac-t and sac)")
+    p.add_argument("--reward-scales", default="1", help="e.g. 0.1,1,10 (applied to --scale-methods)")
+    p.add_argument("--scale-methods", default="dsac-t", help="methods rerun at each reward scale != 1")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="out/bench_learning")
     a = p.parse_args()
@@ -87,14 +125,17 @@ def main() -> dict:
     methods = [m for m in a.methods.split(",") if m]
     seeds = [int(s) for s in a.seeds.split(",") if s]
     scales = [float(s) for s in a.reward_scales.split(",") if s]
+    scale_methods = [m for m in a.scale_methods.split(",") if m]
     jobs = [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0) for t in tasks for m in methods for s in seeds]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c) for c in scales if c != 1.0
-             for t in tasks for m in ("dsac-t", "sac") for s in seeds]
+             for t in tasks for m in scale_methods for s in seeds]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    for j in jobs:
+        j["out"] = str(out)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=a.workers) as ex:
-        results = list(ex.map(run_one, jobs))
+        results = list(ex.map(run_cached, jobs))
     import numpy as np
 
     summary: dict = {"bench": "learning", "quick": a.quick, "steps": a.steps, "seeds": seeds, "results": {}}
@@ -106,7 +147,7 @@ def main() -> dict:
         for c in scales:
             if c == 1.0:
                 continue
-            for m in ("dsac-t", "sac"):
+            for m in scale_methods:
                 f1 = np.mean([r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0])
                 fc = np.mean([r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == c])
                 summary["results"][f"{t}/{m}/reward_x{c:g}_relative"] = round(float(fc / f1), 3) if f1 else None

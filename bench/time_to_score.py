@@ -1,7 +1,7 @@
 """Time to score: wall-clock for s2r to reach the return SB3 SAC reaches after a fixed budget.
 
     python bench/time_to_score.py [--quick] [--task Hopper-v5] [--sb3-steps 100000]
-                                  [--algo sac] [--num-envs 1] [--utd 1] [--max-steps 200000]
+                                  [--algo sac] [--num-envs 1] [--utd 1] [--max-steps 200000] [--bf16]
 
 1. SB3 SAC (defaults, learning_starts 5000, seed 0) learns `--sb3-steps` env steps; its
    training wall-clock and its deterministic return (10 episodes) are recorded.
@@ -9,7 +9,7 @@
    `--eval-every` env steps; the clock (training only: evaluation time is subtracted) stops
    at the first evaluation whose mean return reaches SB3's.
 Last line: JSON with time_to_score_ratio_vs_sb3 = s2r seconds / SB3 seconds (goal <= 0.5).
---quick: Pendulum-v1, SB3 for 4000 steps, s2r up to 8000 (<= 60 s).
+--quick: Pendulum-v1, SB3 for 3000 steps, s2r up to 6000 (<= 60 s on a quiet machine).
 """
 
 from __future__ import annotations
@@ -38,13 +38,14 @@ def sb3_run(task: str, steps: int, seed: int, learning_starts: int) -> tuple[flo
 
 
 def s2r_run(task: str, target: float, algo: str, num_envs: int, utd: float, max_steps: int,
-            eval_every: int, seed: int, learning_starts: int) -> dict:
+            eval_every: int, seed: int, learning_starts: int, bf16: bool = False) -> dict:
     from s2r.policies.recipes import recipe
     from s2r.policies.trainer import Trainer
 
     cfg = recipe(task, algo, total_steps=max_steps, num_envs=num_envs, updates_per_step=utd * num_envs,
                  seed=seed, progress=False, eval_every=eval_every, eval_episodes=10,
-                 checkpoint_every=10**12, learning_starts=learning_starts)
+                 checkpoint_every=10**12, learning_starts=learning_starts, threads=torch.get_num_threads(),
+                 agent={"bf16": bf16})
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, d)
         eval_time = [0.0]
@@ -78,19 +79,21 @@ def main() -> dict:
     p.add_argument("--max-steps", type=int, default=200_000)
     p.add_argument("--eval-every", type=int, default=5_000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bf16", action="store_true", help="s2r with bf16 autocast (CPUs with AVX512-BF16/AMX)")
     a = p.parse_args()
     if a.quick:
-        a.task, a.sb3_steps, a.max_steps, a.eval_every = "Pendulum-v1", 4_000, 8_000, 1_000
+        a.task, a.sb3_steps, a.max_steps, a.eval_every = "Pendulum-v1", 3_000, 6_000, 1_000
     torch.set_num_threads(a.threads)
     starts = min(5_000, a.sb3_steps // 4)
     sb3_wall, sb3_ret = sb3_run(a.task, a.sb3_steps, 0, starts)
     print(f"SB3 SAC: {a.sb3_steps} steps in {sb3_wall:.1f} s, deterministic return {sb3_ret:.1f}", flush=True)
-    r = s2r_run(a.task, sb3_ret, a.algo, a.num_envs, a.utd, a.max_steps, a.eval_every, 0, starts)
+    r = s2r_run(a.task, sb3_ret, a.algo, a.num_envs, a.utd, a.max_steps, a.eval_every, 0, starts, a.bf16)
     print(f"s2r {a.algo}: {r}", flush=True)
     out = {"bench": "time_to_score", "quick": a.quick, "task": a.task, "machine": machine_info(),
            "sb3_steps": a.sb3_steps, "sb3_seconds": round(sb3_wall, 1), "sb3_return": round(sb3_ret, 1),
            "s2r": {k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()},
-           "s2r_config": {"algo": a.algo, "num_envs": a.num_envs, "utd": a.utd}}
+           "s2r_config": {"algo": a.algo, "num_envs": a.num_envs, "utd": a.utd, "bf16": a.bf16},
+           "threads": a.threads}
     out["time_to_score_ratio_vs_sb3"] = round(r["seconds"] / sb3_wall, 3) if r.get("seconds") else None
     return out
 

@@ -3,12 +3,14 @@
     python bench/train_speed.py [--quick] [--threads N]
 
 Measures, side by side (same torch thread count, same network sizes 2x256, same batch):
-  1. gradient updates/s at batch 256 and at batch 4096 (replay already filled);
+  1. gradient updates/s at batch 256 and at batch 4096 (replay already filled), s2r in float32
+     and, on CPUs with native bf16 (AVX512-BF16/AMX), with bf16 autocast (`--bf16`);
   2. the compute ceiling: FLOPs of one s2r update (torch's FlopCounterMode: forward + backward
      matmuls) against measured matmul GFLOP/s at the same shapes -> updates/s if the update
      were pure matmul;
   3. end-to-end training env steps/s on Hopper-v5 (1 env, 1 update per step, after warm-up).
-Last line: one JSON object with updates_per_s_ratio_vs_sb3 (batch 256).
+Last line: one JSON object with updates_per_s_ratio_vs_sb3 (batch 256, float32 like for like)
+and updates_per_s_ratio_vs_sb3_bf16.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ from s2r.policies.algorithms import AgentConfig, make_agent
 OBS, ACT = 17, 6  # HalfCheetah-v5 sizes (SB3 builds its nets from that env)
 
 
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls only pay off on CPUs with native support (AVX512-BF16 or AMX); elsewhere skip."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def fake_batch(B: int, obs: int = OBS, act: int = ACT) -> dict:
     g = torch.Generator().manual_seed(0)
     b = {k: torch.randn(B, d, generator=g) for k, d in
@@ -36,9 +47,9 @@ def fake_batch(B: int, obs: int = OBS, act: int = ACT) -> dict:
     return b
 
 
-def s2r_updates_per_s(B: int, seconds: float, algo: str = "sac") -> float:
+def s2r_updates_per_s(B: int, seconds: float, algo: str = "sac", bf16: bool = False) -> float:
     ag = make_agent(AgentConfig(algo=algo, actor_hidden=(256, 256), critic_hidden=(256, 256),
-                                activation="relu", policy_delay=1), OBS, OBS, ACT)
+                                activation="relu", policy_delay=1, bf16=bf16), OBS, OBS, ACT)
     batch = fake_batch(B)
     for _ in range(5):
         ag.update(batch)
@@ -138,21 +149,28 @@ def main() -> dict:
     import stable_baselines3
 
     res["machine"]["stable_baselines3"] = stable_baselines3.__version__
+    bf16_ok = cpu_has_native_bf16()
+    res["cpu_native_bf16"] = bf16_ok
     for B in (256, 4096):
-        s, b = [], []
+        s, h, b = [], [], []
         for _ in range(1 if a.quick else 2):  # interleave to share the machine's noise
             s.append(s2r_updates_per_s(B, sec))
+            if bf16_ok:
+                h.append(s2r_updates_per_s(B, sec, bf16=True))
             b.append(sb3_updates_per_s(B, sec))
         res[f"s2r_updates_per_s_b{B}"] = round(max(s), 2)
         res[f"sb3_updates_per_s_b{B}"] = round(max(b), 2)
         res[f"ratio_b{B}"] = round(max(s) / max(b), 3)
+        if h:  # bf16 autocast (float32 master weights and output layers): the option CUDA users get
+            res[f"s2r_bf16_updates_per_s_b{B}"] = round(max(h), 2)
+            res[f"ratio_bf16_b{B}"] = round(max(h) / max(b), 3)
         f = flops_per_update(B)
         g = matmul_gflops(B, 1.0)
         res[f"flops_per_update_b{B}"] = f
         res[f"matmul_gflops_b{B}"] = round(g, 2)
         res[f"ceiling_updates_per_s_b{B}"] = round(g * 1e9 / f, 2)
         res[f"fraction_of_ceiling_b{B}"] = round(max(s) / (g * 1e9 / f), 3)
-        print(f"batch {B}: s2r {max(s):.1f} upd/s, SB3 {max(b):.1f} upd/s, ceiling {g * 1e9 / f:.1f} upd/s "
+        print(f"batch {B}: s2r {max(s):.1f} upd/s (bf16 autocast {max(h) if h else float('nan'):.1f}), SB3 {max(b):.1f} upd/s, ceiling {g * 1e9 / f:.1f} upd/s "
               f"({f / 1e9:.2f} GFLOP/update at {g:.1f} GFLOP/s)", flush=True)
     steps, warm = (1500, 500) if a.quick else (10_000, 1_000)
     s2r_sps = s2r_train_sps(steps, warm)
@@ -160,7 +178,8 @@ def main() -> dict:
     res.update(s2r_train_env_steps_per_s=round(s2r_sps, 2), sb3_train_env_steps_per_s=round(sb3_sps, 2),
                train_sps_ratio_vs_sb3=round(s2r_sps / sb3_sps, 3), train_steps_measured=warm + steps)
     print(f"end-to-end Hopper-v5 training: s2r {s2r_sps:.1f} env steps/s, SB3 {sb3_sps:.1f}", flush=True)
-    res["updates_per_s_ratio_vs_sb3"] = res["ratio_b256"]
+    res["updates_per_s_ratio_vs_sb3"] = res["ratio_b256"]  # float32, like for like
+    res["updates_per_s_ratio_vs_sb3_bf16"] = res.get("ratio_bf16_b256")
     return res
 
 

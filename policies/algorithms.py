@@ -155,9 +155,7 @@ class OffPolicyAgent(nn.Module):
 
     @torch.no_grad()
     def _polyak(self, net: nn.Module, target: nn.Module) -> None:
-        tau = self.cfg.tau
-        for p, tp in zip(net.parameters(), target.parameters()):
-            tp.lerp_(p, tau)
+        torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), self.cfg.tau)
 
     def _actor_and_alpha(self, obs: Tensor, critic_obs: Tensor, q_fn) -> dict:
         """Actor (Gaussian or PMOE) and temperature update; q_fn(critic_obs, action) -> [n, ...]."""

@@ -39,6 +39,16 @@ def hidden_layers(in_dim: int, hidden: tuple[int, ...], activation: str = "relu"
     return layers
 
 
+def fp32(layer: nn.Module, h: Tensor) -> Tensor:
+    """Run an output layer in float32, also under bf16 autocast (the hidden layers carry the matmul
+    cost). Q values, log-stds and router logits need float32's resolution: bf16 keeps about three
+    digits, so a Q of 300 would move in steps of 1-2, the size of a reward."""
+    if not torch.is_autocast_enabled(h.device.type):
+        return layer(h)
+    with torch.autocast(h.device.type, enabled=False):
+        return layer(h.float())
+
+
 def mlp(in_dim: int, out_dim: int, hidden: tuple[int, ...] = (256, 256), activation: str = "relu",
         layer_norm: bool = False) -> nn.Sequential:
     """Plain MLP with a linear output layer."""
@@ -107,12 +117,15 @@ class CriticEnsemble(nn.Module):
             layers.append(activation_layer(activation))
         layers.append(EnsembleLinear(n_critics, dims[-1], 2 if distributional else 1))
         self.net = nn.Sequential(*layers)
+        self._body, self._head = list(self.net)[:-1], self.net[-1]  # head runs in float32 (see fp32)
 
     def forward(self, obs: Tensor, act: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         lead = torch.broadcast_shapes(obs.shape[:-1], act.shape[:-1])
         x = torch.cat([obs.expand(*lead, -1), act.expand(*lead, -1)], -1)  # [*lead, obs+act]
         x = x.reshape(1, -1, x.shape[-1]).expand(self.n_critics, -1, -1)  # [n, N, obs+act], no copy
-        out = self.net(x).reshape(self.n_critics, *lead, -1)  # [n, *lead, 1 | 2]
+        for layer in self._body:
+            x = layer(x)
+        out = fp32(self._head, x).reshape(self.n_critics, *lead, -1)  # [n, *lead, 1 | 2]
         if not self.distributional:
             return out[..., 0]  # q: [n, *lead]
         mu, raw_sigma = out.unbind(-1)
@@ -158,7 +171,7 @@ class TanhGaussianActor(nn.Module):
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         h = self.trunk(obs)  # [B, H]
-        return self.mean(h), self.log_std(h).clamp(self.log_std_min, self.log_std_max)  # [B, A] each
+        return fp32(self.mean, h), fp32(self.log_std, h).clamp(self.log_std_min, self.log_std_max)  # [B, A] each
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
         """action [B, A] in (-1, 1), log_prob [B]; reparameterised (gradients flow through both)."""
@@ -192,9 +205,9 @@ class PMOEActor(nn.Module):
         """-> means [B, K, A], log_stds [B, K, A], router_probs [B, K]."""
         h = self.trunk(obs)  # [B, H]
         shape = (*h.shape[:-1], self.n_experts, self.act_dim)
-        means = self.mean(h).reshape(shape)
-        log_stds = self.log_std(h).reshape(shape).clamp(self.log_std_min, self.log_std_max)
-        router_probs = torch.softmax(self.router(h.detach()), -1)  # sg: the router does not train the trunk
+        means = fp32(self.mean, h).reshape(shape)
+        log_stds = fp32(self.log_std, h).reshape(shape).clamp(self.log_std_min, self.log_std_max)
+        router_probs = torch.softmax(fp32(self.router, h.detach()), -1)  # sg: the router does not train the trunk
         return means, log_stds, router_probs
 
     @staticmethod

@@ -208,7 +208,7 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
           threads: int = typer.Option(1, help="torch intra-op threads"),
           utd: Optional[float] = typer.Option(None, help="gradient updates per vectorised env step"),
           batch_size: Optional[int] = typer.Option(None),
-          bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (CUDA)"),
+          bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast: CUDA, or CPUs with AVX512-BF16/AMX (output layers stay float32)"),
           compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the networks"),
           checkpoint_every: Optional[int] = typer.Option(None, help="env steps between checkpoints"),
           eval_every: Optional[int] = typer.Option(None, help="env steps between evaluations"),

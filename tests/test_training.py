@@ -210,3 +210,29 @@ def test_torchrun_trains_with_two_gloo_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert int(ck["env_steps"]) == 600  # global steps: 2 ranks x 1 env each
+
+
+@pytest.mark.parametrize("algo, policy", [("sac", "gaussian"), ("dsac-t", "pmoe")])
+def test_bf16_autocast_keeps_float32_outputs_and_updates(algo, policy):
+    """bf16 autocast (the CUDA option; also fast on CPUs with AVX512-BF16/AMX) runs the hidden
+    layers in bf16 but the output layers in float32: Q values and log-probs keep float32 resolution."""
+    torch.manual_seed(0)
+    cfg = AgentConfig(algo=algo, policy=policy, actor_hidden=(32, 32), critic_hidden=(32, 32), bf16=True)
+    agent = make_agent(cfg, 5, 7, 2)
+    obs, cobs, act = torch.randn(64, 5), torch.randn(64, 7), torch.rand(64, 2) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = agent.critic(cobs, act)
+        q = q[0] if isinstance(q, tuple) else q
+        a, logp = agent.actor.sample(obs)
+    assert q.dtype == torch.float32 and logp.dtype == torch.float32
+    q32 = agent.critic(cobs, act)
+    q32 = q32[0] if isinstance(q32, tuple) else q32
+    assert torch.allclose(q, q32, atol=0.05)  # bf16 hidden layers: close, not equal
+    batch = dict(obs=obs, critic_obs=cobs, action=act, next_obs=obs.flip(0), next_critic_obs=cobs.flip(0),
+                 reward=torch.randn(64), done=torch.zeros(64), discount=torch.full((64,), 0.99))
+    before = [p.detach().clone() for p in agent.critic.parameters()]
+    for _ in range(4):
+        stats = agent.update(batch)
+    assert all(torch.isfinite(v).all() for v in stats.values())
+    assert all(p.dtype == torch.float32 for p in agent.parameters())  # master weights stay float32
+    assert any(not torch.equal(b, p) for b, p in zip(before, agent.critic.parameters()))
