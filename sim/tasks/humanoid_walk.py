@@ -20,8 +20,11 @@ from s2r.sim.tasks.base import Task, TaskConfig
 
 
 def _walk_randomization() -> RandomizationConfig:
+    # action delay up to one whole control step (4 physics steps = 20 ms at 200 Hz physics): what a
+    # ROS 2 loop adds between a sensor message and the command it causes (s2r/ros/sim_loop.py); a
+    # policy trained with at most 5 ms stood in simulation and fell through ROS 2 (docs/DEPLOY.md)
     return RandomizationConfig(
-        latency_steps=(0, 1),
+        latency_steps=(0, 4),
         obs_noise={"base_ang_vel": 0.2, "projected_gravity": 0.05, "joint_pos": 0.01, "joint_vel": 1.5},
         push_interval_s=(5.0, 15.0), push_velocity=0.5)
 
@@ -213,8 +216,7 @@ class HumanoidWalk(Task):
 
 
 def _stand_randomization() -> RandomizationConfig:
-    # latency up to one whole control step (4 physics steps): what a ROS 2 loop adds between a
-    # sensor message and the command it causes (see s2r/ros/sim_loop.py)
+    # the walking task's latency (up to one control step), gentler noise and more frequent pushes
     return RandomizationConfig(
         latency_steps=(0, 4),
         obs_noise={"base_ang_vel": 0.1, "projected_gravity": 0.03, "joint_pos": 0.01, "joint_vel": 0.75},
