@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -43,16 +44,44 @@ def job_path(out: Path, job: dict) -> Path:
     return out / "runs" / f"{job['task'].replace('/', '_')}__{job['method']}__s{job['seed']}__x{job['scale']:g}__{job['steps']}.json"
 
 
-def run_cached(job: dict) -> dict:
-    """run_one, unless this exact job already finished (its JSON is in --out/runs/)."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:
+        return True
+
+
+def run_cached(job: dict) -> dict | None:
+    """run_one, unless this exact job already finished (its JSON is in --out/runs/) or another
+    live invocation is running it (its .running claim holds a live pid): then None."""
     path = job_path(Path(job["out"]), job)
     if path.exists():
         return json.loads(path.read_text())
-    res = run_one(job)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res))
-    os.replace(tmp, path)
+    claim = path.with_suffix(".running")
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = int(claim.read_text() or 0)
+        except (OSError, ValueError):
+            owner = 0
+        if owner and _alive(owner):
+            return None
+        claim.unlink(missing_ok=True)  # a killed invocation's claim
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        res = run_one(job)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, path)
+    finally:
+        claim.unlink(missing_ok=True)
     return res
 
 
@@ -87,8 +116,6 @@ def run_one(job: dict) -> dict:
         model.learn(total_timesteps=steps, callback=Eval())
         env.close()
     else:
-        import tempfile
-
         from s2r.policies.recipes import recipe
         from s2r.policies.trainer import Trainer
 
@@ -118,6 +145,8 @@ def main() -> dict:
     p.add_argument("--scale-methods", default="dsac-t", help="methods rerun at each reward scale != 1")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="out/bench_learning")
+    p.add_argument("--reverse", action="store_true",
+                   help="take the jobs last-first (a second invocation sharing --out meets the first halfway)")
     a = p.parse_args()
     if a.quick:
         a.tasks, a.methods, a.seeds, a.steps, a.reward_scales = "Pendulum-v1", "sac,sb3-sac", "0", 3000, "1"
@@ -131,28 +160,38 @@ def main() -> dict:
              for t in tasks for m in scale_methods for s in seeds]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    runs_dir = out if not a.quick else Path(tempfile.mkdtemp(prefix="s2r_learning_quick_"))  # quick: never cached
     for j in jobs:
-        j["out"] = str(out)
+        j["out"] = str(runs_dir)
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=a.workers) as ex:
-        results = list(ex.map(run_cached, jobs))
+        results = list(ex.map(run_cached, jobs[::-1] if a.reverse else jobs))
+    pending = sum(r is None for r in results)
+    results = [r for r in results if r is not None]
     import numpy as np
 
     summary: dict = {"bench": "learning", "quick": a.quick, "steps": a.steps, "seeds": seeds, "results": {}}
     for t in tasks:
         for m in methods:
             finals = [r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0]
+            if not finals:
+                continue
             summary["results"][f"{t}/{m}"] = {"mean": round(float(np.mean(finals)), 1),
                                               "std": round(float(np.std(finals)), 1), "n": len(finals)}
         for c in scales:
             if c == 1.0:
                 continue
             for m in scale_methods:
+                if not any(r["task"] == t and r["method"] == m and r["scale"] == c for r in results):
+                    continue
                 f1 = np.mean([r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0])
                 fc = np.mean([r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == c])
                 summary["results"][f"{t}/{m}/reward_x{c:g}_relative"] = round(float(fc / f1), 3) if f1 else None
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
-    (out / "results.json").write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    summary["pending_runs"] = pending  # run by another invocation: rerun this one afterwards to summarise all
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
+    os.replace(tmp, out / "results.json")
     _plot(results, tasks, methods, out / "curves.png")
     return summary
 
