@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_loss, pmoe_actor_loss,
                                  sac_actor_loss, sac_critic_loss, update_b)
-from s2r.policies.networks import CriticEnsemble, PMOEActor, TanhGaussianActor
+from s2r.policies.networks import CriticEnsemble, PMOEActor, TanhGaussianActor, tanh_gaussian_sample
 
 POLICY_HEADS = ("gaussian", "pmoe")
 _ADAM = {"fused": True}  # one kernel per optimiser step (CPU and CUDA), not one per parameter
@@ -160,23 +160,27 @@ class OffPolicyAgent(nn.Module):
     def _actor_and_alpha(self, obs: Tensor, critic_obs: Tensor, q_fn) -> dict:
         """Actor (Gaussian or PMOE) and temperature update; q_fn(critic_obs, action) -> [n, ...]."""
         alpha = self.alpha
-        with self._autocast:
-            if self.cfg.policy == "pmoe":
-                _, _, router_probs = self.actor(obs)
-                actions, log_probs = self.actor.sample_all(obs)  # [B, K, A], [B, K]
-                q_all = q_fn(critic_obs.unsqueeze(1), actions).float()  # [n, B, K]
-                a_loss, r_loss, stats, log_prob = pmoe_actor_loss(q_all, log_probs.float(),
-                                                                  router_probs.float(), alpha)
-                loss = a_loss + r_loss
-            else:
-                action, log_prob = self.actor.sample(obs)
-                q_pi = q_fn(critic_obs, action).float()  # [n, B]
-                loss, stats = (sac_actor_loss if not self.distributional else dsac_t_actor_loss)(
-                    q_pi, log_prob.float(), alpha)
-                log_prob = log_prob.detach().float()
+        # frozen before the forward: autograd records at forward time which weights need gradients,
+        # so freezing after it would still spend a backward matmul per critic layer on unused grads
         self.critic.requires_grad_(False)
-        self._step(self.actor_opt, loss, list(self.actor.parameters()))
-        self.critic.requires_grad_(True)
+        try:
+            with self._autocast:
+                if self.cfg.policy == "pmoe":
+                    means, log_stds, router_probs = self.actor(obs)  # one trunk pass: experts and router
+                    actions, log_probs = tanh_gaussian_sample(means, log_stds)  # [B, K, A], [B, K]
+                    q_all = q_fn(critic_obs.unsqueeze(1), actions).float()  # [n, B, K]
+                    a_loss, r_loss, stats, log_prob = pmoe_actor_loss(q_all, log_probs.float(),
+                                                                      router_probs.float(), alpha)
+                    loss = a_loss + r_loss
+                else:
+                    action, log_prob = self.actor.sample(obs)
+                    q_pi = q_fn(critic_obs, action).float()  # [n, B]
+                    loss, stats = (sac_actor_loss if not self.distributional else dsac_t_actor_loss)(
+                        q_pi, log_prob.float(), alpha)
+                    log_prob = log_prob.detach().float()
+            self._step(self.actor_opt, loss, list(self.actor.parameters()))
+        finally:
+            self.critic.requires_grad_(True)
         t_loss, t_stats = alpha_loss(self.log_alpha, log_prob, self.target_entropy)
         self._step(self.alpha_opt, t_loss, [self.log_alpha])
         return {**stats, **t_stats}
