@@ -60,6 +60,8 @@ def run_cached(job: dict) -> dict | None:
     path = job_path(Path(job["out"]), job)
     if path.exists():
         return json.loads(path.read_text())
+    if job.get("summary_only"):
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     claim = path.with_suffix(".running")
     try:
@@ -145,6 +147,7 @@ def main() -> dict:
     p.add_argument("--scale-methods", default="dsac-t", help="methods rerun at each reward scale != 1")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", default="out/bench_learning")
+    p.add_argument("--summary-only", action="store_true", help="summarise the stored runs; train nothing")
     p.add_argument("--reverse", action="store_true",
                    help="take the jobs last-first (a second invocation sharing --out meets the first halfway)")
     a = p.parse_args()
@@ -162,7 +165,7 @@ def main() -> dict:
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out if not a.quick else Path(tempfile.mkdtemp(prefix="s2r_learning_quick_"))  # quick: never cached
     for j in jobs:
-        j["out"] = str(runs_dir)
+        j["out"], j["summary_only"] = str(runs_dir), a.summary_only
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=a.workers) as ex:
         results = list(ex.map(run_cached, jobs[::-1] if a.reverse else jobs))
