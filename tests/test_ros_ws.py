@@ -2,8 +2,9 @@
 
 s2r_ros is glue: console scripts that call s2r.ros.*.main, launch files, parameter files. The ROS
 `launch` and `launch_ros` packages have no pip wheels, so the launch files cannot run here: they
-are read with ast, and run once against small stand-ins of the launch API that record the nodes
-they would start (the real run is `ros2 launch` on a ROS 2 install, see ros_ws/README.md).
+are read with ast, and run against small stand-ins of the launch API that record the nodes they
+would start, following sim.launch.py's include of deploy.launch.py as launch does (the real run is
+`ros2 launch` on a ROS 2 install, see ros_ws/README.md).
 Everything else is checked for real: package.xml against what s2r/ros imports, setup.py's entry
 points against s2r.ros.*.main, each parameter file against the node it configures (built by rclpy
 from the file), and, when colcon is installed (`pip install colcon-ros`), a real `colcon build`
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import runpy
@@ -35,9 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "ros_ws" / "src" / "s2r_ros"  # the ament_python package
 NAME = "s2r_ros"
 LAUNCH_FILES = sorted((PKG / "launch").glob("*.launch.py"))
+DEPLOY_LAUNCH, SIM_LAUNCH = PKG / "launch" / "deploy.launch.py", PKG / "launch" / "sim.launch.py"
 CONFIG_FILES = sorted((PKG / "config").glob("*.yaml"))
 NODE_SOURCES = sorted((ROOT / "s2r" / "ros").glob("*.py"))
-# launch arguments each launch file must offer (README, DEPLOY.md)
+# launch arguments each launch file must offer (README, DEPLOY.md), its own or an included file's
 REQUIRED_ARGS = {"deploy.launch.py": {"policy_path", "robot_spec", "rate_hz", "controller_name"},
                  "sim.launch.py": {"policy_path", "robot_spec", "rate_hz", "controller_name", "gantry"}}
 DOMAIN_ID = 215 + os.getpid() % 17  # 215..231: apart from test_ros_nodes' domains, one per process
@@ -128,15 +131,29 @@ def first_arg(call: ast.Call, keyword: str):
     return ast.literal_eval(expr)
 
 
-def yaml_names(expr: ast.AST, tree: ast.AST | None = None) -> set[str]:
-    """File names ending in .yaml written in an expression (through `x = ...` assignments in `tree`)."""
+def file_names(expr: ast.AST, suffix: str, tree: ast.AST | None = None) -> set[str]:
+    """File names ending in `suffix` written in an expression (through `x = ...` assignments in `tree`)."""
     names = {n.value for n in ast.walk(expr) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-             and n.value.endswith(".yaml")}
+             and n.value.endswith(suffix)}
     for var in (n.id for n in ast.walk(expr) if isinstance(n, ast.Name)) if tree is not None else []:
         for a in ast.walk(tree):
             if isinstance(a, ast.Assign) and any(isinstance(t, ast.Name) and t.id == var for t in a.targets):
-                names |= yaml_names(a.value)
+                names |= file_names(a.value, suffix)
     return names
+
+
+def included_launch_files(path: Path) -> set[str]:
+    """Names of the launch files that `path` includes (PythonLaunchDescriptionSource(...))."""
+    tree = ast.parse(path.read_text())
+    return {name for c in calls(tree, "PythonLaunchDescriptionSource") for name in file_names(c, ".launch.py", tree)}
+
+
+def declared_arguments(path: Path, *, with_includes: bool = True) -> set[str]:
+    """Launch arguments that `path` declares, and (with_includes) those of the files it includes."""
+    declared = {first_arg(c, "name") for c in calls(ast.parse(path.read_text()), "DeclareLaunchArgument")}
+    for name in included_launch_files(path) if with_includes else ():
+        declared |= declared_arguments(path.parent / name)
+    return declared
 
 
 @dataclass
@@ -154,10 +171,10 @@ def launched_nodes(path: Path) -> list[LaunchedNode]:
         assert ast.literal_eval(kwarg(call, "package")) == NAME, f"{path.name}: Node(package=...) is not '{NAME}'"
         configs = set()
         for entry in getattr(kwarg(call, "parameters"), "elts", []):
-            configs |= yaml_names(entry)
+            configs |= file_names(entry, ".yaml")
             for lc in calls(entry, "LaunchConfiguration") if isinstance(entry, ast.Call) else []:
                 default = arg_defaults.get(first_arg(lc, "variable_name"))
-                configs |= yaml_names(default, tree) if default is not None else set()
+                configs |= file_names(default, ".yaml", tree) if default is not None else set()
         nodes.append(LaunchedNode(ast.literal_eval(kwarg(call, "executable")),
                                   ast.literal_eval(kwarg(call, "name")), configs))
     return nodes
@@ -232,17 +249,27 @@ def test_launch_file_starts_console_scripts_of_this_package(path):
 
 @pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
 def test_launch_file_declares_every_argument_it_uses(path):
-    tree = ast.parse(path.read_text())
-    declared = {first_arg(c, "name") for c in calls(tree, "DeclareLaunchArgument")}
-    used = {first_arg(c, "variable_name") for c in calls(tree, "LaunchConfiguration")}
+    declared = declared_arguments(path, with_includes=False)  # an included file's are set only when it runs
+    used = {first_arg(c, "variable_name") for c in calls(ast.parse(path.read_text()), "LaunchConfiguration")}
     assert used - declared == set(), f"{path.name} uses undeclared launch arguments {sorted(used - declared)}"
-    assert REQUIRED_ARGS[path.name] - declared == set(), f"{path.name} lacks {REQUIRED_ARGS[path.name] - declared}"
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_launch_file_offers_the_documented_arguments_itself_or_through_an_include(path):
+    missing = REQUIRED_ARGS[path.name] - declared_arguments(path)
+    assert missing == set(), f"{path.name} lacks {sorted(missing)}"
+
+
+def test_sim_launch_includes_deploy_launch_which_includes_nothing():
+    assert included_launch_files(SIM_LAUNCH) == {DEPLOY_LAUNCH.name}
+    assert included_launch_files(DEPLOY_LAUNCH) == set()
+    assert f"launch/{DEPLOY_LAUNCH.name}" in installed_files()[f"share/{NAME}/launch"]  # where sim.launch.py looks
 
 
 @pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
 def test_launch_file_refers_to_installed_parameter_files(path):
     installed = {Path(f).name for f in installed_files()[f"share/{NAME}/config"]}
-    referenced = yaml_names(ast.parse(path.read_text()))
+    referenced = file_names(ast.parse(path.read_text()), ".yaml")
     assert referenced, f"{path.name} names no parameter file"
     assert referenced - installed == set(), f"{path.name} refers to {sorted(referenced - installed)}, not installed"
     for node in launched_nodes(path):
@@ -313,9 +340,12 @@ def test_parameter_file_sets_exactly_the_parameters_the_node_declares(config):
 
 # ---- launch files run against stand-ins of launch / launch_ros ------------------------------------------
 # The stand-ins take the real constructors' arguments (launch 3.x, launch_ros 0.2x) and record them;
-# ParameterValue coercion follows launch.utilities.type_utils.coerce_to_type, and a bare
-# substitution in a parameter dict is YAML-parsed as launch_ros does (so rate_hz:=50 would arrive
-# as the int 50, which the node's double parameter refuses).
+# ros2_launch() visits what they record as launch does: depth first, in order, in one context (an
+# include sets its launch_arguments as launch configurations, unscoped, before its entities run; a
+# declaration sets its default only where the configuration is not set yet). ParameterValue coercion
+# follows launch.utilities.type_utils.coerce_to_type, and a bare substitution in a parameter dict is
+# YAML-parsed as launch_ros does (so rate_hz:=50 would arrive as the int 50, which the node's double
+# parameter refuses). Conditions are not evaluated: an entity that has one is refused.
 
 class StubLaunchDescription:
     def __init__(self, initial_entities=None, *, deprecated_reason=None):
@@ -325,11 +355,42 @@ class StubLaunchDescription:
 class StubDeclareLaunchArgument:
     def __init__(self, name, *, default_value=None, description=None, choices=None, condition=None):
         self.name, self.default_value, self.choices = name, default_value, choices
+        self.condition = condition
 
 
 class StubOpaqueFunction:
     def __init__(self, *, function, args=None, kwargs=None, condition=None):
         self.function, self.args, self.kwargs = function, args or [], kwargs or {}
+        self.condition = condition
+
+
+class StubIncludeLaunchDescription:
+    def __init__(self, launch_description_source, *, launch_arguments=None, condition=None):
+        self.launch_description_source, self.condition = launch_description_source, condition
+        self.launch_arguments = () if launch_arguments is None else tuple(launch_arguments)
+
+
+def stub_load_python_launch_file_as_module(path: str) -> types.ModuleType:
+    """launch's loader: the file run as a module named python_launch_file, with __file__ set."""
+    loader = importlib.machinery.SourceFileLoader("python_launch_file", path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+class StubPythonLaunchDescriptionSource:
+    def __init__(self, launch_file_path):
+        self.location = launch_file_path
+
+    def get_launch_description(self, context):
+        return stub_load_python_launch_file_as_module(perform(self.location, context)).generate_launch_description()
+
+    def try_get_launch_description_without_context(self):
+        """What `--show-args` follows: None where the path needs a launch configuration."""
+        try:
+            return self.get_launch_description(types.SimpleNamespace(launch_configurations={}))
+        except LookupError:
+            return None
 
 
 class StubLaunchConfiguration:
@@ -353,6 +414,16 @@ class StubNode:
                  remappings=None, ros_arguments=None, arguments=None, output="log", emulate_tty=False,
                  respawn=False, respawn_delay=None, condition=None):
         self.executable, self.package, self.name, self.parameters = executable, package, name, parameters or []
+        self.condition = condition
+
+
+def perform(value, context) -> str:
+    """The text of a SomeSubstitutionsType: a string, a substitution or a list of them."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, StubLaunchConfiguration):
+        return value.perform(context)
+    return "".join(perform(v, context) for v in value)
 
 
 def evaluate(value, context):
@@ -376,7 +447,11 @@ def launch_api(monkeypatch, tmp_path):
     packages = pytest.importorskip("ament_index_python.packages")
     mods = {"launch": {"LaunchDescription": StubLaunchDescription},
             "launch.actions": {"DeclareLaunchArgument": StubDeclareLaunchArgument,
+                               "IncludeLaunchDescription": StubIncludeLaunchDescription,
                                "OpaqueFunction": StubOpaqueFunction},
+            "launch.launch_description_sources": {
+                "PythonLaunchDescriptionSource": StubPythonLaunchDescriptionSource,
+                "load_python_launch_file_as_module": stub_load_python_launch_file_as_module},
             "launch.substitutions": {"LaunchConfiguration": StubLaunchConfiguration},
             "launch_ros": {}, "launch_ros.actions": {"Node": StubNode},
             "launch_ros.parameter_descriptions": {"ParameterValue": StubParameterValue}}
@@ -394,26 +469,76 @@ def launch_api(monkeypatch, tmp_path):
 
 
 def ros2_launch(path: Path, **cli: str) -> list[tuple[StubNode, Path, dict]]:
-    """`ros2 launch s2r_ros <path> k:=v ...` up to the nodes: [(node, its parameter file, its overrides)]."""
-    description = runpy.run_path(str(path))["generate_launch_description"]()
-    declared = {e.name: e for e in description.entities if isinstance(e, StubDeclareLaunchArgument)}
-    assert set(cli) <= set(declared)
-    for name, value in cli.items():
-        assert declared[name].choices is None or value in declared[name].choices
-    context = types.SimpleNamespace(launch_configurations={**{k: a.default_value for k, a in declared.items()}, **cli})
-    nodes = []
-    for e in description.entities:
-        if isinstance(e, StubOpaqueFunction):
-            nodes += e.function(context, *e.args, **e.kwargs)
-        elif isinstance(e, StubNode):
-            nodes.append(e)
-    out = []
-    for node in nodes:
-        files = [Path(evaluate(p, context)) for p in node.parameters if not isinstance(p, dict)]
-        overrides = {k: evaluate(v, context) for p in node.parameters if isinstance(p, dict) for k, v in p.items()}
-        assert len(files) == 1, f"{path.name}: {node.executable} gets parameter files {files}"
-        out.append((node, files[0], overrides))
-    return out
+    """`ros2 launch s2r_ros <path> k:=v ...` up to the nodes: [(node, its parameter file, its overrides)].
+
+    As ros2launch does, the file is included with the command line as its launch arguments. A node's
+    parameters are evaluated when it is visited, where launch_ros would start it."""
+    context = types.SimpleNamespace(launch_configurations={})
+    declared, started = set(), []
+
+    def visit(entity):
+        assert getattr(entity, "condition", None) is None, f"the stand-ins do not evaluate conditions: {entity}"
+        configs = context.launch_configurations
+        if isinstance(entity, StubLaunchDescription):
+            for e in entity.entities:
+                visit(e)
+        elif isinstance(entity, StubIncludeLaunchDescription):
+            description = entity.launch_description_source.get_launch_description(context)
+            for name, value in entity.launch_arguments:  # SetLaunchConfiguration, not scoped to the include
+                configs[perform(name, context)] = perform(value, context)
+            visit(description)
+        elif isinstance(entity, StubDeclareLaunchArgument):
+            declared.add(entity.name)
+            if entity.name not in configs:
+                assert entity.default_value is not None, f"required launch argument '{entity.name}' not given"
+                configs[entity.name] = perform(entity.default_value, context)
+            assert entity.choices is None or configs[entity.name] in entity.choices, (entity.name, entity.choices)
+        elif isinstance(entity, StubOpaqueFunction):
+            for e in entity.function(context, *entity.args, **entity.kwargs) or []:
+                visit(e)
+        elif isinstance(entity, StubNode):
+            files = [Path(evaluate(p, context)) for p in entity.parameters if not isinstance(p, dict)]
+            overrides = {k: evaluate(v, context) for p in entity.parameters if isinstance(p, dict)
+                         for k, v in p.items()}
+            assert len(files) == 1, f"{path.name}: {entity.executable} gets parameter files {files}"
+            started.append((entity, files[0], overrides))
+        else:
+            raise TypeError(f"the stand-ins cannot run {entity!r}")
+
+    visit(StubIncludeLaunchDescription(StubPythonLaunchDescriptionSource(str(path)), launch_arguments=cli.items()))
+    assert set(cli) <= declared, f"{path.name} declares no launch argument {sorted(set(cli) - declared)}"
+    return started
+
+
+def shown_arguments(path: Path) -> dict[str, StubDeclareLaunchArgument]:
+    """What `ros2 launch s2r_ros <path> --show-args` lists (LaunchDescription.get_launch_arguments):
+    the declarations found without running anything, included files followed, the first of a name winning."""
+    shown: dict[str, StubDeclareLaunchArgument] = {}
+
+    def walk(entities):
+        for e in entities:
+            if isinstance(e, StubDeclareLaunchArgument):
+                shown.setdefault(e.name, e)
+            elif isinstance(e, StubIncludeLaunchDescription):
+                walk(getattr(e.launch_description_source.try_get_launch_description_without_context(),
+                             "entities", []))
+
+    walk(stub_load_python_launch_file_as_module(str(path)).generate_launch_description().entities)
+    return shown
+
+
+def policy_node(path: Path, **cli: str) -> tuple:
+    """The policy node that launching `path` starts: (package, executable, name, parameter file, overrides)."""
+    started = [(n.package, n.executable, n.name, config, overrides)
+               for n, config, overrides in ros2_launch(path, **cli) if n.executable == "policy_node"]
+    assert len(started) == 1, f"{path.name} starts {len(started)} policy nodes"
+    return started[0]
+
+
+# a value for each launch argument, other than its default (a new argument needs one here)
+SAMPLE_ARGS = {"policy_config": "/robot/config/my_policy_node.yaml", "policy_path": "/robot/policies/123",
+               "robot_spec": "g1/g1.yaml", "rate_hz": "50", "controller_name": "leg_controller",
+               "sim_config": "/robot/config/my_sim_bridge.yaml", "gantry": "true"}
 
 
 @pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
@@ -426,9 +551,7 @@ def test_launch_without_arguments_uses_the_installed_yaml_alone(launch_api, path
 
 @pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
 def test_launch_arguments_override_the_yaml_with_the_declared_types(launch_api, path):
-    cli = {"policy_path": "/robot/policies/123", "robot_spec": "g1/g1.yaml", "rate_hz": "50",
-           "controller_name": "leg_controller", "gantry": "true"}
-    cli = {k: v for k, v in cli.items() if k in REQUIRED_ARGS[path.name]}
+    cli = {k: v for k, v in SAMPLE_ARGS.items() if k in REQUIRED_ARGS[path.name]}
     want = {"policy_node": {"policy_path": "/robot/policies/123", "robot_spec": "g1/g1.yaml", "rate_hz": 50.0,
                             "controller_name": "leg_controller"},
             "sim_bridge": {"robot_spec": "g1/g1.yaml", "controller_name": "leg_controller", "gantry": True}}
@@ -438,8 +561,26 @@ def test_launch_arguments_override_the_yaml_with_the_declared_types(launch_api, 
         params = yaml.safe_load(config.read_text())[node.name]["ros__parameters"]
         # the YAML's types are the node's declared ones (test above): an override must keep them
         assert {k: type(params[k]) for k in overrides} == {k: type(v) for k, v in overrides.items()}
-    assert {n.executable for n, _, _ in launched} == ({"policy_node"} if path.name == "deploy.launch.py"
-                                                      else {"policy_node", "sim_bridge"})
+    assert sorted(n.executable for n, _, _ in launched) == (["policy_node"] if path == DEPLOY_LAUNCH
+                                                            else ["policy_node", "sim_bridge"])
+
+
+def test_sim_launch_starts_the_policy_node_of_deploy_launch(launch_api):
+    assert policy_node(SIM_LAUNCH) == policy_node(DEPLOY_LAUNCH)
+
+
+@pytest.mark.parametrize("arg", sorted(declared_arguments(DEPLOY_LAUNCH)))
+def test_every_deploy_launch_argument_reaches_the_policy_node_through_sim_launch(launch_api, arg):
+    assert arg in SAMPLE_ARGS, f"deploy.launch.py's argument '{arg}' needs a value in SAMPLE_ARGS"
+    through_deploy = policy_node(DEPLOY_LAUNCH, **{arg: SAMPLE_ARGS[arg]})
+    assert through_deploy != policy_node(DEPLOY_LAUNCH), f"{arg}:={SAMPLE_ARGS[arg]} changes nothing"
+    assert policy_node(SIM_LAUNCH, **{arg: SAMPLE_ARGS[arg]}) == through_deploy
+
+
+def test_sim_launch_show_args_lists_every_deploy_launch_argument(launch_api):
+    shown = set(shown_arguments(SIM_LAUNCH))
+    assert shown == declared_arguments(SIM_LAUNCH)  # the include is followed without running anything
+    assert set(shown_arguments(DEPLOY_LAUNCH)) <= shown
 
 
 # ---- colcon build --------------------------------------------------------------------------------------

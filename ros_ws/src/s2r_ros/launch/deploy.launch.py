@@ -8,6 +8,9 @@ Parameters come from config/policy_node.yaml (installed in share/s2r_ros/config;
 with policy_config:=/path.yaml). A launch argument given on the command line overrides the YAML's
 value; one left empty (the default) keeps it. The node starts in PASSIVE: call ~/ramp, then
 ~/start (std_srvs/Trigger) to hand the robot to the policy.
+
+sim.launch.py includes this file for its policy node (and uses given()), so an argument declared
+here is one of sim.launch.py's too.
 """
 
 import os
@@ -31,7 +34,8 @@ def policy_overrides() -> dict:
 
 
 def given(context, overrides: dict) -> dict:
-    """Only the overrides whose launch argument is set: an empty one keeps the YAML's value."""
+    """Only the overrides whose launch argument is set: an empty one keeps the YAML's value.
+    sim.launch.py applies the same rule to the sim bridge through this function."""
     return {name: value for name, value in overrides.items() if context.launch_configurations.get(name, "") != ""}
 
 
