@@ -1,30 +1,32 @@
-"""Damped-least-squares inverse kinematics, batched in torch.
+"""Damped-least-squares inverse kinematics for hinge chains, batched, numpy or torch.
 
 The Jacobian of a hinge chain is assembled from each joint's world anchor and
-axis (which the simulator reads from MuJoCo sensors, and which equals MuJoCo's
-`mj_jacSite` for hinge joints); the robot side can feed the same function from
-its own kinematics.
+axis. The simulator reads them from MuJoCo sensors; the robot computes them with
+MuJoCo's kinematics on the robot's MJCF (control/kinematics.py). Both then call
+the same functions here, so an end-effector action means the same joint motion
+in simulation and on the robot.
 """
 
 from __future__ import annotations
 
-import torch
+from s2r.control.arrays import Array, cross, eye_like, namespace
 
 
-def hinge_jacobian(anchors: torch.Tensor, axes: torch.Tensor, point: torch.Tensor) -> torch.Tensor:
+def hinge_jacobian(anchors: Array, axes: Array, point: Array) -> Array:
     """Geometric Jacobian of `point` w.r.t. hinge joints.
 
     anchors: [N, n, 3] joint positions (world), axes: [N, n, 3] unit joint axes (world),
     point: [N, 3]. Returns J: [N, 6, n] (rows 0-2 linear, 3-5 angular).
     """
-    lin = torch.cross(axes, point.unsqueeze(1) - anchors, dim=-1)  # [N, n, 3]
-    return torch.cat([lin, axes], dim=-1).transpose(1, 2)
+    xp = namespace(anchors, axes, point)
+    lin = cross(axes, point[:, None, :] - anchors)  # [N, n, 3]
+    return xp.swapaxes(xp.concatenate([lin, axes], axis=-1), 1, 2)
 
 
-def dls(jac: torch.Tensor, err: torch.Tensor, damping: float = 0.05) -> torch.Tensor:
+def dls(jac: Array, err: Array, damping: float = 0.05) -> Array:
     """dq = J^T (J J^T + lambda^2 I)^-1 err.  jac: [N, m, n], err: [N, m] -> dq: [N, n]."""
-    m = jac.shape[1]
-    jjt = jac @ jac.transpose(1, 2)
-    eye = torch.eye(m, dtype=jac.dtype, device=jac.device)
-    y = torch.linalg.solve(jjt + (damping ** 2) * eye, err.unsqueeze(-1))
-    return (jac.transpose(1, 2) @ y).squeeze(-1)
+    xp = namespace(jac, err)
+    jt = xp.swapaxes(jac, 1, 2)  # [N, n, m]
+    jjt = jac @ jt
+    y = xp.linalg.solve(jjt + (damping ** 2) * eye_like(jac.shape[1], jac), err[..., None])
+    return (jt @ y)[..., 0]

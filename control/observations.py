@@ -1,17 +1,18 @@
-"""Observation builder: named raw terms -> the policy's observation vector.
+"""Observation builder: a RobotState -> the policy's observation vector, numpy or torch.
 
-The task (in simulation) or the ROS node (on the robot) computes each term's raw
-value; this builder applies the spec's scale and clip, concatenates the terms in
-spec order and keeps the history (frame-major or term-major). Because both sides
-use this one class, the layout cannot drift between training and deployment.
+The terms come from control/terms.py (one definition each); this builder applies the
+spec's scale and clip, concatenates the terms in spec order and keeps the history
+(frame-major or term-major). The simulator builds it over torch tensors `[num_envs, ...]`
+(`xp="torch"`), the ROS node over numpy with num_envs = 1: the same code, so the layout
+cannot drift between training and deployment.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from s2r.control.rotations import projected_gravity
 from s2r.control.spec import ObservationSpec
+from s2r.control.terms import RobotState, TermContext, compute_terms
 
 
 class ObservationError(ValueError):
@@ -19,36 +20,61 @@ class ObservationError(ValueError):
 
 
 class ObservationBuilder:
-    def __init__(self, spec: ObservationSpec, num_envs: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+    """xp: "numpy" (robot) or "torch" (simulation; device/dtype are torch's)."""
+
+    def __init__(self, spec: ObservationSpec, num_envs: int, device=None, dtype=None, xp: str | None = None,
+                 default_q=None):
         self.spec = spec
         self.num_envs = num_envs
-        self.device = torch.device(device)
-        self.dtype = dtype
         self.names = [t.name for t in spec.terms]
         self.dims = [t.dim for t in spec.terms]
         self.H = spec.history_length
         f = spec.frame_dim
-        self._scale = torch.cat([torch.full((t.dim,), t.scale) for t in spec.terms]).to(self.device, dtype)
-        self._clip = torch.cat([torch.full((t.dim,), t.clip) for t in spec.terms]).to(self.device, dtype)
-        self.history = torch.zeros(num_envs, self.H, f, device=self.device, dtype=dtype)  # [N, H, frame]
-        self._fresh = torch.ones(num_envs, dtype=torch.bool, device=self.device)  # fill history on next compute
+        scale = np.concatenate([np.full(t.dim, t.scale) for t in spec.terms])
+        clip = np.concatenate([np.full(t.dim, t.clip) for t in spec.terms])
+        perm = None
         if spec.history_order == "term_major":
             # index that reorders [H, frame] (frame-major flat) into term-major flat
-            idx = torch.arange(self.H * f).reshape(self.H, f)
+            idx = np.arange(self.H * f).reshape(self.H, f)
             parts, start = [], 0
             for d in self.dims:
                 parts.append(idx[:, start:start + d].reshape(-1))
                 start += d
-            self._perm = torch.cat(parts).to(self.device)
+            perm = np.concatenate(parts)
+        xp = xp or ("numpy" if device is None else "torch")
+        if xp == "numpy":
+            self.xp = np
+            self.dtype = dtype or np.float32
+            self._arr = lambda a, dt=None: np.asarray(a, dtype=dt or self.dtype)  # noqa: E731
+            self.history = np.zeros((num_envs, self.H, f), dtype=self.dtype)  # [N, H, frame]
+            self._fresh = np.ones(num_envs, dtype=bool)  # fill history on the next push
+        elif xp == "torch":
+            import torch
+
+            self.xp = torch
+            self.device = torch.device(device or "cpu")
+            self.dtype = dtype or torch.float32
+            self._arr = lambda a, dt=None: torch.as_tensor(a, dtype=dt or self.dtype, device=self.device)  # noqa: E731
+            self.history = torch.zeros(num_envs, self.H, f, dtype=self.dtype, device=self.device)
+            self._fresh = torch.ones(num_envs, dtype=torch.bool, device=self.device)
         else:
-            self._perm = None
+            raise ValueError(f"xp must be 'numpy' or 'torch', got {xp!r}")
+        self._scale = self._arr(scale)
+        self._clip = self._arr(clip)
+        self._perm = None if perm is None else (perm if self.xp is np else self._arr(perm, self.xp.long))
+        self.ctx = None if default_q is None else TermContext(default_q=self._arr(default_q))
 
     @property
     def dim(self) -> int:
         return self.spec.dim
 
-    def frame(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    def terms(self, state: RobotState) -> dict:
+        """Raw (unscaled) terms {name: [N, dim]} of the layout from a robot state."""
+        if self.ctx is None:
+            raise ObservationError("ObservationBuilder was built without default_q: pass the spec's default pose")
+        return compute_terms(self.names, state, self.ctx)
+
+    def frame(self, values: dict) -> "np.ndarray":
         """Scaled, clipped, concatenated current frame. [N, frame_dim]"""
         parts = []
         for name, dim in zip(self.names, self.dims):
@@ -58,37 +84,33 @@ class ObservationBuilder:
             if v.ndim != 2 or v.shape[1] != dim:
                 raise ObservationError(f"observation term '{name}' has shape {tuple(v.shape)}, "
                                        f"the robot spec says [num_envs, {dim}]")
-            parts.append(v.to(self.dtype))
-        raw = torch.cat(parts, dim=-1)
-        return torch.clamp(raw * self._scale, -self._clip, self._clip)
+            parts.append(self._arr(v))
+        raw = self.xp.concatenate(parts, axis=-1)
+        return self.xp.clip(raw * self._scale, -self._clip, self._clip)
 
-    def reset(self, env_ids: torch.Tensor | None = None) -> None:
+    def reset(self, env_ids=None) -> None:
         """Mark envs whose history restarts: the next frame fills their whole history."""
         if env_ids is None:
             self._fresh[:] = True
         else:
             self._fresh[env_ids] = True
 
-    def compute(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Push the current frame into the history and return the observation. [N, obs_dim]"""
+    def compute(self, values: dict):
+        """Push the current frame of raw terms into the history; return the observation [N, obs_dim]."""
         return self.push(self.frame(values))
 
-    def push(self, fr: torch.Tensor) -> torch.Tensor:
+    def compute_state(self, state: RobotState):
+        """RobotState -> observation [N, obs_dim] (terms, scale, clip, history)."""
+        return self.push(self.frame(self.terms(state)))
+
+    def push(self, fr):
         """Push an already built frame [N, frame_dim]; return the observation [N, obs_dim]."""
         if self.H > 1:
-            self.history = torch.roll(self.history, shifts=-1, dims=1)
+            self.history = self.xp.roll(self.history, -1, 1)
         self.history[:, -1] = fr
         if self._fresh.any():
-            self.history[self._fresh] = fr[self._fresh].unsqueeze(1).expand(-1, self.H, -1)
+            self.history[self._fresh] = fr[self._fresh][:, None, :]
             self._fresh[:] = False
         flat = self.history.reshape(self.num_envs, -1)
-        # a copy: the caller keeps this tensor across steps while the history is updated in place
-        return flat.clone() if self._perm is None else flat[:, self._perm]
-
-
-# ---- raw terms shared by sim and robot ----------------------------------------------
-
-def base_terms(base_quat: torch.Tensor, base_ang_vel: torch.Tensor) -> dict[str, torch.Tensor]:
-    """IMU-derived terms: body-frame angular velocity and gravity direction."""
-    return {"base_ang_vel": base_ang_vel, "projected_gravity": projected_gravity(base_quat)}
-
+        # a copy: the caller keeps this array across steps while the history is updated in place
+        return (flat + 0) if self._perm is None else flat[:, self._perm]

@@ -267,7 +267,16 @@ class RobotSpec:
         dup = {n for n in tnames if tnames.count(n) > 1}
         if dup:
             raise SpecError(f"robot spec{where}: duplicate observation term(s) {sorted(dup)}")
+        from s2r.control.terms import TERMS  # the one registry of observation terms
+
         for t in o.terms:
+            if t.name not in TERMS:
+                raise SpecError(f"robot spec{where}: unknown observation term '{t.name}' (known terms: "
+                                f"{sorted(TERMS)}; each is defined once in s2r/control/terms.py)")
+            want = TERMS[t.name].dim(self)
+            if t.dim != want:
+                raise SpecError(f"robot spec{where}: observation term '{t.name}' has dim {t.dim}, but this "
+                                f"robot gives it {want}")
             if t.dim < 1:
                 raise SpecError(f"robot spec{where}: observation term '{t.name}' dim must be >= 1")
             if not t.clip > 0:
@@ -394,10 +403,100 @@ def _load_yaml_with_base(path: Path, seen: tuple) -> dict:
     return merged
 
 
-def check_spec_hash(expected: str, actual: str, what: str) -> None:
-    """Refuse to pair artefacts made for different robot contracts."""
-    if expected != actual:
-        raise SpecError(
-            f"robot spec mismatch: {what} was made for robot spec hash {expected}, but the "
-            f"spec in use hashes to {actual}. Joint order, gains, limits, rates or the observation "
-            f"layout differ; use the spec the {what} was trained with (see `s2r sim info`).")
+def check_spec_hash(expected: str | None, actual: str | RobotSpec, what: str,
+                    expected_spec: dict[str, Any] | None = None) -> None:
+    """The one robot-spec check: refuse to pair `what` (a checkpoint, an ONNX policy), made for the
+    robot spec hashing to `expected`, with the spec in use (`actual`: the RobotSpec, or its hash).
+
+    expected_spec: RobotSpec.to_dict() of the spec `what` was made for, when it carries one; with
+    `actual` a RobotSpec the message then names the first concrete difference ("joint order
+    differs at index 2: ..."). `expected` None, "" or "none": `what` was made for a task without a
+    robot spec (a gymnasium id), and no robot spec matches it.
+    """
+    spec = actual if isinstance(actual, RobotSpec) else None
+    actual_hash = spec.hash() if spec is not None else actual
+    robot = ""
+    if spec is not None:
+        robot = f" '{spec.name}'" + (f" ({spec.source})" if spec.source else "")
+    if expected in (None, "", "none"):
+        raise SpecError(f"robot spec mismatch: {what} was made for a task without a robot spec (a gymnasium "
+                        f"task); it cannot be paired with the robot spec in use{robot}, hash {actual_hash}")
+    if expected == actual_hash:
+        return
+    made = f" ('{expected_spec.get('name')}')" if expected_spec else ""
+    if expected_spec is not None and spec is not None:
+        detail = (first_spec_difference(expected_spec, spec.to_dict())
+                  or "no field differs (the hashes were computed by different s2r versions?)")
+    else:
+        detail = "joint order, gains, limits, rates or observation terms differ"
+    raise SpecError(
+        f"robot spec mismatch: {what} was made for robot spec hash {expected}{made}, but the robot spec in "
+        f"use{robot} hashes to {actual_hash}; it was made for another robot spec / observation layout: "
+        f"{detail}. Use the spec it was made with (`s2r sim info TASK` prints a task's), or retrain / "
+        f"re-export for this one.")
+
+
+def first_spec_difference(policy: dict[str, Any], robot: dict[str, Any]) -> str | None:
+    """The first concrete difference between two RobotSpec.to_dict()s, in the order a deployer cares
+    about (joints and their order, gains and limits, rates, action, observation layout), or None.
+    `policy` is the spec an artefact was made for, `robot` the one in use."""
+    pj = [j["name"] for j in policy.get("joints", [])]
+    rj = [j["name"] for j in robot.get("joints", [])]
+    if pj != rj:
+        missing, extra = [n for n in pj if n not in rj], [n for n in rj if n not in pj]
+        if missing or extra:
+            parts = ([f"the robot lacks {missing}"] if missing else []) + ([f"the policy does not know {extra}"]
+                                                                             if extra else [])
+            return f"joint set differs (policy {len(pj)} joints, robot {len(rj)}): " + "; ".join(parts)
+        i = next(k for k, (a, b) in enumerate(zip(pj, rj)) if a != b)
+        return f"joint order differs at index {i}: policy has '{pj[i]}', robot has '{rj[i]}'"
+    for p, r in zip(policy["joints"], robot["joints"]):
+        for key in [*p, *(k for k in r if k not in p)]:  # field order: default, kp, kd, range, ...
+            if p.get(key) != r.get(key):
+                return f"{key} of '{p['name']}' differs: policy {_fmt(p.get(key))} vs robot {_fmt(r.get(key))}"
+    for key in ("physics_dt", "decimation"):
+        if policy.get(key) != robot.get(key):
+            return f"{key} differs: policy {_fmt(policy.get(key))} vs robot {_fmt(robot.get(key))}"
+    d = _diff(policy.get("action"), robot.get("action"), "action")
+    if d:
+        return d
+    po, ro = policy.get("observation") or {}, robot.get("observation") or {}
+    pt = [(t["name"], t["dim"]) for t in po.get("terms", [])]
+    rt = [(t["name"], t["dim"]) for t in ro.get("terms", [])]
+    if pt != rt:
+        return f"observation term list differs: policy {_terms(pt)} vs robot {_terms(rt)}"
+    for p, r in zip(po.get("terms", []), ro.get("terms", [])):
+        d = _diff(p, r, f"observation term '{p['name']}'")
+        if d:
+            return d
+    for key in ("history_length", "history_order"):
+        if po.get(key) != ro.get(key):
+            return f"observation {key} differs: policy {_fmt(po.get(key))} vs robot {_fmt(ro.get(key))}"
+    skip = {"joints", "physics_dt", "decimation", "action", "observation", "mjcf"}  # mjcf is not in the hash
+    for key in sorted((set(policy) | set(robot)) - skip):
+        d = _diff(policy.get(key), robot.get(key), key)
+        if d:
+            return d
+    return None
+
+
+def _diff(p: Any, r: Any, where: str) -> str | None:
+    if isinstance(p, dict) and isinstance(r, dict):
+        for k in sorted(set(p) | set(r)):
+            d = _diff(p.get(k), r.get(k), f"{where}.{k}")
+            if d:
+                return d
+        return None
+    return None if p == r else f"{where} differs: policy {_fmt(p)} vs robot {_fmt(r)}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def _terms(terms: list[tuple[str, int]]) -> str:
+    return "[" + ", ".join(f"{n}({d})" for n, d in terms) + "]"

@@ -102,7 +102,8 @@ class BatchedEnv:
 
         self.task.bind(self)
         self._default_ctrl = self.task.default_ctrl().to(self.device, torch.float64)  # [N, nu]
-        self.policy_obs = ObservationBuilder(self.spec.observation, N, dev)
+        self.policy_obs = ObservationBuilder(self.spec.observation, N, dev, xp="torch",
+                                             default_q=self.spec.array("default"))
         self.obs_dim = self.policy_obs.dim
         self.critic_dims = self.task.critic_term_dims()
         self.critic_obs_dim = self.spec.observation.frame_dim + sum(self.critic_dims.values())
@@ -216,6 +217,10 @@ class BatchedEnv:
         self._obs = self._observe()
         return self._obs, reward, terminated, truncated, info
 
+    def default_ctrl(self) -> torch.Tensor:
+        """[N, nu] actuator controls that hold the default pose (what a reset applies)."""
+        return self._default_ctrl.clone()
+
     def close(self) -> None:
         self.backend.close()
 
@@ -281,7 +286,8 @@ class BatchedEnv:
         self._schedule_push(ids)
 
     def _observe(self, commit: bool = True) -> dict[str, torch.Tensor]:
-        clean = self.policy_obs.frame(self.task.observation_terms())  # [N, frame_dim], scaled + clipped
+        # the spec's terms from the task's RobotState, by control/terms.py: the code the robot runs
+        clean = self.policy_obs.frame(self.policy_obs.terms(self.task.robot_state()))  # [N, frame_dim]
         noisy = clean
         if self._noise_amp is not None:  # uniform noise on the raw terms (= scale x noise after scaling)
             u = torch.rand(clean.shape, generator=self.gen).to(self.device)

@@ -12,45 +12,51 @@ from s2r.control.rotations import projected_gravity, quat_error, quat_from_yaw, 
 from s2r.control.spec import ObservationSpec, ObsTerm, RobotSpec
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def xp(request):
+    """The robot builds observations over numpy, the simulator over torch: one builder, both tested."""
+    return request.param
+
+
 def obs_spec(order, H=3):
     return ObservationSpec(terms=[ObsTerm("a", 2, scale=2.0, clip=5.0), ObsTerm("b", 1)],
                            history_length=H, history_order=order)
 
 
-def test_frame_major_history_orders_oldest_frame_first_and_fills_on_reset():
-    b = ObservationBuilder(obs_spec("frame_major"), num_envs=1)
+def test_frame_major_history_orders_oldest_frame_first_and_fills_on_reset(xp):
+    b = ObservationBuilder(obs_spec("frame_major"), num_envs=1, xp=xp)
     o1 = b.compute({"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([[3.0]])})
     assert o1.tolist() == [[2, 4, 3] * 3]  # fresh history is filled with the first frame
     o2 = b.compute({"a": torch.tensor([[0.5, 0.0]]), "b": torch.tensor([[9.0]])})
     assert o2.tolist() == [[2, 4, 3, 2, 4, 3, 1, 0, 9]]
 
 
-def test_term_major_history_groups_each_term():
-    b = ObservationBuilder(obs_spec("term_major"), num_envs=1)
+def test_term_major_history_groups_each_term(xp):
+    b = ObservationBuilder(obs_spec("term_major"), num_envs=1, xp=xp)
     b.compute({"a": torch.tensor([[1.0, 2.0]]), "b": torch.tensor([[3.0]])})
     o = b.compute({"a": torch.tensor([[0.5, 0.0]]), "b": torch.tensor([[9.0]])})
     # a: [t-2, t-1, t] each 2 dims, then b: [t-2, t-1, t]
     assert o.tolist() == [[2, 4, 2, 4, 1, 0, 3, 3, 9]]
 
 
-def test_scale_then_clip():
-    b = ObservationBuilder(obs_spec("frame_major", H=1), num_envs=1)
+def test_scale_then_clip(xp):
+    b = ObservationBuilder(obs_spec("frame_major", H=1), num_envs=1, xp=xp)
     o = b.compute({"a": torch.tensor([[10.0, -10.0]]), "b": torch.tensor([[1e6]])})
     assert o.tolist() == [[5.0, -5.0, 100.0]]
 
 
-def test_reset_of_one_env_leaves_the_others_history():
-    b = ObservationBuilder(obs_spec("frame_major"), num_envs=2)
+def test_reset_of_one_env_leaves_the_others_history(xp):
+    b = ObservationBuilder(obs_spec("frame_major"), num_envs=2, xp=xp)
     v = lambda x: {"a": torch.full((2, 2), x), "b": torch.full((2, 1), x)}  # noqa: E731
     b.compute(v(1.0))
     b.reset(torch.tensor([1]))
     o = b.compute(v(2.0))
     assert o[0, 0].item() == 2.0 and o[0, -1].item() == 2.0  # env 0 keeps history: oldest is 1*2
-    assert o[1].unique().tolist() == [2.0, 4.0]  # env 1 refilled with the new frame
+    assert np.unique(np.asarray(o[1])).tolist() == [2.0, 4.0]  # env 1 refilled with the new frame
 
 
-def test_missing_or_misshaped_term_is_named():
-    b = ObservationBuilder(obs_spec("frame_major"), num_envs=1)
+def test_missing_or_misshaped_term_is_named(xp):
+    b = ObservationBuilder(obs_spec("frame_major"), num_envs=1, xp=xp)
     with pytest.raises(ObservationError, match="term 'b' missing"):
         b.compute({"a": torch.zeros(1, 2)})
     with pytest.raises(ObservationError, match=r"term 'a' has shape \(1, 3\)"):
@@ -62,9 +68,11 @@ def test_joint_targets_are_default_plus_scaled_action_clipped_to_range():
                                 "action": {"scale": 0.5},
                                 "joints": [{"name": "a", "default": 0.8, "range": [-1, 1]},
                                            {"name": "b", "default": 0.0, "range": [-1, 1]}]})
-    ap = ActionProcessor(spec)
-    t = ap.joint_targets(torch.tensor([[1.0, -0.5], [-1.0, 3.0]]))
-    assert torch.allclose(t, torch.tensor([[1.0, -0.25], [0.3, 0.5]]))
+    want = [[1.0, -0.25], [0.3, 0.5]]
+    t = ActionProcessor(spec).joint_targets(np.array([[1.0, -0.5], [-1.0, 3.0]]))  # the robot's numpy path
+    np.testing.assert_allclose(t, want)
+    t = ActionProcessor(spec, device="cpu").joint_targets(torch.tensor([[1.0, -0.5], [-1.0, 3.0]]))  # the sim's
+    assert torch.allclose(t, torch.tensor(want))
 
 
 def test_pd_torque_matches_mujoco_position_servo():
@@ -124,8 +132,8 @@ def test_dls_converges_to_a_reachable_point():
     assert np.linalg.norm(d.site_xpos[0] - goal) < 1e-4
 
 
-def test_returned_observation_is_not_overwritten_by_the_next_step():
-    b = ObservationBuilder(ObservationSpec(terms=[ObsTerm("a", 1)]), num_envs=1)
+def test_returned_observation_is_not_overwritten_by_the_next_step(xp):
+    b = ObservationBuilder(ObservationSpec(terms=[ObsTerm("a", 1)]), num_envs=1, xp=xp)
     first = b.compute({"a": torch.ones(1, 1)})
     b.compute({"a": torch.zeros(1, 1)})
     assert first.item() == 1.0

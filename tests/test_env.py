@@ -38,11 +38,11 @@ def test_g1_holds_its_default_pose_on_pd_servos_before_balance_is_needed():
     # tips slowly, which is the policy's job to prevent. Before that the pose must be held.
     env = make(num_envs=2, randomize=False, task_overrides={"init_joint_noise": 0.0})
     env.reset()
-    h0 = env.task.c_height.clone()
+    h0 = env.task.height.clone()
     for _ in range(25):  # 0.5 s at 50 Hz
         _, _, term, _, _ = env.step(zeros(env))
         assert not term.any()
-    assert (env.task.c_height - h0).abs().max() < 0.03
+    assert (env.task.height - h0).abs().max() < 0.03
     assert env.task.contact.all()  # both feet on the floor
 
 

@@ -13,23 +13,23 @@ def make(task, **kw):
     return BatchedEnv(EnvConfig(task=task, **kw))
 
 
-def test_sensor_jacobian_equals_mj_jacsite_on_the_panda():
+def test_kinematic_jacobian_equals_mj_jacsite_on_the_panda():
+    """The IK's Jacobian (control/kinematics.py FK + control/ik.py) is MuJoCo's own, for the task's states."""
     env = make("arm-reach", num_envs=3, randomize=False, seed=4)
     env.reset()
+    env.step(torch.tensor([[1.0, -1.0, 0.5, 1.0]] * 3))  # move off the start pose
     t, m = env.task, env.model
     d = mujoco.MjData(m)
-    sd = env.backend.sensordata
     site = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_SITE, env.spec.action.ee_site)
     for i in range(3):
         d.qpos[:] = env.backend.qpos[i].numpy()
         mujoco.mj_forward(m, d)
         jp, jr = np.zeros((3, m.nv)), np.zeros((3, m.nv))
         mujoco.mj_jacSite(m, d, jp, jr, site)
-        anchors = torch.stack([sd[i:i + 1, s] for s in t.s_anchor], dim=1)
-        axes = torch.stack([sd[i:i + 1, s] for s in t.s_axis], dim=1)
-        J = hinge_jacobian(anchors, axes, sd[i:i + 1, t.s_ee])[0].numpy()
-        np.testing.assert_allclose(J[:3], jp[:, t.jd.numpy()], atol=1e-9)
-        np.testing.assert_allclose(J[3:], jr[:, t.jd.numpy()], atol=1e-9)
+        J = hinge_jacobian(t.anchors64[i:i + 1], t.axes64[i:i + 1], t.ee_pos64[i:i + 1])[0].numpy()
+        np.testing.assert_allclose(t.ee_pos64[i].numpy(), d.site_xpos[site], atol=1e-12)
+        np.testing.assert_allclose(J[:3], jp[:, t.dof_adr.numpy()], atol=1e-9)
+        np.testing.assert_allclose(J[3:], jr[:, t.dof_adr.numpy()], atol=1e-9)
 
 
 def test_scripted_reach_through_ik_reaches_every_target():
@@ -80,7 +80,7 @@ def test_arm_gripper_command_opens_and_closes():
 def test_humanoid_observation_follows_the_spec_layout():
     env = make("humanoid-walk", num_envs=2, randomize=False)
     obs = env.reset()
-    terms = env.task.observation_terms()
+    terms = env.policy_obs.terms(env.task.robot_state())
     assert [t.name for t in env.spec.observation.terms] == list(terms)
     start = 0
     for t in env.spec.observation.terms:
@@ -122,5 +122,5 @@ def test_unknown_observation_term_for_the_generic_task_is_named(tmp_path):
     d["mjcf"] = "pkg://gymnasium/envs/mujoco/assets/humanoid.xml"
     p = tmp_path / "h.yaml"
     p.write_text(yaml.safe_dump(d))
-    with pytest.raises(ValueError, match=r"observation term\(s\) \['lidar'\]"):
+    with pytest.raises(ValueError, match=r"unknown observation term 'lidar'"):
         make("mjcf-locomotion", spec=str(p), num_envs=1)

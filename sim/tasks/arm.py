@@ -2,23 +2,25 @@
 
 Action = end-effector position delta (3, metres per unit x spec scale) + gripper
 opening (1, absolute, -1 closed .. +1 open): the space an operator corrects in.
-Underneath, damped-least-squares IK (control/ik.py) turns the delta into joint
-position targets for the PD servos. The Jacobian is assembled from MuJoCo
-sensors (each joint's anchor and axis, the end-effector site), so the whole
-batch is solved in one torch call on either backend. The gripper is kept
-pointing down by an orientation term in the same IK solve.
+Underneath, `EeDeltaController` (control/actions.py, the code the ROS node runs)
+turns the delta into joint position targets for the PD servos with
+damped-least-squares IK; the end-effector pose and the joint anchors and axes
+come from `SerialChain.forward` (control/kinematics.py) on the current joint
+positions, so the whole batch is solved in a few torch calls on either backend,
+and the robot computes the same numbers from its joint encoders. The gripper is
+kept pointing down by an orientation term in the same IK solve.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import mujoco
 import torch
 
-from s2r.control.actions import ActionProcessor
-from s2r.control.ik import dls, hinge_jacobian
-from s2r.control.rotations import quat_error, quat_from_yaw
+from s2r.control.actions import ActionProcessor, EeDeltaConfig, EeDeltaController
+from s2r.control.kinematics import SerialChain, gripper_coupling
+from s2r.control.rotations import quat_from_yaw
+from s2r.control.terms import RobotState
 from s2r.sim.model import SensorRequest
 from s2r.sim.randomization import RandomizationConfig
 from s2r.sim.tasks.base import Task, TaskConfig
@@ -67,80 +69,78 @@ class ArmReach(Task):
     Config = ArmReachConfig
     cfg: ArmReachConfig
 
-    def sensors(self):
-        s = self.spec.action.ee_site
-        return [SensorRequest("ee_pos", "framepos", s), SensorRequest("ee_quat", "framequat", s)]
+    state_fields = ("q", "qd", "ee_pos", "gripper_opening", "goal", "last_action")
 
-    def joint_axis_sensors(self):
-        return True
+    def sensors(self):
+        return []
 
     def bind(self, env):
-        super().bind(env)
         if self.spec.action.type != "ee_delta":
             raise ValueError(f"task {self.name} needs a robot spec with action.type ee_delta "
                              f"(got '{self.spec.action.type}' in '{self.spec.name}')")
-        idx, dev, N, m = env.index, env.device, env.num_envs, env.model
-        self.act = ActionProcessor(self.spec, dev)
-        self.jq = torch.as_tensor(idx.joint_qpos, device=dev)
-        self.jd = torch.as_tensor(idx.joint_dof, device=dev)
-        self.ja = torch.as_tensor(idx.joint_act, device=dev)
-        self.s_ee, self.s_eeq = idx.sensors["ee_pos"], idx.sensors["ee_quat"]
-        self.s_anchor = [idx.sensors[f"jnt_anchor:{n}"] for n in self.spec.joint_names]
-        self.s_axis = [idx.sensors[f"jnt_axis:{n}"] for n in self.spec.joint_names]
-        g = self.spec.action.gripper
-        self.g_act = idx.gripper_act
-        self.g_open, self.g_closed = (g.open, g.closed) if g else (0.0, 0.0)
-        # gripper opening observation: the gripper actuator's transmission length (finger opening)
-        self.ee_scale = torch.as_tensor(self.spec.action_scale_vector(), device=dev)
-        self.ws_lo = torch.tensor(self.cfg.workspace_low, device=dev)
-        self.ws_hi = torch.tensor(self.cfg.workspace_high, device=dev)
+        super().bind(env)
+        dev, N, m = env.device, env.num_envs, env.model
+        # the IK in float64, as on the robot: one solve per step for a few dozen arms costs nothing
+        self.ik = EeDeltaController(self.spec, EeDeltaConfig(
+            workspace_low=self.cfg.workspace_low, workspace_high=self.cfg.workspace_high,
+            ik_damping=self.cfg.ik_damping, ik_rot_weight=self.cfg.ik_rot_weight),
+            proc=ActionProcessor(self.spec, dev, torch.float64))
+        self.ik.reset(self.qpos0[self.qpos_adr].expand(N, -1))
+        self.chain = SerialChain.from_model(m, self.spec.joint_names, self.spec.action.ee_site)
+        self.g_act = env.index.gripper_act
+        self.ee_scale = self.ik.ee_scale.float()  # [3] m per unit action
         self.target = torch.zeros(N, 3, device=dev)
-        self.q_cmd = self.act.default.expand(N, -1).clone()  # [N, nj] joint targets being integrated
-        self.qpos0 = torch.as_tensor(m.qpos0, dtype=torch.float64, device=dev).clone()
-        key = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_KEY, "home")
-        if key >= 0:
-            self.qpos0 = torch.as_tensor(m.key_qpos[key], dtype=torch.float64, device=dev).clone()
-        self.qpos0[self.jq] = self.act.default.to(torch.float64)
-        d = mujoco.MjData(m)
-        d.qpos[:] = self.qpos0.cpu().numpy()
-        mujoco.mj_forward(m, d)
-        self.ee_quat_home = torch.as_tensor(d.sensordata[self.s_eeq], dtype=torch.float32, device=dev)
-        if self.g_act is not None and m.actuator_trntype[self.g_act] == mujoco.mjtTrn.mjTRN_TENDON:
-            self._gripper_len = ("tendon", int(m.actuator_trnid[self.g_act, 0]))
-        elif self.g_act is not None:
-            self._gripper_len = ("joint", int(m.jnt_qposadr[m.actuator_trnid[self.g_act, 0]]))
-        else:
-            self._gripper_len = None
-        self._tendon_coef = None
-        if self._gripper_len and self._gripper_len[0] == "tendon":
-            t = self._gripper_len[1]
-            adr, num = m.tendon_adr[t], m.tendon_num[t]
-            jids = m.wrap_objid[adr:adr + num]
-            self._tendon_coef = (torch.as_tensor(m.jnt_qposadr[jids], device=dev),
-                                 torch.as_tensor(m.wrap_prm[adr:adr + num], dtype=torch.float32, device=dev))
+        _, ee_quat, _, _ = self.chain.forward(self.qpos0[self.qpos_adr][None])
+        self.ee_quat_home = ee_quat.expand(N, -1)  # [N, 4] the orientation the IK holds
+        self._gripper = None  # (qpos addresses [k], dof addresses [k], coefficients [k], names)
+        if self.spec.action.gripper is not None:
+            names, coef = gripper_coupling(m, self.spec.action.gripper.actuator)
+            jid = [mujoco_joint_id(m, n) for n in names]
+            self._gripper = (torch.as_tensor(m.jnt_qposadr[jid], device=dev),
+                             torch.as_tensor(m.jnt_dofadr[jid], device=dev),
+                             torch.as_tensor(coef, dtype=torch.float32, device=dev), names)
+        self.refresh()
 
-    # ---- helpers ---------------------------------------------------------------------
-    def _sd(self):
-        return self.env.backend.sensordata.to(self.env.device)
+    # ---- kinematics: the robot's own computation (control/kinematics.py) on the sim's joints ----
+    def refresh(self):
+        if self.env is None or not hasattr(self, "chain"):
+            return
+        q64 = self.env.backend.qpos.to(self.env.device, torch.float64)[:, self.qpos_adr]
+        self.ee_pos64, self.ee_quat64, self.anchors64, self.axes64 = self.chain.forward(q64)
+        self._ee = self.ee_pos64.float()
+
+    def update(self):
+        self.refresh()
 
     def ee_pos(self) -> torch.Tensor:
-        return self._sd()[:, self.s_ee].float()
+        return self._ee
+
+    def _sd(self) -> torch.Tensor:
+        return self.env.backend.sensordata.to(self.env.device)
+
+    def extra_joints(self):
+        if self._gripper is None:
+            return []
+        qadr, dadr, _, names = self._gripper
+        return list(zip(names, qadr.tolist(), dadr.tolist()))
 
     def gripper_opening(self) -> torch.Tensor:
-        """[N, 1] actuator length of the gripper (per-finger opening in metres for the Panda model)."""
-        if self._gripper_len is None:
+        """[N, 1] gripper actuator length: sum(coef * finger q) (per-finger opening in metres for the Panda)."""
+        if self._gripper is None:
             return torch.zeros(self.env.num_envs, 1, device=self.env.device)
+        qadr, _, coef, _ = self._gripper
         qpos = self.env.backend.qpos.to(self.env.device).float()
-        if self._gripper_len[0] == "joint":
-            return qpos[:, self._gripper_len[1]:self._gripper_len[1] + 1]
-        adr, coef = self._tendon_coef
-        return (qpos[:, adr] * coef).sum(1, keepdim=True)
+        return (qpos[:, qadr] * coef).sum(1, keepdim=True)
+
+    def robot_state(self) -> RobotState:
+        q, qd = self.joint_state()
+        return RobotState(q=q, qd=qd, ee_pos=self.ee_pos(), gripper_opening=self.gripper_opening(),
+                          goal=self.target, last_action=self.env.action)
 
     def default_ctrl(self):
-        ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float64, device=self.env.device)
-        ctrl[:, self.ja] = self.act.default.to(torch.float64)
+        ctrl = super().default_ctrl()
         if self.g_act is not None:
-            ctrl[:, self.g_act] = self.g_open
+            ctrl[:, self.g_act] = self.ik.gripper_open
         return ctrl
 
     def _sample_target(self, k):
@@ -152,35 +152,27 @@ class ArmReach(Task):
         k, g, dev = len(env_ids), self.env.gen, self.env.device
         nq, nv = self.env.model.nq, self.env.model.nv
         qpos = self.qpos0.expand(k, nq).clone()
-        noise = (torch.rand(k, len(self.jq), generator=g, dtype=torch.float64) * 2 - 1).to(dev)
-        qpos[:, self.jq] += self.cfg.init_joint_noise * noise
-        lo = self.act.lower.to(torch.float64)
-        hi = self.act.upper.to(torch.float64)
-        qpos[:, self.jq] = torch.maximum(torch.minimum(qpos[:, self.jq], hi), lo)
-        self.q_cmd[env_ids] = qpos[:, self.jq].float()
+        noise = (torch.rand(k, len(self.qpos_adr), generator=g, dtype=torch.float64) * 2 - 1).to(dev)
+        qpos[:, self.qpos_adr] += self.cfg.init_joint_noise * noise
+        p = self.ik.proc
+        qpos[:, self.qpos_adr] = torch.maximum(torch.minimum(qpos[:, self.qpos_adr], p.upper), p.lower)
+        self.ik.reset(qpos[:, self.qpos_adr], env_ids)
         self.target[env_ids] = self._sample_target(k)
         return qpos, torch.zeros(k, nv, dtype=torch.float64, device=dev)
 
     def after_reset(self, env_ids):
         ctrl = self.env.ctrl
-        ctrl[env_ids[:, None], self.ja[None, :]] = self.q_cmd[env_ids].to(ctrl.dtype)
+        ctrl[env_ids[:, None], self.actuator_id[None, :]] = self.ik.q_cmd[env_ids].to(ctrl.dtype)
 
     def process_action(self, action):
-        sd = self._sd()
-        ee = sd[:, self.s_ee].float()  # [N, 3]
-        eeq = sd[:, self.s_eeq].float()
-        anchors = torch.stack([sd[:, s] for s in self.s_anchor], dim=1).float()  # [N, nj, 3]
-        axes = torch.stack([sd[:, s] for s in self.s_axis], dim=1).float()
-        desired = torch.maximum(torch.minimum(ee + self.ee_scale * action[:, :3].clamp(-1, 1), self.ws_hi), self.ws_lo)
-        err = torch.cat([desired - ee, self.cfg.ik_rot_weight * quat_error(self.ee_quat_home.expand_as(eeq), eeq)], dim=1)
-        jac = hinge_jacobian(anchors, axes, ee)  # [N, 6, nj]
-        dq = dls(jac, err, self.cfg.ik_damping)
-        self.q_cmd = torch.maximum(torch.minimum(self.q_cmd + dq, self.act.upper), self.act.lower)
-        ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, device=self.env.device)
-        ctrl[:, self.ja] = self.q_cmd
-        if self.g_act is not None and action.shape[1] > 3:
-            frac = (action[:, 3].clamp(-1, 1) + 1) * 0.5
-            ctrl[:, self.g_act] = self.g_closed + frac * (self.g_open - self.g_closed)
+        a64 = action.to(torch.float64)
+        q_cmd = self.ik.joint_targets(a64, self.ee_pos64, self.ee_quat64, self.ee_quat_home, self.anchors64,
+                                      self.axes64)  # [N, nj]
+        ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float64, device=self.env.device)
+        ctrl[:, self.actuator_id] = q_cmd
+        grip = self.ik.gripper_command(a64)
+        if self.g_act is not None and grip is not None:
+            ctrl[:, self.g_act] = grip
         return ctrl
 
     def scripted_action(self) -> torch.Tensor:
@@ -190,8 +182,7 @@ class ArmReach(Task):
         return a
 
     def _common_terms(self):
-        be, dev = self.env.backend, self.env.device
-        qd = be.qvel.to(dev)[:, self.jd].float()
+        _, qd = self.joint_state()
         return {"action_rate": ((self.env.action - self.env.prev_action) ** 2).sum(1), "joint_vel": (qd ** 2).sum(1)}
 
     def _dist(self):
@@ -205,26 +196,15 @@ class ArmReach(Task):
     def success(self):
         return self._dist() < self.cfg.success_radius
 
-    def _joint_obs(self):
-        be, dev = self.env.backend, self.env.device
-        qpos, qvel = be.qpos.to(dev).float(), be.qvel.to(dev).float()
-        ee = self.ee_pos()
-        return {"joint_pos": qpos[:, self.jq] - self.act.default, "joint_vel": qvel[:, self.jd],
-                "ee_pos": ee, "gripper_opening": self.gripper_opening(), "last_action": self.env.action}
-
-    def observation_terms(self):
-        t = self._joint_obs()
-        t["target_rel"] = self.target - t["ee_pos"]
-        return t
-
-
 class ArmPick(ArmReach):
     name = "arm-pick"
     Config = ArmPickConfig
     cfg: ArmPickConfig
 
+    state_fields = ArmReach.state_fields + ("object_pos",)
+
     def sensors(self):
-        return super().sensors() + [SensorRequest("cube_pos", "framepos", self.cfg.cube_site)]
+        return [SensorRequest("cube_pos", "framepos", self.cfg.cube_site)]
 
     def critic_term_dims(self):
         return {"cube_quat": 4, "cube_vel": 6}
@@ -301,14 +281,18 @@ class ArmPick(ArmReach):
     def success(self):
         return (self.cube_pos() - self.target).norm(dim=1) < self.cfg.success_radius
 
-    def observation_terms(self):
-        t = self._joint_obs()
-        cube = self.cube_pos()
-        t["cube_rel"] = cube - t["ee_pos"]
-        t["cube_target_rel"] = self.target - cube
-        return t
+    def robot_state(self) -> RobotState:
+        state = super().robot_state()
+        state.object_pos = self.cube_pos()  # on the robot: a perception system's /object_pose
+        return state
 
     def critic_terms(self):
         be, dev = self.env.backend, self.env.device
         return {"cube_quat": be.qpos.to(dev)[:, self.cq + 3:self.cq + 7].float(),
                 "cube_vel": be.qvel.to(dev)[:, self.cd:self.cd + 6].float()}
+
+
+def mujoco_joint_id(model, name: str) -> int:
+    import mujoco
+
+    return mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_JOINT, name)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import mujoco
 import torch
 
-from s2r.control.actions import ActionProcessor, pd_torque
+from s2r.control.actions import pd_torque
 from s2r.control.rotations import projected_gravity, quat_from_yaw, quat_mul, quat_rotate_inverse
+from s2r.control.terms import RobotState
 from s2r.sim.model import SensorRequest
 from s2r.sim.randomization import RandomizationConfig
 from s2r.sim.tasks.base import Task, TaskConfig
@@ -70,17 +70,13 @@ class HumanoidWalk(Task):
         return {"base_lin_vel": 3, "base_height": 1, "feet_contact": len(self.cfg.feet_sites),
                 "friction": 1, "mass_scale": 1, "strength": 1}
 
+    state_fields = ("q", "qd", "base_quat", "base_ang_vel", "base_lin_vel", "base_height", "velocity_command",
+                    "last_action")
+    needs_floating_base = True
+
     def bind(self, env):
         super().bind(env)
         idx, dev, N = env.index, env.device, env.num_envs
-        if idx.base_qpos is None:
-            raise ValueError(f"task {self.name} needs a floating base: robot spec '{self.spec.name}' "
-                             f"base_body must carry a free joint")
-        self.act = ActionProcessor(self.spec, dev)
-        self.jq = torch.as_tensor(idx.joint_qpos, device=dev)
-        self.jd = torch.as_tensor(idx.joint_dof, device=dev)
-        self.ja = torch.as_tensor(idx.joint_act, device=dev)
-        self.b, self.bd = idx.base_qpos, idx.base_dof
         nf = len(self.cfg.feet_sites)
         self.s_pos = [idx.sensors[f"{s}_pos"] for s in self.cfg.feet_sites]
         self.s_vel = [idx.sensors[f"{s}_vel"] for s in self.cfg.feet_sites]
@@ -93,38 +89,22 @@ class HumanoidWalk(Task):
         self.contact = torch.zeros(N, nf, dtype=torch.bool, device=dev)
         self.first_contact = torch.zeros(N, nf, dtype=torch.bool, device=dev)
         self._air_at_touchdown = torch.zeros(N, nf, device=dev)
-        m = env.model
-        self.qpos0 = torch.as_tensor(m.qpos0, dtype=torch.float64, device=dev).clone()
-        key = mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_KEY, "home")
-        if key >= 0:
-            self.qpos0 = torch.as_tensor(m.key_qpos[key], dtype=torch.float64, device=dev).clone()
-        self.qpos0[self.jq] = self.act.default.to(torch.float64)
         self.resample_steps = max(1, int(self.cfg.resample_s / env.control_dt))
         lo_hi = torch.as_tensor([j.range for j in self.spec.joints], device=dev)
         mid, half = lo_hi.mean(1), 0.5 * (lo_hi[:, 1] - lo_hi[:, 0])
         self.soft_lo = mid - self.cfg.soft_limit * half
         self.soft_hi = mid + self.cfg.soft_limit * half
 
-    # ---- state accessors --------------------------------------------------------------
-    def _state(self):
-        be = self.env.backend
-        qpos, qvel = be.qpos.to(self.env.device), be.qvel.to(self.env.device)
-        return qpos, qvel
-
-    def default_ctrl(self) -> torch.Tensor:
-        ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float64, device=self.env.device)
-        ctrl[:, self.ja] = self.act.default.to(torch.float64)
-        return ctrl
-
     # ---- reset / commands ---------------------------------------------------------------
     def reset(self, env_ids):
         k, dev, g = len(env_ids), self.env.device, self.env.gen
         nq, nv = self.env.model.nq, self.env.model.nv
+        b = self.base_qpos_adr
         qpos = self.qpos0.expand(k, nq).clone()
-        noise = (torch.rand(k, len(self.jq), generator=g, dtype=torch.float64) * 2 - 1).to(dev)
-        qpos[:, self.jq] += self.cfg.init_joint_noise * noise
+        noise = (torch.rand(k, len(self.qpos_adr), generator=g, dtype=torch.float64) * 2 - 1).to(dev)
+        qpos[:, self.qpos_adr] += self.cfg.init_joint_noise * noise
         yaw = ((torch.rand(k, generator=g, dtype=torch.float64) * 2 - 1) * torch.pi).to(dev)
-        qpos[:, self.b + 3:self.b + 7] = quat_mul(quat_from_yaw(yaw), qpos[:, self.b + 3:self.b + 7])
+        qpos[:, b + 3:b + 7] = quat_mul(quat_from_yaw(yaw), qpos[:, b + 3:b + 7])
         qvel = torch.zeros(k, nv, dtype=torch.float64, device=dev)
         self._resample(env_ids)
         self.air_time[env_ids] = 0
@@ -145,14 +125,14 @@ class HumanoidWalk(Task):
     # ---- step ----------------------------------------------------------------------------
     def process_action(self, action):
         ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float32, device=self.env.device)
-        ctrl[:, self.ja] = self.act.joint_targets(action)
+        ctrl[:, self.actuator_id] = self.action_proc.joint_targets(action)
         return ctrl
 
     def update(self):
         self.refresh()
         sd = self.env.backend.sensordata.to(self.env.device, torch.float32)
         touch = sd[:, self.i_touch]  # [N, nf]
-        self.c_foot_vel = sd[:, self.i_vel].reshape(-1, len(self.s_vel), 3)
+        self.foot_vel = sd[:, self.i_vel].reshape(-1, len(self.s_vel), 3)
         contact = touch > self.cfg.contact_force
         self.first_contact = (self.air_time > 0) & contact
         self.air_time += self.env.control_dt
@@ -166,25 +146,33 @@ class HumanoidWalk(Task):
     def refresh(self):
         """Read the batch state once per step (after physics, and after resets)."""
         be, dev = self.env.backend, self.env.device
+        b, bd = self.base_qpos_adr, self.base_dof_adr
         qpos = be.qpos.to(dev, torch.float32, copy=True)  # a snapshot, also on Warp's float32 views
         qvel = be.qvel.to(dev, torch.float32, copy=True)
-        quat = qpos[:, self.b + 3:self.b + 7]
-        self.c_height = qpos[:, self.b + 2]
-        self.c_ang_b = qvel[:, self.bd + 3:self.bd + 6]  # free-joint angular velocity is body-frame
-        self.c_lin_b = quat_rotate_inverse(quat, qvel[:, self.bd:self.bd + 3])
-        self.c_grav = projected_gravity(quat)
-        self.c_q = qpos[:, self.jq]
-        self.c_qd = qvel[:, self.jd]
+        self.base_quat = qpos[:, b + 3:b + 7]  # [N, 4] (w, x, y, z)
+        self.height = qpos[:, b + 2]  # [N]
+        self.ang_vel_b = qvel[:, bd + 3:bd + 6]  # [N, 3] free-joint angular velocity is body-frame
+        self.lin_vel_w = qvel[:, bd:bd + 3]  # [N, 3] world frame
+        self.lin_vel_b = quat_rotate_inverse(self.base_quat, self.lin_vel_w)
+        self.gravity_b = projected_gravity(self.base_quat)
+        self.q = qpos[:, self.qpos_adr]  # [N, nj]
+        self.qd = qvel[:, self.dof_adr]
+
+    def robot_state(self) -> RobotState:
+        return RobotState(q=self.q, qd=self.qd, base_quat=self.base_quat, base_ang_vel=self.ang_vel_b,
+                          base_lin_vel=self.lin_vel_w, base_height=self.height[:, None],
+                          velocity_command=self.command, last_action=self.env.action)
 
     def terminated(self):
-        return (self.c_height < self.cfg.min_base_height) | (self.c_grav[:, 2] > self.cfg.max_tilt_cos)
+        return (self.height < self.cfg.min_base_height) | (self.gravity_b[:, 2] > self.cfg.max_tilt_cos)
 
     def reward_terms(self):
         c, env = self.cfg, self.env
-        g, q, qd, lin_b, ang_b = self.c_grav, self.c_q, self.c_qd, self.c_lin_b, self.c_ang_b
-        foot_vel = self.c_foot_vel  # [N, nf, 3]
+        g, q, qd, lin_b, ang_b = self.gravity_b, self.q, self.qd, self.lin_vel_b, self.ang_vel_b
+        foot_vel = self.foot_vel  # [N, nf, 3]
         moving = self.command[:, :2].norm(dim=1) > 0.1
-        tau = pd_torque(env.ctrl[:, self.ja].float(), q, qd, self.act.kp, self.act.kd, self.act.torque_limit)
+        p = self.action_proc
+        tau = pd_torque(env.ctrl[:, self.actuator_id].float(), q, qd, p.kp, p.kd, p.torque_limit)
         lin_err = ((self.command[:, :2] - lin_b[:, :2]) ** 2).sum(1)
         yaw_err = (self.command[:, 2] - ang_b[:, 2]) ** 2
         out_of_limits = (self.soft_lo - q).clamp_min(0) + (q - self.soft_hi).clamp_min(0)
@@ -202,14 +190,9 @@ class HumanoidWalk(Task):
             "joint_limit": out_of_limits.sum(1),
         }
 
-    def observation_terms(self):
-        return {"base_ang_vel": self.c_ang_b, "projected_gravity": self.c_grav,
-                "velocity_command": self.command, "joint_pos": self.c_q - self.act.default,
-                "joint_vel": self.c_qd, "last_action": self.env.action}
-
     def critic_terms(self):
         env = self.env
-        return {"base_lin_vel": self.c_lin_b, "base_height": self.c_height[:, None],
+        return {"base_lin_vel": self.lin_vel_b, "base_height": self.height[:, None],
                 "feet_contact": self.contact.float(), "friction": env.dr_summary["friction"][:, None],
                 "mass_scale": env.dr_summary["mass_scale"][:, None],
                 "strength": env.dr_summary["strength"][:, None]}
@@ -249,11 +232,11 @@ class HumanoidStand(HumanoidWalk):
 
     def bind(self, env):
         super().bind(env)
-        self.h0 = self.cfg.target_height if self.cfg.target_height > 0 else float(self.qpos0[self.b + 2])
+        self.h0 = self.cfg.target_height if self.cfg.target_height > 0 else float(self.qpos0[self.base_qpos_adr + 2])
 
     def reward_terms(self):
         out = super().reward_terms()
         del out["feet_air_time"]
-        out["height"] = torch.exp(-((self.c_height - self.h0) / 0.05) ** 2)
-        out["pose"] = ((self.c_q - self.act.default) ** 2).sum(1)
+        out["height"] = torch.exp(-((self.height - self.h0) / 0.05) ** 2)
+        out["pose"] = ((self.q - self.action_proc.default) ** 2).sum(1)
         return out

@@ -13,14 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from s2r.control.actions import ActionProcessor
-from s2r.control.observations import base_terms
-from s2r.control.rotations import quat_rotate_inverse
+from s2r.control.terms import RobotState
 from s2r.sim.randomization import RandomizationConfig
 from s2r.sim.tasks.base import Task, TaskConfig
-
-KNOWN_TERMS = ("joint_pos", "joint_vel", "base_height", "base_lin_vel", "base_ang_vel",
-               "projected_gravity", "last_action")
 
 
 @dataclass
@@ -39,66 +34,49 @@ class MjcfLocomotion(Task):
     Config = MjcfLocomotionConfig
     cfg: MjcfLocomotionConfig
 
+    state_fields = ("q", "qd", "base_quat", "base_ang_vel", "base_lin_vel", "base_height", "last_action")
+    needs_floating_base = True
+
     def bind(self, env):
         super().bind(env)
-        unknown = [t.name for t in self.spec.observation.terms if t.name not in KNOWN_TERMS]
-        if unknown:
-            raise ValueError(f"task {self.name}: observation term(s) {unknown} in robot spec "
-                             f"'{self.spec.name}' are not provided (known: {list(KNOWN_TERMS)})")
-        idx, dev = env.index, env.device
-        if idx.base_qpos is None:
-            raise ValueError(f"task {self.name} needs spec.base_body with a free joint "
-                             f"(robot spec '{self.spec.name}')")
-        self.act = ActionProcessor(self.spec, dev)
-        self.jq = torch.as_tensor(idx.joint_qpos, device=dev)
-        self.jd = torch.as_tensor(idx.joint_dof, device=dev)
-        self.ja = torch.as_tensor(idx.joint_act, device=dev)
-        self.b, self.bd = idx.base_qpos, idx.base_dof
+        dev = env.device
+        # gymnasium's reset: the model's qpos0 (not a keyframe) plus noise
         self.qpos0 = torch.as_tensor(env.model.qpos0, dtype=torch.float64, device=dev)
         self.prev_x = torch.zeros(env.num_envs, dtype=torch.float64, device=dev)
         self.torque_mode = self.spec.action.type == "joint_torque"
         # joint_torque actions are N m at the joint; motor ctrl is N m / gear
-        self.gear = torch.as_tensor(env.model.actuator_gear[idx.joint_act, 0], dtype=torch.float32, device=dev)
-
-    def default_ctrl(self):
-        ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float64, device=self.env.device)
-        if not self.torque_mode:
-            ctrl[:, self.ja] = self.act.default.to(torch.float64)
-        return ctrl
+        self.gear = torch.as_tensor(env.model.actuator_gear[env.index.joint_act, 0], dtype=torch.float32, device=dev)
 
     def reset(self, env_ids):
         k, g, m, dev = len(env_ids), self.env.gen, self.env.model, self.env.device
         a = self.cfg.reset_noise
         qpos = self.qpos0.expand(k, m.nq) + a * (2 * torch.rand(k, m.nq, generator=g, dtype=torch.float64) - 1).to(dev)
         qvel = a * (2 * torch.rand(k, m.nv, generator=g, dtype=torch.float64) - 1).to(dev)
-        self.prev_x[env_ids] = qpos[:, self.b]
+        self.prev_x[env_ids] = qpos[:, self.base_qpos_adr]
         return qpos, qvel
 
     def process_action(self, action):
         ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, device=self.env.device)
-        ctrl[:, self.ja] = self.act.joint_torques(action) / self.gear if self.torque_mode else self.act.joint_targets(action)
+        p = self.action_proc
+        ctrl[:, self.actuator_id] = p.joint_torques(action) / self.gear if self.torque_mode else p.joint_targets(action)
         return ctrl
 
     def terminated(self):
-        z = self.env.backend.qpos[:, self.b + 2].to(self.env.device)
+        z = self.env.backend.qpos[:, self.base_qpos_adr + 2].to(self.env.device)
         return (z < self.cfg.healthy_z[0]) | (z > self.cfg.healthy_z[1])
 
     def reward_terms(self):
-        x = self.env.backend.qpos[:, self.b].to(self.env.device)
+        x = self.env.backend.qpos[:, self.base_qpos_adr].to(self.env.device)
         vx = (x - self.prev_x) / self.env.control_dt
         self.prev_x = x.clone()
         return {"forward_velocity": vx.float(), "healthy": (~self.terminated()).float(),
                 "ctrl_cost": (self.env.action ** 2).sum(1)}
 
-    def observation_terms(self):
+    def robot_state(self) -> RobotState:
         be, dev = self.env.backend, self.env.device
+        b, bd = self.base_qpos_adr, self.base_dof_adr
         qpos, qvel = be.qpos.to(dev), be.qvel.to(dev)
-        quat = qpos[:, self.b + 3:self.b + 7].float()
-        ang = qvel[:, self.bd + 3:self.bd + 6].float()
-        t = base_terms(quat, ang)
-        t["joint_pos"] = qpos[:, self.jq].float() - self.act.default
-        t["joint_vel"] = qvel[:, self.jd].float()
-        t["base_height"] = qpos[:, self.b + 2:self.b + 3].float()
-        t["base_lin_vel"] = quat_rotate_inverse(quat, qvel[:, self.bd:self.bd + 3].float())
-        t["last_action"] = self.env.action
-        return t
+        q, qd = self.joint_state()
+        return RobotState(q=q, qd=qd, base_quat=qpos[:, b + 3:b + 7].float(),
+                          base_ang_vel=qvel[:, bd + 3:bd + 6].float(), base_lin_vel=qvel[:, bd:bd + 3].float(),
+                          base_height=qpos[:, b + 2:b + 3].float(), last_action=self.env.action)

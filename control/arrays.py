@@ -1,0 +1,63 @@
+"""Array namespaces: the control code runs on numpy (robot) and on torch (batched simulation).
+
+Every function in control/ takes arrays with a leading batch dimension `[N, ...]` and
+looks up its namespace from its inputs: numpy arrays use numpy, torch tensors use torch.
+torch mirrors numpy's names for what control/ needs (stack, concatenate, clip, where,
+sqrt, arctan2, linalg.solve, swapaxes, roll), so one body of code serves both, and the
+robot, which never has torch, never imports it: `namespace` only looks torch up in
+sys.modules, where it is present only if the caller already imported it.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+Array = Any  # np.ndarray | torch.Tensor, [N, ...]
+
+
+def namespace(*arrays: Array) -> ModuleType:
+    """numpy, or torch when any argument is a torch tensor."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        for a in arrays:
+            if isinstance(a, torch.Tensor):
+                return torch
+    return np
+
+
+def is_torch(xp: ModuleType) -> bool:
+    return xp is not np
+
+
+def asarray_like(x: Any, like: Array) -> Array:
+    """x (a number, list or array) as an array of like's namespace, dtype and device."""
+    xp = namespace(like)
+    if xp is np:
+        return np.asarray(x, dtype=like.dtype)
+    return xp.as_tensor(x, dtype=like.dtype, device=like.device)
+
+
+def eye_like(m: int, like: Array) -> Array:
+    xp = namespace(like)
+    if xp is np:
+        return np.eye(m, dtype=like.dtype)
+    return xp.eye(m, dtype=like.dtype, device=like.device)
+
+
+def zeros_like_shape(shape: tuple[int, ...], like: Array) -> Array:
+    xp = namespace(like)
+    if xp is np:
+        return np.zeros(shape, dtype=like.dtype)
+    return xp.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+def cross(a: Array, b: Array) -> Array:
+    """a x b over the last axis (size 3); written out because numpy and torch spell it differently."""
+    xp = namespace(a, b)
+    ax, ay, az = a[..., 0], a[..., 1], a[..., 2]
+    bx, by, bz = b[..., 0], b[..., 1], b[..., 2]
+    return xp.stack([ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx], axis=-1)
