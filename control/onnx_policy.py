@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from s2r.control.spec import RobotSpec, SpecError
+from s2r.control.spec import RobotSpec, SpecError, check_spec_hash, first_spec_difference  # noqa: F401 (re-export)
 
 # ---- the file format (policies/export.py writes it, this module reads it) --------------
 INPUT_NAME, OUTPUT_NAME = "obs", "actions"
@@ -120,18 +120,9 @@ class OnnxPolicy:
 
     def check_spec(self, spec: RobotSpec) -> None:
         """Refuse a robot whose spec differs from the one this policy was trained with."""
+        check_spec_hash(NO_SPEC if self.spec_dict is None else self.spec_hash, spec,
+                        f"ONNX policy {self.path} (run {self.metadata[META_RUN_ID]})", expected_spec=self.spec_dict)
         where = f" ({spec.source})" if spec.source else ""
-        if self.spec_dict is None:
-            raise SpecError(f"ONNX policy {self.path} was exported from a task without a robot spec "
-                            f"(run {self.metadata[META_RUN_ID]}); it cannot drive robot '{spec.name}'{where}")
-        robot_hash = spec.hash()
-        if robot_hash != self.spec_hash:
-            diff = first_spec_difference(self.spec_dict, spec.to_dict())
-            raise SpecError(
-                f"robot spec mismatch: ONNX policy {self.path} was exported for robot spec hash {self.spec_hash} "
-                f"('{self.spec_dict.get('name')}'), but the robot spec in use{where} hashes to {robot_hash}: "
-                f"{diff or 'no field differs (the hashes were computed by different s2r versions?)'}. "
-                f"Drive the robot with the spec the policy was trained with, or retrain/re-export for this one.")
         if spec.observation.dim != self.obs_dim or spec.action_dim != self.action_dim:
             raise SpecError(f"ONNX policy {self.path} takes obs {self.obs_dim} / gives actions {self.action_dim}, "
                             f"but robot spec '{spec.name}'{where} has obs {spec.observation.dim} / "
@@ -158,73 +149,6 @@ class OnnxPolicy:
     def __repr__(self) -> str:
         return (f"OnnxPolicy({self.path!r}, obs {self.obs_dim} -> actions {self.action_dim}, "
                 f"spec {self.spec_hash}, run {self.metadata.get(META_RUN_ID)})")
-
-
-# ---- spec comparison ----------------------------------------------------------------------
-
-def first_spec_difference(policy: dict[str, Any], robot: dict[str, Any]) -> str | None:
-    """The first concrete difference between two RobotSpec.to_dict()s, in the order a deployer cares
-    about (joints and their order, gains and limits, rates, action, observation layout), or None."""
-    pj = [j["name"] for j in policy.get("joints", [])]
-    rj = [j["name"] for j in robot.get("joints", [])]
-    if pj != rj:
-        missing, extra = [n for n in pj if n not in rj], [n for n in rj if n not in pj]
-        if missing or extra:
-            parts = ([f"the robot lacks {missing}"] if missing else []) + ([f"the policy does not know {extra}"]
-                                                                             if extra else [])
-            return f"joint set differs (policy {len(pj)} joints, robot {len(rj)}): " + "; ".join(parts)
-        i = next(k for k, (a, b) in enumerate(zip(pj, rj)) if a != b)
-        return f"joint order differs at index {i}: policy has '{pj[i]}', robot has '{rj[i]}'"
-    for p, r in zip(policy["joints"], robot["joints"]):
-        for key in [*p, *(k for k in r if k not in p)]:  # field order: default, kp, kd, range, ...
-            if p.get(key) != r.get(key):
-                return f"{key} of '{p['name']}' differs: policy {_fmt(p.get(key))} vs robot {_fmt(r.get(key))}"
-    for key in ("physics_dt", "decimation"):
-        if policy.get(key) != robot.get(key):
-            return f"{key} differs: policy {_fmt(policy.get(key))} vs robot {_fmt(robot.get(key))}"
-    d = _diff(policy.get("action"), robot.get("action"), "action")
-    if d:
-        return d
-    po, ro = policy.get("observation") or {}, robot.get("observation") or {}
-    pt = [(t["name"], t["dim"]) for t in po.get("terms", [])]
-    rt = [(t["name"], t["dim"]) for t in ro.get("terms", [])]
-    if pt != rt:
-        return f"observation term list differs: policy {_terms(pt)} vs robot {_terms(rt)}"
-    for p, r in zip(po.get("terms", []), ro.get("terms", [])):
-        d = _diff(p, r, f"observation term '{p['name']}'")
-        if d:
-            return d
-    for key in ("history_length", "history_order"):
-        if po.get(key) != ro.get(key):
-            return f"observation {key} differs: policy {_fmt(po.get(key))} vs robot {_fmt(ro.get(key))}"
-    skip = {"joints", "physics_dt", "decimation", "action", "observation", "mjcf"}  # mjcf is not in the hash
-    for key in sorted((set(policy) | set(robot)) - skip):
-        d = _diff(policy.get(key), robot.get(key), key)
-        if d:
-            return d
-    return None
-
-
-def _diff(p: Any, r: Any, where: str) -> str | None:
-    if isinstance(p, dict) and isinstance(r, dict):
-        for k in sorted(set(p) | set(r)):
-            d = _diff(p.get(k), r.get(k), f"{where}.{k}")
-            if d:
-                return d
-        return None
-    return None if p == r else f"{where} differs: policy {_fmt(p)} vs robot {_fmt(r)}"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_fmt(x) for x in v) + "]"
-    return repr(v) if isinstance(v, str) else str(v)
-
-
-def _terms(terms: list[tuple[str, int]]) -> str:
-    return "[" + ", ".join(f"{n}({d})" for n, d in terms) + "]"
 
 
 def _int_meta(meta: dict[str, str], key: str, path: str) -> int:
