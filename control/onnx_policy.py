@@ -7,6 +7,11 @@ The ROS node builds one `OnnxPolicy(path, expected_spec=<the robot's spec>)` and
 once per control tick; a policy whose embedded spec differs from the robot's is refused
 with the first concrete difference (joint order, a gain, the observation terms, ...).
 
+Integrity: the file records `s2r.content_sha256`, the sha256 of its graph and weights (every
+top-level ModelProto field but metadata_props, as raw protobuf bytes in file order:
+`content_sha256`). Loading recomputes it with a small protobuf wire-format walker (no `onnx`
+package needed) and refuses a file whose weights or graph changed after export.
+
 Latency: onnxruntime on one thread, sequential, full graph optimisation; input and output
 live in numpy buffers bound once (IOBinding), so a call copies the observation in, runs,
 and hands back a view of the bound output; nothing is allocated per call beyond ORT's own.
@@ -16,9 +21,11 @@ Imports onnxruntime and numpy only (never torch): this module runs on the robot.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,8 @@ META_RUN_ID = "s2r.run_id"
 META_OBS_DIM = "s2r.obs_dim"
 META_ACTION_DIM = "s2r.action_dim"
 META_EXPORTER = "s2r.exporter_version"
+META_CONTENT_HASH = "s2r.content_sha256"  # content_sha256(file): graph and weights, not metadata
+METADATA_FIELD = 14  # ModelProto.metadata_props, the one top-level field the content hash skips
 REQUIRED_METADATA = (META_SPEC_HASH, META_SPEC, META_ALGO, META_POLICY_HEAD, META_RUN_ID, META_OBS_DIM,
                      META_ACTION_DIM, META_EXPORTER)
 
@@ -57,8 +66,12 @@ class OnnxPolicy:
 
     def __init__(self, path: str | os.PathLike | bytes, expected_spec: RobotSpec | None = None):
         self.path = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
-        if not isinstance(path, (bytes, bytearray)) and not Path(path).is_file():
-            raise FileNotFoundError(f"ONNX policy file not found: {path}")
+        if isinstance(path, (bytes, bytearray)):
+            data = bytes(path)
+        else:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"ONNX policy file not found: {path}")
+            data = Path(path).read_bytes()  # read once: what is hashed is what ORT loads
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.inter_op_num_threads = 1
@@ -66,18 +79,26 @@ class OnnxPolicy:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # errors only: no per-session chatter in the robot's log
         try:
-            self._sess = ort.InferenceSession(bytes(path) if isinstance(path, bytearray) else
-                                              (path if isinstance(path, bytes) else str(path)),
-                                              sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own Fail / InvalidProtobuf / InvalidGraph types
-            size = len(path) if isinstance(path, (bytes, bytearray)) else Path(path).stat().st_size
-            raise PolicyFileError(f"cannot load ONNX policy {self.path} ({size} bytes): it is truncated, "
-                                  f"corrupt or not an ONNX model ({type(e).__name__}: {str(e)[:300]})") from None
+            content_hash = content_sha256(data)  # walks the whole file: a cut-off field is caught here
+            self._sess = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ValueError from the walker; ORT raises its own Fail / InvalidProtobuf types
+            detail = " ".join(str(e).split())[:300]
+            raise PolicyFileError(f"cannot load ONNX policy {self.path} ({len(data)} bytes): it is truncated, "
+                                  f"corrupt or not an ONNX model ({type(e).__name__}: {detail})") from None
         self.metadata: dict[str, str] = dict(self._sess.get_modelmeta().custom_metadata_map)
         missing = [k for k in REQUIRED_METADATA if k not in self.metadata]
         if missing:
             raise PolicyFileError(f"ONNX policy {self.path} lacks s2r metadata {missing}: it was not written by "
                                   f"`s2r export` (or by an older version); re-export it from its training run")
+        recorded = self.metadata.get(META_CONTENT_HASH)
+        if recorded is None:
+            raise PolicyFileError(f"ONNX policy {self.path} has no {META_CONTENT_HASH} content hash: it was "
+                                  f"exported by an older s2r; re-export it from its training run "
+                                  f"(s2r export RUN --out FILE)")
+        if recorded != content_hash:
+            raise PolicyFileError(f"ONNX policy {self.path}: its graph and weights hash to {content_hash}, but "
+                                  f"the file records {META_CONTENT_HASH} {recorded}: it was altered or "
+                                  f"corrupted after export; re-export it from its training run")
         self.obs_dim = _int_meta(self.metadata, META_OBS_DIM, self.path)
         self.action_dim = _int_meta(self.metadata, META_ACTION_DIM, self.path)
         self._check_graph()
@@ -149,6 +170,63 @@ class OnnxPolicy:
     def __repr__(self) -> str:
         return (f"OnnxPolicy({self.path!r}, obs {self.obs_dim} -> actions {self.action_dim}, "
                 f"spec {self.spec_hash}, run {self.metadata.get(META_RUN_ID)})")
+
+
+# ---- the content hash --------------------------------------------------------------------
+
+def content_sha256(data: bytes) -> str:
+    """sha256 (hex) of an ONNX file's graph and weights: the raw bytes of every top-level ModelProto
+    field except metadata_props (field 14), in file order. Adding metadata leaves it unchanged.
+    Raises ValueError if `data` is not a whole protobuf message (e.g. a truncated file)."""
+    h = hashlib.sha256()
+    view = memoryview(data)
+    for field, start, end in protobuf_fields(data):
+        if field != METADATA_FIELD:
+            h.update(view[start:end])
+    return h.hexdigest()
+
+
+def protobuf_fields(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each top-level field of a serialized protobuf message, in file
+    order; [start, end) covers the tag and the value. Wire types: 0 varint, 1 fixed64,
+    2 length-delimited, 5 fixed32 (3/4, the deprecated groups, are refused)."""
+    pos, n = 0, len(data)
+    while pos < n:
+        start = pos
+        key, pos = _varint(data, pos)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise ValueError(f"protobuf field number 0 at byte {start}")
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"protobuf wire type {wire} (field {field}) at byte {start} is not supported")
+        if pos > n:
+            raise ValueError(f"protobuf field {field} at byte {start} runs past the end of the data ({n} bytes)")
+        yield field, start, pos
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """-> (value, position after it) of the base-128 varint at `pos`."""
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError(f"protobuf varint runs past the end of the data ({len(data)} bytes)")
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 70:
+            raise ValueError(f"protobuf varint longer than 10 bytes ending at byte {pos}")
 
 
 def _int_meta(meta: dict[str, str], key: str, path: str) -> int:

@@ -7,7 +7,9 @@ observation normaliser + actor's deterministic action, and writes one ONNX file
 `obs [1, obs_dim] -> actions [1, action_dim]` that control/onnx_policy.py (the ROS node's
 runtime) loads. The file carries `s2r.*` metadata: the robot spec the run was trained with
 (joint names in order, default pose, gains, action type and scale, rates, observation
-layout) and its hash, so the runtime refuses a robot whose contract differs.
+layout) and its hash, so the runtime refuses a robot whose contract differs; and
+`s2r.content_sha256`, the hash of the graph and weights (onnx_policy.content_sha256), so the
+runtime refuses a file altered after export.
 
 Exporter: torch.onnx's TorchScript-based exporter (`dynamo=False`). In torch 2.13 it still
 works (with a DeprecationWarning, silenced here); the torch.export-based default needs
@@ -26,6 +28,7 @@ import copy
 import dataclasses
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -33,9 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from s2r.control.onnx_policy import (INPUT_NAME, META_ACTION_DIM, META_ALGO, META_EXPORTER, META_OBS_DIM,
-                                     META_POLICY_HEAD, META_RUN_ID, META_SPEC, META_SPEC_HASH, MIN_OPSET, NO_SPEC,
-                                     OUTPUT_NAME, OnnxPolicy)
+from s2r.control.onnx_policy import (INPUT_NAME, META_ACTION_DIM, META_ALGO, META_CONTENT_HASH, META_EXPORTER,
+                                     META_OBS_DIM, META_POLICY_HEAD, META_RUN_ID, META_SPEC, META_SPEC_HASH,
+                                     MIN_OPSET, NO_SPEC, OUTPUT_NAME, REQUIRED_METADATA, OnnxPolicy, PolicyFileError,
+                                     content_sha256)
 from s2r.control.spec import RobotSpec, check_spec_hash
 from s2r.io import atomic_write_bytes
 from s2r.policies.normalizer import RunningNorm
@@ -79,7 +83,8 @@ class DeterministicPolicy(nn.Module):
 
 
 def to_onnx_bytes(policy: DeterministicPolicy, obs_dim: int, metadata: dict[str, str], opset: int = 17) -> bytes:
-    """Trace `policy` at batch 1 into an ONNX model with `metadata` as metadata_props; checker-verified."""
+    """Trace `policy` at batch 1 into an ONNX model with `metadata` as metadata_props, checker-verified,
+    stamped with its content hash (stamp_content_hash)."""
     import onnx
 
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -96,7 +101,46 @@ def to_onnx_bytes(policy: DeterministicPolicy, obs_dim: int, metadata: dict[str,
     model.doc_string = "s2r policy: raw observation -> action in [-1, 1] (normaliser inside the graph)"
     onnx.helper.set_model_props(model, metadata)
     onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString()
+    return stamp_content_hash(model)
+
+
+def stamp_content_hash(model) -> bytes:
+    """`model` (an onnx.ModelProto) serialized with metadata s2r.content_sha256 = content_sha256 of its
+    graph and weights (an existing entry is replaced).
+
+    The hash skips metadata_props (field 14), and the serializer writes fields in field-number
+    order, so appending the entry leaves every other field's bytes as they were hashed; checked."""
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != META_CONTENT_HASH]
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
+    digest = content_sha256(model.SerializeToString())
+    model.metadata_props.add(key=META_CONTENT_HASH, value=digest)
+    data = model.SerializeToString()
+    if content_sha256(data) != digest:
+        raise ExportError(f"adding {META_CONTENT_HASH} changed the bytes of the graph or weights "
+                          f"(hash {digest} before, {content_sha256(data)} after); protobuf serializer bug?")
+    return data
+
+
+def restamp_onnx(path: str | os.PathLike) -> str:
+    """Add s2r.content_sha256 in place to an s2r ONNX policy exported before s2r recorded it: the graph
+    and weights are re-serialized unchanged (checked: the same content hash before and after) and the
+    file is rewritten atomically. Returns the hash."""
+    import onnx
+
+    path = Path(path)
+    data = path.read_bytes()
+    model = onnx.load_from_string(data)
+    missing = [k for k in REQUIRED_METADATA if k not in {p.key for p in model.metadata_props}]
+    if missing:
+        raise PolicyFileError(f"{path} lacks s2r metadata {missing}: not an s2r export, nothing to re-stamp")
+    before = content_sha256(data)
+    stamped = stamp_content_hash(model)
+    if content_sha256(stamped) != before:
+        raise ExportError(f"re-serializing {path} changed its graph or weights bytes; file left as it was")
+    atomic_write_bytes(path, stamped)
+    return before
 
 
 def exporter_version(opset: int) -> str:
@@ -158,7 +202,7 @@ def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random
     }
     data = to_onnx_bytes(policy, obs_dim, metadata, opset)
 
-    runtime = OnnxPolicy(data, expected_spec=spec)  # also proves the metadata round-trips
+    runtime = OnnxPolicy(data, expected_spec=spec)  # also proves the metadata and content hash round-trip
     rng = np.random.default_rng(seed)
     std = torch.sqrt(obs_norm.var).numpy() if policy.normalize else np.ones(obs_dim)
     mean = obs_norm.mean.numpy() if policy.normalize else np.zeros(obs_dim)
@@ -173,7 +217,8 @@ def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random
     n_params = sum(p.numel() for p in policy.actor.parameters())
     return {
         "path": str(out_path), "run_id": metadata[META_RUN_ID], "checkpoint": str(ckpt_path), "task": cfg.task,
-        "algo": cfg.algo, "policy_head": cfg.policy, "spec_hash": metadata[META_SPEC_HASH], "opset": opset,
+        "algo": cfg.algo, "policy_head": cfg.policy, "spec_hash": metadata[META_SPEC_HASH],
+        "content_sha256": runtime.metadata[META_CONTENT_HASH], "opset": opset,
         "exporter": EXPORTER, "max_abs_err_random": err_random, "n_random": len(rand_obs),
         "max_abs_err_recorded": err_recorded, "n_recorded": 0 if recorded_obs is None else len(recorded_obs),
         "tolerance": atol,

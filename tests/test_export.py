@@ -1,5 +1,6 @@
 """ONNX export and the robot's runtime: a valid static graph, the normaliser inside, the robot spec
-embedded and enforced, onnxruntime equal to torch, clear errors for bad files and bad inputs."""
+embedded and enforced, a content hash that catches altered weights, onnxruntime equal to torch,
+clear errors for bad files and bad inputs."""
 
 import copy
 import json
@@ -13,17 +14,21 @@ import onnx
 import pytest
 import torch
 
-from s2r.control.onnx_policy import OnnxPolicy, PolicyFileError
+import onnxruntime as ort
+
+from s2r.control.onnx_policy import (META_CONTENT_HASH, OnnxPolicy, PolicyFileError, content_sha256,
+                                     protobuf_fields)
 from s2r.control.spec import RobotSpec, SpecError
 from s2r.policies import export as export_mod
 from s2r.policies.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from s2r.policies.evaluate import load_run
-from s2r.policies.export import DeterministicPolicy, ExportError, export_onnx
+from s2r.policies.export import DeterministicPolicy, ExportError, export_onnx, restamp_onnx
 from s2r.policies.recipes import recipe
 from s2r.policies.trainer import Trainer, make_env_for
 
 S2R = [sys.executable, "-m", "s2r.cli"]
 G1_YAML = Path(__file__).resolve().parents[1] / "sim" / "robots" / "g1" / "g1.yaml"
+PRETRAINED = Path(__file__).resolve().parents[1] / "policies" / "pretrained" / "g1_stand.onnx"
 
 
 def tiny(task, algo, policy, **kw):
@@ -244,6 +249,96 @@ def test_call_returns_a_read_only_view_of_the_bound_output(humanoid):
     a2 = pol(np.ones((1, 48)))  # float64 and [1, obs_dim] are accepted too
     assert a1 is a2 and a2.shape == (13,) and a2.dtype == np.float32 and not a2.flags.writeable
     assert not np.array_equal(first, a2) and np.all(np.abs(a2) < 1)
+
+
+# ---- the content hash: graph and weights as exported ----------------------------------------
+
+def test_walker_sees_the_top_level_fields_onnx_wrote_in_order(humanoid):
+    _, path, _ = humanoid
+    data = path.read_bytes()
+    fields = list(protobuf_fields(data))
+    assert [f for f, _, _ in fields] == [fd.number for fd, v in onnx.load_from_string(data).ListFields()
+                                         for _ in (v if fd.is_repeated else [v])]
+    assert fields[0][1] == 0 and fields[-1][2] == len(data)
+    assert all(a[2] == b[1] for a, b in zip(fields, fields[1:]))  # contiguous: every byte is in a field
+
+
+def test_adding_metadata_leaves_the_content_hash_unchanged_and_weights_change_it(humanoid):
+    _, path, _ = humanoid
+    model = onnx.load(str(path))
+    recorded = {p.key: p.value for p in model.metadata_props}[META_CONTENT_HASH]
+    assert content_sha256(path.read_bytes()) == recorded
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, "extra": "x" * 1000})
+    assert content_sha256(model.SerializeToString()) == recorded
+    w = model.graph.initializer[0]
+    w.raw_data = bytes([w.raw_data[0] ^ 1]) + w.raw_data[1:]
+    assert content_sha256(model.SerializeToString()) != recorded
+
+
+def test_flipped_weight_bytes_are_refused_naming_the_file_and_both_hashes(humanoid, tmp_path):
+    _, path, _ = humanoid
+    data = bytearray(path.read_bytes())
+    model = onnx.load_from_string(bytes(data))
+    raw = max((t.raw_data for t in model.graph.initializer), key=len)  # the largest weight matrix
+    at = bytes(data).find(raw) + len(raw) // 2
+    data[at:at + 64] = bytes(b ^ 0x5A for b in data[at:at + 64])
+    bad = tmp_path / "flipped.onnx"
+    bad.write_bytes(bytes(data))
+    # onnxruntime alone loads it and acts differently: the danger the hash exists for
+    x = np.random.default_rng(0).standard_normal((1, 48)).astype(np.float32)
+    acts = [ort.InferenceSession(str(p)).run(None, {"obs": x})[0] for p in (path, bad)]
+    assert np.abs(acts[0] - acts[1]).max() > 1e-6
+    recorded = OnnxPolicy(path).metadata[META_CONTENT_HASH]
+    with pytest.raises(PolicyFileError) as e:
+        OnnxPolicy(bad)
+    msg = str(e.value)
+    assert "flipped.onnx" in msg and recorded in msg and content_sha256(bytes(data)) in msg
+    assert "altered or corrupted after export" in msg
+
+
+def test_edited_metadata_other_than_the_hash_is_still_caught(humanoid, tmp_path):
+    _, path, _ = humanoid
+    data = path.read_bytes()
+    spec_hash = OnnxPolicy(path).spec_hash
+    assert data.count(spec_hash.encode()) == 1  # the s2r.spec_hash value
+    edited = tmp_path / "edited.onnx"
+    edited.write_bytes(data.replace(spec_hash.encode(), b"0123456789abcdef"))
+    assert content_sha256(edited.read_bytes()) == content_sha256(data)  # metadata is outside the hash
+    with pytest.raises(PolicyFileError, match="embedded robot spec hashes to .* metadata says 0123456789abcdef"):
+        OnnxPolicy(edited)
+
+
+@pytest.mark.parametrize("keep", [1, 100, 0.5, -1])
+def test_truncated_file_is_a_policy_file_error_wherever_it_is_cut(humanoid, tmp_path, keep):
+    _, path, _ = humanoid
+    data = path.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else keep if keep > 0 else len(data) + keep
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(data[:n])
+    with pytest.raises(PolicyFileError, match="cut.onnx"):
+        OnnxPolicy(cut)
+
+
+def test_file_without_a_content_hash_is_refused_saying_re_export(humanoid, tmp_path):
+    _, path, _ = humanoid
+    model = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key != META_CONTENT_HASH]
+    del model.metadata_props[:]
+    for k, v in kept:
+        model.metadata_props.add(key=k, value=v)
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    with pytest.raises(PolicyFileError, match="old.onnx has no s2r.content_sha256 .*exported by an older s2r; "
+                                              "re-export"):
+        OnnxPolicy(old)
+    assert restamp_onnx(old) == content_sha256(path.read_bytes())  # the weights it re-stamps are the exported ones
+    assert OnnxPolicy(old).metadata[META_CONTENT_HASH] == OnnxPolicy(path).metadata[META_CONTENT_HASH]
+
+
+def test_shipped_pretrained_policy_carries_its_content_hash():
+    pol = OnnxPolicy(PRETRAINED, expected_spec=RobotSpec.load(G1_YAML))
+    assert pol.metadata[META_CONTENT_HASH] == content_sha256(PRETRAINED.read_bytes())
+    assert pol.metadata[META_CONTENT_HASH].startswith("42ed20b39ce9d922")  # the hash of the weights as trained
 
 
 # ---- the command line ----------------------------------------------------------------------
