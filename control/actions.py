@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from s2r.control.arrays import Array, asarray_like, namespace
+from s2r.control.arrays import Array, asarray_like, clip, namespace
 from s2r.control.ik import dls, hinge_jacobian
 from s2r.control.rotations import quat_error
 from s2r.control.spec import RobotSpec
@@ -62,15 +62,13 @@ class ActionProcessor:
 
     def joint_targets(self, action: Array) -> Array:
         """[N, nj] in [-1, 1] -> joint position targets [N, nj] within the joint range."""
-        xp = namespace(action)
-        q = self.default + self.scale * xp.clip(action, -1.0, 1.0)
-        return xp.clip(q, self.lower, self.upper)
+        q = self.default + self.scale * clip(action, -1.0, 1.0)
+        return clip(q, self.lower, self.upper)
 
     def joint_torques(self, action: Array) -> Array:
         """[N, nj] -> direct torques [N, nj], clipped to the torque limit."""
-        xp = namespace(action)
-        tau = self.scale * xp.clip(action, -1.0, 1.0)
-        return xp.clip(tau, -self.torque_limit, self.torque_limit)
+        tau = self.scale * clip(action, -1.0, 1.0)
+        return clip(tau, -self.torque_limit, self.torque_limit)
 
 
 def pd_torque(q_target: Array, q: Array, qd: Array, kp: Array, kd: Array, torque_limit: Array) -> Array:

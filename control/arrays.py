@@ -61,3 +61,22 @@ def cross(a: Array, b: Array) -> Array:
     ax, ay, az = a[..., 0], a[..., 1], a[..., 2]
     bx, by, bz = b[..., 0], b[..., 1], b[..., 2]
     return xp.stack([ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx], axis=-1)
+
+
+def stack_last(cols: list) -> Array:
+    """Stack [N] arrays into [N, k] (np.stack's Python overhead is most of a small robot-side term)."""
+    xp = namespace(cols[0])
+    if xp is not np:
+        return xp.stack(cols, axis=-1)
+    out = np.empty(np.shape(cols[0]) + (len(cols),), dtype=np.result_type(*cols))
+    for i, c in enumerate(cols):
+        out[..., i] = c
+    return out
+
+
+def clip(a: Array, lo, hi) -> Array:
+    """min(max(a, lo), hi); numpy's ufuncs directly (np.clip costs ~5 us of Python per call)."""
+    xp = namespace(a)
+    if xp is np:
+        return np.minimum(np.maximum(a, lo), hi)
+    return xp.clip(a, lo, hi)

@@ -7,7 +7,7 @@ the namespace follows the inputs (control/arrays.py).
 
 from __future__ import annotations
 
-from s2r.control.arrays import Array, cross, namespace
+from s2r.control.arrays import Array, cross, namespace, stack_last
 
 
 def quat_conj(q: Array) -> Array:
@@ -45,9 +45,8 @@ def projected_gravity(q: Array) -> Array:
 
     R^T (0, 0, -1) written out (the third row of R, negated): no temporary gravity array.
     """
-    xp = namespace(q)
     w, x, y, z = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
-    return xp.stack([-2.0 * (x * z - w * y), -2.0 * (y * z + w * x), -(1.0 - 2.0 * (x * x + y * y))], axis=-1)
+    return stack_last([-2.0 * (x * z - w * y), -2.0 * (y * z + w * x), 2.0 * (x * x + y * y) - 1.0])
 
 
 def yaw_from_quat(q: Array) -> Array:

@@ -52,6 +52,7 @@ class EnvConfig:
     randomize: bool | None = None  # None: the task's default
     episode_length_s: float | None = None  # None: the task's default
     max_qvel: float = 1e3  # rad/s or m/s: beyond this an env counts as diverged
+    joint_torque_sensors: bool = False  # sensordata "jnt_torque:<joint>": applied actuator torque (sim bridge)
     task_overrides: dict[str, Any] = field(default_factory=dict)  # task config fields
 
 
@@ -73,7 +74,8 @@ class BatchedEnv:
             self.task.cfg.episode_length_s = cfg.episode_length_s
         self.spec: RobotSpec = self.task.spec
         self.model, self.index = compile_model(self.spec, self.task.sensors(),
-                                               joint_axis_sensors=self.task.joint_axis_sensors())
+                                               joint_axis_sensors=self.task.joint_axis_sensors(),
+                                               joint_torque_sensors=cfg.joint_torque_sensors)
         self.decimation = self.spec.decimation
         self.control_dt = self.spec.control_dt
         self.max_episode_steps = max(1, int(math.ceil(self.task.cfg.episode_length_s / self.control_dt)))

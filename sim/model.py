@@ -76,9 +76,12 @@ def _find(items, name: str):
 
 
 def compile_model(spec: RobotSpec, sensors: list[SensorRequest] = (),
-                  joint_axis_sensors: bool = False) -> tuple[mujoco.MjModel, ModelIndex]:
+                  joint_axis_sensors: bool = False,
+                  joint_torque_sensors: bool = False) -> tuple[mujoco.MjModel, ModelIndex]:
     """Load the spec's MJCF, apply the contract, add task sensors, compile.
 
+    joint_torque_sensors: add an `actuatorfrc` sensor `jnt_torque:<joint>` per spec joint: the torque its
+    actuator applied in the last physics step (what a drive reports as effort).
     joint_axis_sensors: add, for each spec joint, a site at the joint anchor with its z axis
     along the joint axis and framepos/framezaxis sensors `jnt_anchor:<joint>` /
     `jnt_axis:<joint>` (for the batched Jacobian in control/ik.py).
@@ -144,6 +147,13 @@ def compile_model(spec: RobotSpec, sensors: list[SensorRequest] = (),
                                group=5, size=[0.005, 0.005, 0.005])
             requests.append(SensorRequest(f"jnt_anchor:{j.name}", "framepos", site_name))
             requests.append(SensorRequest(f"jnt_axis:{j.name}", "framezaxis", site_name))
+
+    if joint_torque_sensors:
+        for j in spec.joints:
+            a = act_by_joint[j.name]
+            if not a.name:
+                a.name = f"s2r_act:{j.name}"
+            requests.append(SensorRequest(f"jnt_torque:{j.name}", "actuatorfrc", a.name, objtype="actuator"))
 
     existing = {s.name for s in ms.sensors}
     site_names = {s.name for s in ms.sites}

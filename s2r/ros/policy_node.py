@@ -1,39 +1,69 @@
 """The policy node: runs an exported s2r ONNX policy on a ROS 2 robot, behind the safety filter.
 
-Data flow, once per control tick (a timer at rate_hz, default 1 / spec.control_dt):
+Data flow, once per control tick (timer at rate_hz, or `trigger:=sensor`: on each fresh joint state,
+rate-limited to rate_hz):
 
-    /joint_states (by name) --+
-    /imu/data               --+--> raw terms --> ObservationBuilder (the sim's own code)
-    /cmd_vel                --+        --> OnnxPolicy --> ActionProcessor.joint_targets
-                                       --> SafetyFilter.filter --> /<controller_name>/commands
+    /joint_states (by name)   --+
+    /imu/data                 --+--> RobotState --> control/terms.py --> ObservationBuilder
+    /cmd_vel                  --+      (numpy: the definitions the simulator trains with)
+    /goal_pose, /object_pose  --+   --> OnnxPolicy --> action mode (control/actions.py:
+                                        joint targets, or end-effector IK on the arm's kinematics)
+                                    --> SafetyFilter --> /<controller_name>/commands
+                                                     --> /<gripper_controller_name>/commands (arm)
 
-/<controller_name>/commands is a std_msgs/Float64MultiArray of joint position targets in the
-spec's joint order (what ros2_control's forward position controller takes). Who commands is the
-SafetyFilter's state machine, driven by std_srvs/Trigger services:
+Robot-side imports only: numpy, onnxruntime, rclpy (and MuJoCo as the MJCF parser for an arm's
+kinematics); never torch, gymnasium or s2r.sim.
+
+Commands (`command_mode`), std_msgs/Float64MultiArray in spec joint order:
+  position   [nj] joint position targets (ros2_control's forward_command_controller on `position`
+             interfaces). The drives keep their own gains, so PASSIVE and DAMPING can only be
+             approximated (the node says so at start-up): targets follow the measured pose.
+  impedance  [nj, 5] joint-major rows (position, velocity, stiffness, damping, effort): the full
+             command tau = kp (q* - q) + kd (qd* - qd) + tau_ff of the safety filter, so PASSIVE is
+             limp-damped and the e-stop ramps to kp = 0, kd = kd_damp on any drive that takes gains.
+             layout.dim = [("joint", nj, 5 nj), ("field", 5, 5)]. See docs/DEPLOY.md.
+
+Who commands is the SafetyFilter's state machine, driven by std_srvs/Trigger services:
 
     ~/ramp   PASSIVE -> RAMP_TO_DEFAULT        ~/start  RAMP_TO_DEFAULT (finished) -> POLICY
     ~/damp   any -> DAMPING (latched)          ~/reset  DAMPING (finished, robot still) -> PASSIVE
     /estop   std_msgs/Bool true: DAMPING (latched)
 
-Bad input never stops the node: a /joint_states message that lacks a spec joint, has mismatched
-array lengths or non-finite values is rejected and counted (the watchdog then damps the robot if no
-good message follows); a policy whose embedded robot spec differs from the node's is refused at
-load (the SpecError is logged, the node stays usable in PASSIVE/RAMP, ~/start is refused).
+Every mode change is logged with its cause (watchdog, attitude, e-stop, a service call).
 
-~/diagnostics (std_msgs/String, JSON, every tick): mode, loop period, inference time, safety
-intervention counts, rejected message counts, and the tick's timing (what bench/ros_loop.py reads):
+Bad input never stops the node; it is rejected (or clipped) and counted in ~/diagnostics:
+  /joint_states  a spec joint missing, mismatched array lengths, NaN/Inf: rejected (the watchdog
+                 then damps the robot if no good message follows within sensor_timeout)
+  /imu/data      NaN/Inf, an orientation that is not a unit quaternion, |angular velocity| beyond
+                 imu_max_ang_vel: rejected
+  /cmd_vel       NaN/Inf: rejected; beyond cmd_vel_limits: clipped
+  /goal_pose, /object_pose  NaN/Inf or another frame than the robot's base: rejected; a goal
+                 outside [workspace_min, workspace_max]: clipped
+  policy         a file for another robot spec is refused at load (the node stays usable in
+                 PASSIVE/RAMP, ~/start is refused); so is ~/start before every input the
+                 observation needs has arrived
+  damping_joints/damping_kd  gains for joints the spec does not have: ignored, logged, counted
+
+Watchdog: each valid joint state re-arms a one-shot check sensor_timeout later; if no newer valid
+state has come by then, the tick runs at once and the filter latches DAMPING. The latch therefore
+comes sensor_timeout after the last valid joint state plus the executor's wake-up, not up to a
+control period later.
+
+~/diagnostics (std_msgs/String, JSON, every tick): mode, loop period, inference time, per-tick
+cost, safety intervention counts, rejected input counts, and the tick's timing (what
+bench/ros_loop.py reads):
     tick_late_s          the timer callback's start minus its scheduled time (rcl's TimerInfo)
     ticks_skipped        timer periods skipped so far because a tick came more than a period late
     sensor_age_s         the command's publish minus the arrival of the joint state it was computed from
     joint_state_sent_ns  DDS source timestamp of that joint state (its publisher's clock, ns since the epoch)
     ticks                also the DDS publication sequence number of this tick's command (one per tick)
+    tick_cost_s          observation + inference + action + safety filter of this tick
 
-Timing: the timer runs on whatever executor spins the node (`spin_node`: a SingleThreadedExecutor).
+Timing: the node runs on whatever executor spins it (`spin_node`: a SingleThreadedExecutor).
 All objects that exist once the node is built are moved out of the garbage collector's view
-(gc.freeze), so a full collection never walks torch's and onnxruntime's import-time objects during
-a tick. `realtime:=true` additionally asks for SCHED_FIFO (priority REALTIME_PRIORITY) for the
-thread that runs the control tick; where that is not permitted (no CAP_SYS_NICE / rtprio limit, not
-Linux) the node logs a warning and runs on normal scheduling. Measured effect: docs/BENCHMARKS.md.
+(gc.freeze). `realtime:=true` additionally asks for SCHED_FIFO (priority REALTIME_PRIORITY) for
+the thread that runs the control tick; where that is not permitted the node logs a warning and
+runs on normal scheduling. Measured effect: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -48,29 +78,36 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-import torch
-from geometry_msgs.msg import Twist
+from geometry_msgs.msg import PoseStamped, Twist
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.node import Node
 from rclpy.timer import TimerInfo
 from sensor_msgs.msg import Imu, JointState
-from std_msgs.msg import Bool, Float64MultiArray, String
+from std_msgs.msg import Bool, Float64MultiArray, MultiArrayDimension, String
 from std_srvs.srv import Trigger
 
-from s2r.control.actions import ActionProcessor
+from s2r.control.actions import ActionProcessor, EeDeltaConfig, EeDeltaController
 from s2r.control.observations import ObservationBuilder
 from s2r.control.onnx_policy import OnnxPolicy, PolicyFileError
 from s2r.control.rotations import projected_gravity
-from s2r.control.safety import Mode, SafetyConfig, SafetyFilter
+from s2r.control.safety import Mode, SafetyConfig, SafetyFilter, Transition
 from s2r.control.spec import RobotSpec, SpecError
+from s2r.control.terms import RobotState, required_inputs
 
 DEFAULT_SPEC = "g1/g1.yaml"  # relative to sim/robots/ (or any path)
 REALTIME_PRIORITY = 50  # SCHED_FIFO priority with realtime:=true (ros2_control's default control thread priority)
-SUPPORTED_TERMS = ("base_ang_vel", "projected_gravity", "velocity_command", "joint_pos", "joint_vel",
-                   "last_action")
+COMMAND_MODES = ("position", "impedance")
+TRIGGERS = ("timer", "sensor")
+IMPEDANCE_FIELDS = ("position", "velocity", "stiffness", "damping", "effort")
+# RobotState fields and where the node gets them; a spec whose terms need any other is refused
+SOURCES = {"q": "/joint_states", "qd": "/joint_states", "base_quat": "/imu/data", "base_ang_vel": "/imu/data",
+           "velocity_command": "/cmd_vel", "last_action": "the node itself", "ee_pos": "the arm's kinematics",
+           "gripper_opening": "the gripper joints in /joint_states", "goal": "/goal_pose",
+           "object_pos": "/object_pose"}
 
 
 class JointStateMatcher:
-    """Maps sensor_msgs/JointState onto the spec's joint order by name, never by index."""
+    """Maps sensor_msgs/JointState onto a fixed joint order by name, never by index."""
 
     def __init__(self, joint_names: list[str]):
         self.joint_names = list(joint_names)
@@ -78,7 +115,7 @@ class JointStateMatcher:
         self._cache_idx: np.ndarray | None = None
 
     def match(self, names, position, velocity) -> tuple[np.ndarray, np.ndarray]:
-        """-> (q [nj], qd [nj]) in spec order; ValueError with a readable reason when unusable."""
+        """-> (q [nj], qd [nj]) in our order; ValueError with a readable reason when unusable."""
         names = tuple(names)
         n = len(names)
         if len(position) != n or len(velocity) != n:
@@ -92,24 +129,28 @@ class JointStateMatcher:
             missing = [j for j in self.joint_names if j not in where]
             if missing:
                 raise ValueError(f"joint '{missing[0]}' missing from /joint_states (got "
-                                 f"{len(self.joint_names) - len(missing)} of {len(self.joint_names)} spec "
+                                 f"{len(self.joint_names) - len(missing)} of {len(self.joint_names)} needed "
                                  f"joints; missing {missing})")
             self._cache_key, self._cache_idx = names, np.array([where[j] for j in self.joint_names])
         q = np.asarray(position, dtype=np.float64)[self._cache_idx]
         qd = np.asarray(velocity, dtype=np.float64)[self._cache_idx]
-        if not (np.isfinite(q).all() and np.isfinite(qd).all()):
+        if not (math.isfinite(q.sum()) and math.isfinite(qd.sum())):
             bad = [self.joint_names[i] for i in np.flatnonzero(~(np.isfinite(q) & np.isfinite(qd)))]
             raise ValueError(f"/joint_states has non-finite position/velocity for joint(s) {bad}")
         return q, qd
 
 
-def _resolve_spec(path: str) -> RobotSpec:
-    """A spec YAML path as given, or relative to s2r's sim/robots/ (found without importing MuJoCo)."""
+def resolve_spec(path: str) -> RobotSpec:
+    """A spec YAML path as given, or relative to s2r's sim/robots/ (found without importing s2r.sim)."""
     p = Path(path or DEFAULT_SPEC).expanduser()
     if not p.is_file():
         robots = Path(find_spec("s2r.sim").submodule_search_locations[0]) / "robots" / p
         p = robots if robots.is_file() else p
     return RobotSpec.load(p)
+
+
+def _array_param(kind: int) -> ParameterDescriptor:
+    return ParameterDescriptor(type=kind)
 
 
 class PolicyNode(Node):
@@ -118,28 +159,81 @@ class PolicyNode(Node):
         self.declare_parameter("policy_path", "")
         self.declare_parameter("robot_spec", DEFAULT_SPEC)
         self.declare_parameter("controller_name", "joint_position_controller")
+        self.declare_parameter("gripper_controller_name", "gripper_controller")
+        self.declare_parameter("command_mode", "position")  # position | impedance
+        self.declare_parameter("trigger", "timer")  # timer | sensor
         self.declare_parameter("rate_hz", 0.0)  # <= 0: 1 / spec.control_dt
         self.declare_parameter("ramp_time", 2.0)  # s, RAMP_TO_DEFAULT duration
-        self.declare_parameter("sensor_timeout", 0.0)  # s; <= 0: two control periods
+        self.declare_parameter("sensor_timeout", 0.0)  # s; <= 0: three control periods
         self.declare_parameter("realtime", False)  # SCHED_FIFO for the control tick's thread, if permitted
+        self.declare_parameter("cmd_vel_limits", [1.0, 0.5, 1.0])  # |vx| m/s, |vy| m/s, |yaw rate| rad/s
+        self.declare_parameter("imu_max_ang_vel", 35.0)  # rad/s per axis: beyond it an IMU sample is implausible
+        self.declare_parameter("workspace_min", list(EeDeltaConfig.workspace_low))  # m, arm base frame
+        self.declare_parameter("workspace_max", list(EeDeltaConfig.workspace_high))
+        self.declare_parameter("damping_joints", [""], _array_param(ParameterType.PARAMETER_STRING_ARRAY))
+        self.declare_parameter("damping_kd", [0.0], _array_param(ParameterType.PARAMETER_DOUBLE_ARRAY))
         p = lambda name: self.get_parameter(name).value  # noqa: E731
 
-        self.spec = _resolve_spec(p("robot_spec"))
-        unknown = [t.name for t in self.spec.observation.terms if t.name not in SUPPORTED_TERMS]
-        if unknown or self.spec.action.type != "joint_position":
-            raise SpecError(f"robot spec '{self.spec.name}': the policy node supports joint_position actions "
-                            f"and terms {SUPPORTED_TERMS}; got action '{self.spec.action.type}', "
-                            f"unsupported terms {unknown}")
-        self.has_imu = self.spec.imu_site is not None
-        nj = self.spec.num_joints
+        self.spec = resolve_spec(p("robot_spec"))
+        spec = self.spec
+        self.command_mode, self.trigger = str(p("command_mode")), str(p("trigger"))
+        if self.command_mode not in COMMAND_MODES:
+            raise ValueError(f"command_mode must be one of {COMMAND_MODES}, got '{self.command_mode}'")
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"trigger must be one of {TRIGGERS}, got '{self.trigger}'")
+        if spec.action.type not in ("joint_position", "ee_delta"):
+            raise SpecError(f"robot spec '{spec.name}': the policy node drives joint_position or ee_delta "
+                            f"actions, not '{spec.action.type}'")
+        self.needs = required_inputs(t.name for t in spec.observation.terms)
+        unavailable = [f for f in self.needs if f not in SOURCES]
+        if unavailable:
+            raise SpecError(f"robot spec '{spec.name}': observation terms need {unavailable}, which a robot does "
+                            f"not measure (sources the node has: {sorted(SOURCES)})")
+        self.has_imu = spec.imu_site is not None
+        if not self.has_imu and {"base_quat", "base_ang_vel"} & set(self.needs):
+            raise SpecError(f"robot spec '{spec.name}' has no imu_site, but its observation needs the IMU")
+        nj = spec.num_joints
         rate = float(p("rate_hz"))
-        self.rate_hz = rate if rate > 0 else 1.0 / self.spec.control_dt
+        self.rate_hz = rate if rate > 0 else 1.0 / spec.control_dt
+        self.period = 1.0 / self.rate_hz
         timeout = float(p("sensor_timeout"))
-        self.safety = SafetyFilter(self.spec, SafetyConfig(ramp_time=float(p("ramp_time")),
-                                                           sensor_timeout=timeout if timeout > 0 else None))
-        self.act = ActionProcessor(self.spec)
-        self.obs = ObservationBuilder(self.spec.observation, num_envs=1)
-        self.matcher = JointStateMatcher(self.spec.joint_names)
+        self.sensor_timeout = timeout if timeout > 0 else 3.0 / self.rate_hz
+        self.rejected = {"joint_states": 0, "imu": 0, "cmd_vel": 0, "goal_pose": 0, "object_pose": 0,
+                         "gains": 0, "policy_error": 0}
+        self.clipped = {"cmd_vel": 0, "goal_pose": 0}
+        self.last_reject_reason = ""
+        kd_damp = self._damping_gains(list(p("damping_joints")), list(p("damping_kd")))
+        self.safety = SafetyFilter(spec, SafetyConfig(ramp_time=float(p("ramp_time")),
+                                                      sensor_timeout=self.sensor_timeout, kd_damp=kd_damp,
+                                                      imu_max_ang_vel=float(p("imu_max_ang_vel"))))
+        self.proc = ActionProcessor(spec)  # numpy constants [nj]
+        self.obs = ObservationBuilder(spec.observation, num_envs=1, default_q=spec.array("default"))
+        self.cmd_vel_limits = np.asarray(p("cmd_vel_limits"), dtype=np.float64)
+        if self.cmd_vel_limits.shape != (3,) or not (self.cmd_vel_limits > 0).all():
+            raise ValueError(f"cmd_vel_limits must be three positive numbers, got {list(self.cmd_vel_limits)}")
+        self.imu_max_ang_vel = float(p("imu_max_ang_vel"))
+
+        # the arm: end-effector IK on the robot's own kinematics (MuJoCo parses its MJCF)
+        self.ik: EeDeltaController | None = None
+        self.chain = None
+        self.finger_names: list[str] = []
+        self.finger_coef = np.zeros(0)
+        if spec.action.type == "ee_delta":
+            from s2r.control.kinematics import SerialChain, gripper_coupling
+
+            ws_lo, ws_hi = tuple(p("workspace_min")), tuple(p("workspace_max"))
+            if len(ws_lo) != 3 or len(ws_hi) != 3 or not all(a < b for a, b in zip(ws_lo, ws_hi)):
+                raise ValueError(f"workspace_min/workspace_max must be 3 numbers each with min < max, got "
+                                 f"{list(ws_lo)} / {list(ws_hi)}")
+            self.ik = EeDeltaController(spec, EeDeltaConfig(workspace_low=ws_lo, workspace_high=ws_hi), self.proc)
+            self.chain = SerialChain.from_spec(spec)
+            self.ee_quat_hold = self.chain.forward(np.array([spec.array("default")]))[1]  # [1, 4]
+            if spec.action.gripper is not None:
+                import mujoco
+
+                model = mujoco.MjModel.from_xml_path(str(spec.resolve_mjcf()))
+                self.finger_names, self.finger_coef = gripper_coupling(model, spec.action.gripper.actuator)
+        self.matcher = JointStateMatcher(spec.joint_names + self.finger_names)
 
         # the policy: refused (logged, node stays usable) when it does not fit this robot
         self.policy: OnnxPolicy | None = None
@@ -149,7 +243,7 @@ class PolicyNode(Node):
             self.policy_error = "no policy_path parameter given"
         else:
             try:
-                self.policy = OnnxPolicy(path, expected_spec=self.spec)
+                self.policy = OnnxPolicy(path, expected_spec=spec)
                 self.get_logger().info(f"loaded {self.policy!r}")
             except (SpecError, PolicyFileError, FileNotFoundError, ValueError) as e:
                 self.policy_error = str(e)
@@ -157,57 +251,105 @@ class PolicyNode(Node):
         if self.policy is None:
             self.get_logger().warning(f"no policy: ~/start will be refused ({self.policy_error[:200]})")
 
-        # newest sensor data; stamps on time.monotonic(), the safety filter's clock
+        # newest inputs; stamps on time.monotonic(), the safety filter's clock
         self.q = np.full(nj, math.nan)  # [nj] spec order
         self.qd = np.full(nj, math.nan)
+        self.fingers = np.full(len(self.finger_names), math.nan)  # [k] gripper joints
         self.joint_stamp = -math.inf
         self.quat = np.array([1.0, 0.0, 0.0, 0.0])  # (w, x, y, z)
         self.ang_vel = np.zeros(3)  # rad/s, base frame
         self.imu_stamp = -math.inf
         self.velocity_command = np.zeros(3)  # vx, vy, yaw rate
-        self.last_action = np.zeros(self.spec.action_dim, dtype=np.float32)
+        self.goal: np.ndarray | None = None  # [3] arm base frame
+        self.object_pos: np.ndarray | None = None  # [3]
+        self.last_action = np.zeros(spec.action_dim, dtype=np.float32)
+        self.gripper_cmd: float | None = None
         self.last_terms: dict[str, np.ndarray] = {}  # raw terms of the newest tick (tests, diagnostics)
+        self._fk = None  # the arm's kinematics at the newest joint state
         self.last_obs: np.ndarray | None = None  # [obs_dim], newest observation fed to the policy
         self.last_command = None
-        self.rejected = {"joint_states": 0, "imu": 0, "policy_error": 0}
-        self.last_reject_reason = ""
         self.ticks = 0
+        self.sensor_ticks = 0
         self.policy_steps = 0
-        self.period_last = math.nan  # s, measured timer period
+        self.period_last = math.nan  # s, measured tick period
         self.period_mean = math.nan  # s, exponential mean over ~50 ticks
         self.period_max = 0.0
         self.inference_last = math.nan  # s
         self.inference_max = 0.0
+        self.tick_cost = math.nan  # s, observation + inference + action + safety filter
+        self.tick_cost_max = 0.0
         self.tick_late = math.nan  # s, timer callback start minus its scheduled time
         self.ticks_skipped = 0  # timer periods rcl skipped because a tick was over a period late
         self.sensor_age = math.nan  # s, command publish minus the arrival of the joint state it used
         self.joint_state_sent_ns = 0  # DDS source timestamp of the newest joint state (publisher's clock)
         self.joint_states_received = 0
+        self.watchdog_checks = 0
         self.want_realtime = bool(p("realtime"))
         self.realtime = "off"  # what the scheduler request gave (diagnostics)
-        self._t_prev_tick = math.nan
+        self._t_prev_tick = -math.inf
         self._expected_prev_ns = -1
         self.mode_log: list[tuple[float, str]] = []  # (monotonic time, mode) at each change
 
         ctrl = str(p("controller_name")).strip("/")
         self.pub_cmd = self.create_publisher(Float64MultiArray, f"/{ctrl}/commands", 10)
+        self.pub_gripper = None
+        if self.ik is not None and spec.action.gripper is not None:
+            grip = str(p("gripper_controller_name")).strip("/")
+            self.pub_gripper = self.create_publisher(Float64MultiArray, f"/{grip}/commands", 10)
         self.pub_diag = self.create_publisher(String, "~/diagnostics", 10)
+        self._cmd_msg = Float64MultiArray()
+        if self.command_mode == "impedance":
+            self._cmd_msg.layout.dim = [MultiArrayDimension(label="joint", size=nj, stride=5 * nj),
+                                        MultiArrayDimension(label="field", size=5, stride=5)]
+        self._impedance = np.zeros((nj, 5))  # joint-major rows: q*, qd*, kp, kd, tau_ff
         self.create_subscription(JointState, "/joint_states", self._on_joint_state, 10)
         self.create_subscription(Imu, "/imu/data", self._on_imu, 10)
         self.create_subscription(Twist, "/cmd_vel", self._on_cmd_vel, 10)
+        self.create_subscription(PoseStamped, "/goal_pose", self._on_goal, 10)
+        self.create_subscription(PoseStamped, "/object_pose", self._on_object, 10)
         self.create_subscription(Bool, "/estop", self._on_estop, 10)
         self.create_service(Trigger, "~/ramp", self._srv(self.safety.start_ramp))
         self.create_service(Trigger, "~/start", self._srv(self._start_policy))
         self.create_service(Trigger, "~/damp", self._srv(self.safety.estop))
         self.create_service(Trigger, "~/reset", self._srv(self.safety.reset_from_damping))
-        self.timer = self.create_timer(1.0 / self.rate_hz, self._tick)
-        self._note_mode()
-        self.get_logger().info(f"robot '{self.spec.name}' ({nj} joints, spec {self.spec.hash()}), "
-                               f"{self.rate_hz:.1f} Hz -> /{ctrl}/commands; mode PASSIVE")
-        # Everything built so far (torch, onnxruntime, rclpy: ~180k objects) leaves the collector's view:
-        # a full collection then costs microseconds instead of ~35 ms (7 periods at 200 Hz) during a tick.
+        self.timer = self.create_timer(self.period, self._on_timer)
+        # one-shot watchdog: re-armed by each valid joint state, fires sensor_timeout after the newest
+        self.watchdog = self.create_timer(self.sensor_timeout, self._on_watchdog, autostart=False)
+        self._note_mode("start-up")
+        self.get_logger().info(
+            f"robot '{spec.name}' ({nj} joints, spec {spec.hash()}), {self.rate_hz:.1f} Hz ({self.trigger} "
+            f"trigger), {self.command_mode} commands -> /{ctrl}/commands; watchdog {self.sensor_timeout * 1e3:.0f} ms;"
+            f" observation needs {self.needs}; mode PASSIVE")
+        if self.command_mode == "position":
+            self.get_logger().warning(
+                "command_mode position: the drives keep their own gains, so PASSIVE and DAMPING are approximated "
+                "(targets follow the measured pose; the e-stop holds position by stiffness instead of going "
+                "limp-damped). Use command_mode:=impedance with a drive interface that takes stiffness and damping.")
+        # Everything built so far (onnxruntime, rclpy: ~100k objects) leaves the collector's view:
+        # a full collection then costs microseconds instead of milliseconds during a tick.
         gc.collect()
         gc.freeze()
+
+    def _damping_gains(self, joints: list[str], kd: list[float]):
+        """Per-joint damping gains for PASSIVE/DAMPING from the parameters; unknown joints are ignored."""
+        joints = [j for j in joints if j]
+        if not joints:
+            return None
+        if len(kd) != len(joints):
+            self._reject("gains", f"damping_joints names {len(joints)} joints but damping_kd has {len(kd)} values; "
+                                  f"using the spec's kd")
+            return None
+        out = np.array(self.spec.array("kd"), dtype=np.float64)
+        names = self.spec.joint_names
+        for j, v in zip(joints, kd):
+            if j not in names:
+                self._reject("gains", f"damping_joints: '{j}' is not a joint of robot spec '{self.spec.name}' "
+                                      f"(joints: {names}); ignored")
+            elif not (math.isfinite(v) and v > 0):
+                self._reject("gains", f"damping_kd for '{j}' must be finite and > 0, got {v}; ignored")
+            else:
+                out[names.index(j)] = v
+        return out
 
     # ---- inputs -----------------------------------------------------------------------------
     def _on_joint_state(self, msg: JointState, info: dict) -> None:
@@ -217,9 +359,16 @@ class PolicyNode(Node):
         except ValueError as e:
             self._reject("joint_states", str(e))
             return
-        self.q, self.qd, self.joint_stamp = q, qd, time.monotonic()
+        nj = self.spec.num_joints
+        self.q, self.qd, self.joint_stamp = q[:nj], qd[:nj], time.monotonic()
+        if self.finger_names:
+            self.fingers = q[nj:]
         self.joint_state_sent_ns = int(info.get("source_timestamp", 0))
         self.joint_states_received += 1
+        self.watchdog.reset()  # (re)start the one-shot watchdog
+        if self.trigger == "sensor" and self.joint_stamp - self._t_prev_tick >= 0.9 * self.period:
+            self.sensor_ticks += 1
+            self._tick()
 
     def _on_imu(self, msg: Imu) -> None:
         o, w = msg.orientation, msg.angular_velocity
@@ -230,17 +379,59 @@ class PolicyNode(Node):
             self._reject("imu", f"/imu/data unusable: orientation {quat.tolist()} (norm {norm:.3f}), "
                                 f"angular velocity {ang.tolist()}")
             return
+        if np.abs(ang).max() > self.imu_max_ang_vel:
+            self._reject("imu", f"/imu/data angular velocity {ang.tolist()} rad/s beyond the plausible "
+                                f"{self.imu_max_ang_vel} rad/s (imu_max_ang_vel)")
+            return
         self.quat, self.ang_vel, self.imu_stamp = quat / norm, ang, time.monotonic()
 
     def _on_cmd_vel(self, msg: Twist) -> None:
         v = np.array([msg.linear.x, msg.linear.y, msg.angular.z])
-        if np.isfinite(v).all():
-            self.velocity_command = v
+        if not np.isfinite(v).all():
+            self._reject("cmd_vel", f"/cmd_vel has non-finite values {v.tolist()}")
+            return
+        clipped = np.clip(v, -self.cmd_vel_limits, self.cmd_vel_limits)
+        if (clipped != v).any():
+            self.clipped["cmd_vel"] += 1
+            self.get_logger().warning(f"/cmd_vel {v.tolist()} clipped to {clipped.tolist()} (cmd_vel_limits)",
+                                      throttle_duration_sec=1.0)
+        self.velocity_command = clipped
+
+    def _pose(self, msg: PoseStamped, what: str) -> np.ndarray | None:
+        p = msg.pose.position
+        v = np.array([p.x, p.y, p.z])
+        frame = msg.header.frame_id
+        if frame and frame != (self.spec.base_body or ""):
+            self._reject(what, f"/{what} is in frame '{frame}'; the node takes positions in the robot's base frame "
+                               f"'{self.spec.base_body}' (transform it first, e.g. with tf2)")
+            return None
+        if not np.isfinite(v).all():
+            self._reject(what, f"/{what} has non-finite position {v.tolist()}")
+            return None
+        return v
+
+    def _on_goal(self, msg: PoseStamped) -> None:
+        v = self._pose(msg, "goal_pose")
+        if v is None:
+            return
+        if self.ik is not None:
+            clipped = np.clip(v, self.ik.ws_lo, self.ik.ws_hi)
+            if (clipped != v).any():
+                self.clipped["goal_pose"] += 1
+                self.get_logger().warning(f"/goal_pose {v.tolist()} outside the workspace: clipped to "
+                                          f"{clipped.tolist()}", throttle_duration_sec=1.0)
+            v = clipped
+        self.goal = v
+
+    def _on_object(self, msg: PoseStamped) -> None:
+        v = self._pose(msg, "object_pose")
+        if v is not None:
+            self.object_pos = v
 
     def _on_estop(self, msg: Bool) -> None:
         if msg.data:
             self.safety.estop()
-            self.get_logger().warning("/estop: DAMPING latched")
+            self._note_mode("/estop")
 
     def _reject(self, what: str, reason: str) -> None:
         self.rejected[what] += 1
@@ -248,46 +439,73 @@ class PolicyNode(Node):
         self.get_logger().warning(f"rejected: {reason}", throttle_duration_sec=1.0)
 
     # ---- mode requests ------------------------------------------------------------------------
-    def _start_policy(self):
-        from s2r.control.safety import Transition
+    def missing_inputs(self) -> list[str]:
+        """Observation inputs that have not arrived yet (the policy must not act on made-up values)."""
+        have = {"q": math.isfinite(self.joint_stamp), "qd": math.isfinite(self.joint_stamp),
+                "base_quat": math.isfinite(self.imu_stamp), "base_ang_vel": math.isfinite(self.imu_stamp),
+                "velocity_command": True, "last_action": True, "ee_pos": math.isfinite(self.joint_stamp),
+                "gripper_opening": bool(np.isfinite(self.fingers).all()),
+                "goal": self.goal is not None, "object_pos": self.object_pos is not None}
+        return [f"{f} ({SOURCES[f]})" for f in self.needs if not have[f]]
 
+    def _start_policy(self) -> Transition:
         if self.policy is None:
             return Transition(False, f"no usable policy: {self.policy_error}")
+        missing = self.missing_inputs()
+        if missing:
+            return Transition(False, f"the observation needs inputs that have not arrived: {missing}")
         tr = self.safety.start_policy()
         if tr:
             self.obs.reset()  # the first observation fills the history, as after a sim reset
             self.last_action[:] = 0.0
+            if self.ik is not None:
+                self.ik.reset(self.q[None])  # integrate from the measured pose, as a sim episode starts
         return tr
 
     def _srv(self, request_fn):
         def handle(_req, resp):
             tr = request_fn()
             resp.success, resp.message = bool(tr.ok), tr.reason
+            name = request_fn.__name__
             if tr.ok:
-                self.get_logger().info(f"{request_fn.__name__}: {tr.reason}")
+                self.get_logger().info(f"{name}: {tr.reason}")
             else:
-                self.get_logger().warning(f"{request_fn.__name__} refused: {tr.reason}")
-            self._note_mode()
+                self.get_logger().warning(f"{name} refused: {tr.reason}")
+            self._note_mode(f"service {name}")
             return resp
         return handle
 
-    def _note_mode(self) -> None:
+    def _note_mode(self, cause: str) -> None:
+        """Record and log a mode change with its cause (the filter's reason for faults)."""
         mode = self.safety.mode.name
-        if not self.mode_log or self.mode_log[-1][1] != mode:
-            self.mode_log.append((time.monotonic(), mode))
-            if len(self.mode_log) > 100:
-                del self.mode_log[:50]
+        if self.mode_log and self.mode_log[-1][1] == mode:
+            return
+        self.mode_log.append((time.monotonic(), mode))
+        if len(self.mode_log) > 100:
+            del self.mode_log[:50]
+        prev = self.mode_log[-2][1] if len(self.mode_log) > 1 else None
+        if prev is None:
+            return
+        text = f"mode {prev} -> {mode}: {self.safety.reason} ({cause})"
+        if mode == "DAMPING":
+            self.get_logger().error(text)
+        else:
+            self.get_logger().info(text)
 
     # ---- the control tick -----------------------------------------------------------------------
-    def raw_terms(self) -> dict[str, np.ndarray]:
-        """The observation's raw terms from the newest sensor data (what the sim's task computes)."""
-        quat = torch.as_tensor(self.quat, dtype=torch.float32)[None]
-        return {"base_ang_vel": self.ang_vel.astype(np.float32),
-                "projected_gravity": projected_gravity(quat)[0].numpy(),
-                "velocity_command": self.velocity_command.astype(np.float32),
-                "joint_pos": (self.q - self.act.default.numpy()).astype(np.float32),
-                "joint_vel": self.qd.astype(np.float32),
-                "last_action": self.last_action.copy()}
+    def robot_state(self) -> RobotState:
+        """The newest inputs as a batch of one ([1, ...] numpy), what the simulator's tasks fill."""
+        s = RobotState(q=self.q[None], qd=self.qd[None], velocity_command=self.velocity_command[None],
+                       last_action=self.last_action[None])
+        if self.has_imu:
+            s.base_quat, s.base_ang_vel = self.quat[None], self.ang_vel[None]
+        if self.goal is not None:
+            s.goal = self.goal[None]
+        if self.object_pos is not None:
+            s.object_pos = self.object_pos[None]
+        if self.finger_names:
+            s.gripper_opening = (self.fingers * self.finger_coef).sum(keepdims=True)[None]
+        return s
 
     def _enter_realtime(self) -> None:
         """SCHED_FIFO for the calling thread (the executor's, which runs the tick); warn and go on if refused."""
@@ -301,10 +519,7 @@ class PolicyNode(Node):
                                       f"Grant it with `ulimit -r {REALTIME_PRIORITY}` (limits.conf rtprio) "
                                       f"or CAP_SYS_NICE")
 
-    def _tick(self, info: TimerInfo | None = None) -> None:
-        now = time.monotonic()
-        if self.want_realtime and self.realtime == "off":
-            self._enter_realtime()
+    def _on_timer(self, info: TimerInfo | None = None) -> None:
         if info is not None:  # rcl's schedule: lateness, and periods skipped after a late tick
             expected = info.expected_call_time.nanoseconds
             self.tick_late = (info.actual_call_time.nanoseconds - expected) * 1e-9
@@ -312,60 +527,113 @@ class PolicyNode(Node):
                 gap = (expected - self._expected_prev_ns) * 1e-9 * self.rate_hz
                 self.ticks_skipped += max(0, round(gap) - 1)
             self._expected_prev_ns = expected
-        if math.isfinite(self._t_prev_tick):
-            dt = now - self._t_prev_tick
+        # sensor trigger: the timer only keeps the loop alive while joint states do not drive it
+        if self.trigger == "sensor" and time.monotonic() - self._t_prev_tick < 1.5 * self.period:
+            return
+        self._tick()
+
+    # rclpy hands TimerInfo to a parameter annotated with the class itself; this module's annotations
+    # are strings (postponed evaluation), so give it the class
+    _on_timer.__annotations__["info"] = TimerInfo
+
+    def _on_watchdog(self) -> None:
+        """sensor_timeout after the newest valid joint state with no newer one: tick now (DAMPING latches)."""
+        self.watchdog.cancel()
+        self.watchdog_checks += 1
+        self._tick()
+
+    def _tick(self) -> None:
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        if self.want_realtime and self.realtime == "off":
+            self._enter_realtime()
+        dt = now - self._t_prev_tick
+        if math.isfinite(dt):
             self.period_last = dt
             self.period_mean = dt if math.isnan(self.period_mean) else 0.98 * self.period_mean + 0.02 * dt
             self.period_max = max(self.period_max, dt) if self.ticks > 2 else self.period_max
         self._t_prev_tick = now
         self.ticks += 1
 
-        terms = self.raw_terms()
-        self.last_terms = terms
         stamp = min(self.joint_stamp, self.imu_stamp) if self.has_imu else self.joint_stamp
+        terms = self._observe() if math.isfinite(self.joint_stamp) else None
         targets = None
         if self.safety.mode is Mode.POLICY and self.policy is not None:
             targets = self._act(terms)
-        cmd = self.safety.filter(now, targets, self.q, self.qd, last_sensor_time=stamp,
-                                 projected_gravity=terms["projected_gravity"] if self.has_imu else None)
+        gravity = projected_gravity(self.quat[None])[0] if self.has_imu else None
+        cmd = self.safety.filter(now, targets, self.q, self.qd, last_sensor_time=stamp, projected_gravity=gravity,
+                                 ang_vel=self.ang_vel if self.has_imu else None)
         self.last_command = cmd
-        self._note_mode()
-        msg = Float64MultiArray(data=cmd.q_target.tolist())
+        if self.command_mode == "position":
+            self._cmd_msg.data = cmd.q_target.tolist()
+        else:
+            imp = self._impedance
+            imp[:, 0], imp[:, 2], imp[:, 3], imp[:, 4] = cmd.q_target, cmd.kp, cmd.kd, cmd.tau_ff
+            self._cmd_msg.data = imp.ravel().tolist()
+        self.tick_cost = time.perf_counter() - t0
+        self.tick_cost_max = max(self.tick_cost_max, self.tick_cost)
         self.sensor_age = time.monotonic() - self.joint_stamp if math.isfinite(self.joint_stamp) else math.nan
-        self.pub_cmd.publish(msg)
+        self.pub_cmd.publish(self._cmd_msg)
+        if self.pub_gripper is not None and self.gripper_cmd is not None and cmd.mode is Mode.POLICY:
+            self.pub_gripper.publish(Float64MultiArray(data=[self.gripper_cmd]))
+        self._note_mode("tick")
         self.pub_diag.publish(String(data=json.dumps(self.diagnostics())))
 
-    # rclpy hands TimerInfo to a parameter annotated with the class itself; this module's annotations
-    # are strings (postponed evaluation), so give it the class
-    _tick.__annotations__["info"] = TimerInfo
-
-    def _act(self, terms: dict[str, np.ndarray]) -> np.ndarray | None:
-        """Observation -> policy -> joint targets [nj]; None (and counted) when it cannot act."""
+    def _observe(self) -> dict | None:
+        """The observation's raw terms {name: [1, dim]} from the newest inputs (None while one is missing)."""
+        state = self.robot_state()
+        if self.chain is not None:
+            self._fk = self.chain.forward(state.q)  # ee pos [1, 3], ee quat [1, 4], anchors, axes [1, nj, 3]
+            state.ee_pos = self._fk[0]
         try:
-            obs = self.obs.compute({k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in terms.items()})
-            self.last_obs = obs[0].numpy()
+            terms = self.obs.terms(state)
+        except ValueError:  # an input has not arrived yet (~/start says which)
+            return None
+        self.last_terms = {k: v[0] for k, v in terms.items()}
+        return terms
+
+    def _act(self, terms: dict | None) -> np.ndarray | None:
+        """Terms -> observation -> policy -> joint targets [nj]; None (and counted) when it cannot act."""
+        try:
+            if terms is None:
+                raise ValueError(f"the observation lacks inputs: {self.missing_inputs()}")
+            self.last_obs = self.obs.push(self.obs.frame(terms))[0]
             t0 = time.perf_counter()
             action = self.policy(self.last_obs)
             self.inference_last = time.perf_counter() - t0
             self.inference_max = max(self.inference_max, self.inference_last)
             self.last_action[:] = action
             self.policy_steps += 1
-            return self.act.joint_targets(torch.from_numpy(self.last_action)[None])[0].numpy()
+            a = self.last_action[None].astype(np.float64)  # [1, action_dim]
+            if self.ik is None:
+                return self.proc.joint_targets(a)[0]
+            ee_pos, ee_quat, anchors, axes = self._fk
+            q_cmd = self.ik.joint_targets(a, ee_pos, ee_quat, self.ee_quat_hold, anchors, axes)[0]
+            grip = self.ik.gripper_command(a)
+            self.gripper_cmd = None if grip is None else float(grip[0])
+            return q_cmd
         except Exception as e:  # noqa: BLE001 - e.g. a non-finite observation: the filter holds the target
             self._reject("policy_error", f"policy step failed: {e}")
             return None
 
+    def ee_position(self) -> np.ndarray | None:
+        """[3] the arm's end effector at the newest joint state (its own kinematics), or None."""
+        return None if self._fk is None else self._fk[0][0].copy()
+
     def diagnostics(self) -> dict:
         return {"mode": self.safety.mode.name, "reason": self.safety.reason, "ticks": self.ticks,
-                "policy_steps": self.policy_steps, "rate_hz": self.rate_hz,
+                "sensor_ticks": self.sensor_ticks, "policy_steps": self.policy_steps, "rate_hz": self.rate_hz,
+                "trigger": self.trigger, "command_mode": self.command_mode,
                 "period_last_s": self.period_last, "period_mean_s": self.period_mean,
                 "period_max_s": self.period_max, "inference_last_s": self.inference_last,
-                "inference_max_s": self.inference_max, "interventions": dict(self.safety.counters),
+                "inference_max_s": self.inference_max, "tick_cost_s": self.tick_cost,
+                "tick_cost_max_s": self.tick_cost_max, "interventions": dict(self.safety.counters),
                 "guards_now": self.last_command.guards if self.last_command is not None else [],
-                "rejected": dict(self.rejected), "last_reject_reason": self.last_reject_reason,
+                "rejected": dict(self.rejected), "clipped": dict(self.clipped),
+                "last_reject_reason": self.last_reject_reason,
                 "policy_loaded": self.policy is not None, "policy_error": self.policy_error[:500],
                 "tick_late_s": self.tick_late, "ticks_skipped": self.ticks_skipped, "sensor_age_s": self.sensor_age,
-                "joint_state_sent_ns": self.joint_state_sent_ns,
+                "joint_state_sent_ns": self.joint_state_sent_ns, "watchdog_checks": self.watchdog_checks,
                 "joint_states_received": self.joint_states_received, "realtime": self.realtime}
 
 

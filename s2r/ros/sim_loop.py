@@ -2,8 +2,10 @@
 
 The same procedure an operator follows on the robot, with the sim bridge as the robot:
 
-    robot on the gantry --> ~/ramp (PASSIVE -> RAMP_TO_DEFAULT) --> ~/start (POLICY)
-        --> gantry ~/release --> /cmd_vel held for `seconds` --> report
+  humanoid  robot on the gantry --> ~/ramp (PASSIVE -> RAMP_TO_DEFAULT) --> ~/start (POLICY)
+                --> gantry ~/release --> /cmd_vel held for `seconds` --> report
+  arm       ~/ramp --> first /goal_pose --> ~/start (POLICY) --> each goal of `goals` held for
+                `goal_seconds` --> report (end-effector error per goal, from the node's own kinematics)
 
 The sim bridge runs in its own process (as a robot's drivers do); the policy node and a driver node
 (services, /cmd_vel) share this one. Every message crosses FastDDS (loopback), so the loop sees
@@ -24,17 +26,26 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 
+# arm goals (m, arm base frame) inside arm-reach's target box: left/right, near/far, low/high
+DEFAULT_GOALS = ((0.45, 0.2, 0.3), (0.6, -0.15, 0.2), (0.35, -0.25, 0.45), (0.55, 0.1, 0.5))
+
+
 @dataclass
 class SimLoopConfig:
     policy_path: str
     robot_spec: str = "g1/g1.yaml"
-    task: str = "humanoid-walk"  # the sim bridge's physics (every G1 task shares the model)
+    task: str | None = None  # the sim bridge's task; None: humanoid-walk, or arm-reach for an ee_delta spec
     seconds: float = 10.0  # wall-clock seconds in POLICY mode after the gantry release
     command: tuple[float, float, float] = (0.0, 0.0, 0.0)  # /cmd_vel: vx, vy (m/s), yaw rate (rad/s)
     ramp_time: float = 1.0  # s, PASSIVE -> default pose on the gantry
     min_height: float = 0.45  # m: below this the robot has fallen (humanoid-walk's termination)
     domain_id: int | None = None  # default: one per process (no cross-talk with other runs)
     seed: int = 0
+    command_mode: str = "position"  # position | impedance (policy node and sim bridge)
+    trigger: str = "timer"  # timer | sensor (policy node)
+    goals: tuple = DEFAULT_GOALS  # arm: /goal_pose positions, one after the other
+    goal_seconds: float = 4.0  # arm: wall-clock seconds each goal is held
+    goal_tolerance: float = 0.03  # m: an arm goal counts as reached when the end effector ends this close
 
 
 @dataclass
@@ -58,10 +69,19 @@ class SimLoopReport:
     interventions: dict
     commands_received: int
     commands_rejected: int
+    goal_errors_m: list = field(default_factory=list)  # arm: end-effector distance to each goal at its end
+    goals_reached: int = 0
     trajectory_dt: float = 0.0
     trajectory: list = field(default_factory=list, repr=False)  # [(sim time, on gantry, qpos)]
 
     def summary(self) -> str:
+        if self.goal_errors_m:
+            errs = ", ".join(f"{1e3 * e:.1f}" for e in self.goal_errors_m)
+            return (f"{'OK' if self.ok else 'NOT OK'}: {self.seconds_in_policy:.1f} s in POLICY, reached "
+                    f"{self.goals_reached} of {len(self.goal_errors_m)} goals (end-effector error mm: {errs}); "
+                    f"{self.policy_steps} policy steps, loop period {self.period_mean_ms:.2f} ms, inference max "
+                    f"{self.inference_max_ms:.2f} ms; final mode {self.final_mode}"
+                    + (f"; {self.problem}" if self.problem else ""))
         fell = f"fell after {self.fell_at_s:.2f} s" if self.fell_at_s is not None else "stayed up"
         v = ", ".join(f"{x:.3f}" for x in self.mean_abs_vel_error)
         return (f"{'OK' if self.ok else 'NOT OK'}: {self.seconds_in_policy:.1f} s in POLICY, {fell} "
@@ -92,7 +112,7 @@ def _tilt(quat: np.ndarray) -> np.ndarray:
 class _Bridge:
     """The sim bridge in its own process, as on a robot: its timer, GIL and scheduler are its own."""
 
-    def __init__(self, cfg: SimLoopConfig, domain: int, record_path: str):
+    def __init__(self, cfg: SimLoopConfig, domain: int, record_path: str, task: str, arm: bool):
         import subprocess
         import sys
         import tempfile
@@ -100,9 +120,10 @@ class _Bridge:
         self.record_path = record_path
         self.log = tempfile.TemporaryFile()
         env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-        args = [sys.executable, "-m", "s2r.ros.sim_bridge", "--ros-args", "-p", "gantry:=true",
-                "-p", f"record_path:={record_path}", "-p", f"task:={cfg.task}",
-                "-p", f"robot_spec:={cfg.robot_spec}", "-p", f"seed:={cfg.seed}"]
+        args = [sys.executable, "-m", "s2r.ros.sim_bridge", "--ros-args", "-p", f"gantry:={str(not arm).lower()}",
+                "-p", f"record_path:={record_path}", "-p", f"task:={task}", "-p", f"command_mode:={cfg.command_mode}",
+                "-p", f"robot_spec:={cfg.robot_spec}", "-p", f"seed:={cfg.seed}",
+                "-p", "publish_task_poses:=false"]  # goals come from this loop, as from an operator
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def output(self) -> str:
@@ -136,7 +157,7 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
     import tempfile
 
     import rclpy
-    from geometry_msgs.msg import Twist
+    from geometry_msgs.msg import PoseStamped, Twist
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
@@ -144,12 +165,15 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
     from std_srvs.srv import Trigger
 
     from s2r.ros import call_trigger
-    from s2r.ros.policy_node import PolicyNode
+    from s2r.ros.policy_node import PolicyNode, resolve_spec
 
+    spec = resolve_spec(cfg.robot_spec)  # a bad path or spec fails here, before any process starts
+    arm = spec.action.type == "ee_delta"
+    task = cfg.task or ("arm-reach" if arm else "humanoid-walk")
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     domain = cfg.domain_id if cfg.domain_id is not None else 150 + os.getpid() % 80
     tmp = tempfile.TemporaryDirectory(prefix="s2r_sim_loop_")
-    bridge = _Bridge(cfg, domain, os.path.join(tmp.name, "bridge.npz"))
+    bridge = _Bridge(cfg, domain, os.path.join(tmp.name, "bridge.npz"), task, arm)
     ctx = rclpy.Context()
     rclpy.init(context=ctx, domain_id=domain)
     node = driver = None
@@ -157,12 +181,23 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
     th = None
     problem = ""
     t_policy = 0.0
+    goal_errors: list[float] = []
     try:
         node = PolicyNode(context=ctx, parameter_overrides=[
             Parameter("policy_path", value=str(cfg.policy_path)), Parameter("robot_spec", value=cfg.robot_spec),
-            Parameter("ramp_time", value=float(cfg.ramp_time))])
+            Parameter("ramp_time", value=float(cfg.ramp_time)), Parameter("command_mode", value=cfg.command_mode),
+            Parameter("trigger", value=cfg.trigger)])
         driver = Node("s2r_sim_loop_driver", context=ctx)
         pub_cmd = driver.create_publisher(Twist, "/cmd_vel", 10)
+        pub_goal = driver.create_publisher(PoseStamped, "/goal_pose", 10)
+
+        def goal_msg(g) -> PoseStamped:
+            m = PoseStamped()
+            m.header.frame_id = spec.base_body or ""
+            m.pose.position.x, m.pose.position.y, m.pose.position.z = (float(v) for v in g)
+            m.pose.orientation.w = 1.0
+            return m
+
         joint_states = [0]
 
         def count(_msg):
@@ -191,23 +226,39 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
                 raise TimeoutError("the policy node got no joint states from the sim bridge within 60 s")
             time.sleep(0.02)
         for name, retry in (("s2r_policy/ramp", 0.0), ("s2r_policy/start", 5.0)):
+            if name.endswith("start") and arm:
+                pub_goal.publish(goal_msg(cfg.goals[0]))  # the observation needs a goal before ~/start
+                time.sleep(0.1)
             resp = trigger(name, retry)
             if not resp.success:
                 raise RuntimeError(f"/{name} refused: {resp.message}")
             if name.endswith("ramp"):
                 time.sleep(cfg.ramp_time)  # ~/start is refused until the ramp is over
-        twist = Twist()
-        twist.linear.x, twist.linear.y, twist.angular.z = (float(c) for c in cfg.command)
-        pub_cmd.publish(twist)
-        time.sleep(0.1)  # the command arrives before the robot stands on its own
-        trigger("s2r_sim_bridge/release")
         t0 = time.monotonic()
-        while time.monotonic() - t0 < cfg.seconds:
+        if arm:
+            for g in cfg.goals:
+                t_goal = time.monotonic()
+                while time.monotonic() - t_goal < cfg.goal_seconds and not problem:
+                    pub_goal.publish(goal_msg(g))
+                    if node.safety.mode.name != "POLICY":
+                        problem = f"left POLICY mode: {node.safety.mode.name} ({node.safety.reason})"
+                    time.sleep(0.1)
+                if problem:
+                    break
+                goal_errors.append(float(np.linalg.norm(node.ee_position() - np.asarray(g))))
+        else:
+            twist = Twist()
+            twist.linear.x, twist.linear.y, twist.angular.z = (float(c) for c in cfg.command)
             pub_cmd.publish(twist)
-            if node.safety.mode.name != "POLICY":
-                problem = f"left POLICY mode: {node.safety.mode.name} ({node.safety.reason})"
-                break
-            time.sleep(0.1)
+            time.sleep(0.1)  # the command arrives before the robot stands on its own
+            trigger("s2r_sim_bridge/release")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < cfg.seconds:
+                pub_cmd.publish(twist)
+                if node.safety.mode.name != "POLICY":
+                    problem = f"left POLICY mode: {node.safety.mode.name} ({node.safety.reason})"
+                    break
+                time.sleep(0.1)
         t_policy = time.monotonic() - t0
     except (TimeoutError, RuntimeError) as e:
         problem = str(e)
@@ -219,6 +270,8 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
     try:
         if rec is None and not problem:
             problem = f"the sim bridge left no recording:\n{bridge.output()}"
+        if arm:
+            return _arm_report(cfg, rec, node, problem, t_policy, goal_errors)
         return _report(cfg, rec, node, problem, t_policy)
     finally:
         for n in (driver, node):
@@ -268,14 +321,42 @@ def _report(cfg: SimLoopConfig, rec: dict | None, node, problem: str, t_policy: 
         trajectory_dt=dt, trajectory=traj)
 
 
+def _arm_report(cfg: SimLoopConfig, rec: dict | None, node, problem: str, t_policy: float,
+                errors: list[float]) -> SimLoopReport:
+    reached = sum(e <= cfg.goal_tolerance for e in errors)
+    if not problem and rec is None:
+        problem = "the sim bridge left no recording"
+    if not problem and reached < len(cfg.goals):
+        problem = (f"reached {reached} of {len(cfg.goals)} goals within {cfg.goal_tolerance * 1e3:.0f} mm "
+                   f"(errors {[round(e * 1e3, 1) for e in errors]} mm)")
+    d = node.diagnostics() if node is not None else {}
+    traj = [] if rec is None else list(zip(rec["t"].tolist(), rec["on_gantry"].tolist(), rec["qpos"]))
+    return SimLoopReport(
+        policy=str(cfg.policy_path), ok=not problem, problem=problem, seconds_in_policy=t_policy,
+        sim_seconds_released=float(rec["t"][-1]) if rec is not None and len(rec["t"]) else 0.0, fell_at_s=None,
+        min_height_m=math.nan, max_tilt_rad=math.nan, command=(0.0, 0.0, 0.0),
+        mean_abs_vel_error=(math.nan,) * 3, base_drift_m=math.nan, final_mode=d.get("mode", "?"),
+        mode_log=[m for _, m in node.mode_log] if node is not None else [],
+        policy_steps=int(d.get("policy_steps", 0)), period_mean_ms=1e3 * float(d.get("period_mean_s", math.nan)),
+        inference_max_ms=1e3 * float(d.get("inference_max_s", math.nan)), interventions=d.get("interventions", {}),
+        commands_received=int(rec["commands_received"]) if rec is not None else 0,
+        commands_rejected=int(rec["commands_rejected"]) if rec is not None else 0,
+        goal_errors_m=errors, goals_reached=int(reached),
+        trajectory_dt=float(rec["tick_dt"]) if rec is not None else 0.0, trajectory=traj)
+
+
 def render_trajectory(report: SimLoopReport, path: str, robot_spec: str = "g1/g1.yaml",
-                      task: str = "humanoid-walk", width: int = 480, height: int = 360, fps: float = 50.0) -> int:
+                      task: str | None = None, width: int = 480, height: int = 360, fps: float = 50.0) -> int:
     """Write the recorded sim-bridge trajectory as an MP4 (real time, about `fps`); returns the frame count."""
     import mujoco
 
     from s2r.sim.env import BatchedEnv, EnvConfig
     from s2r.sim.render import EnvRenderer, write_video
 
+    if task is None:
+        from s2r.ros.policy_node import resolve_spec
+
+        task = "arm-reach" if resolve_spec(robot_spec).action.type == "ee_delta" else "humanoid-walk"
     env = BatchedEnv(EnvConfig(task=task, num_envs=1, spec=robot_spec, randomize=False))
     try:
         r = EnvRenderer(env, width=width, height=height)
