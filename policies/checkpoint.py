@@ -2,6 +2,8 @@
 
 The trainer saves a payload (nested dicts/lists of tensors, numbers and strings) every few
 env steps and resumes from `latest_checkpoint`; export and evaluation load the same files.
+The payload carries the robot spec the run trained with (`SPEC_KEY`: JSON of RobotSpec.to_dict(),
+next to its `spec_hash`), so export needs nothing but the checkpoint.
 
 File layout (all little-endian):
     magic b"S2R-CKPT" | format version u32 | payload length u64 | sha256(payload) 32 B | payload
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -30,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from s2r.control.spec import RobotSpec, SpecError, check_spec_hash
 from s2r.io import atomic_write_bytes
 
 MAGIC = b"S2R-CKPT"
@@ -40,6 +44,10 @@ _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 _LEAVES = (bool, int, float, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 _SEQUENCES = (list, tuple)
 _MAPPINGS = (dict, OrderedDict)  # nn.Module.state_dict() is an OrderedDict
+# payload keys of the robot contract: the spec's hash ("" for a gymnasium task), the spec itself
+# (JSON of RobotSpec.to_dict(); None for a gymnasium task; absent in checkpoints saved before s2r
+# embedded it) and the file it was loaded from (a note, not part of the contract)
+SPEC_HASH_KEY, SPEC_KEY, SPEC_SOURCE_KEY = "spec_hash", "spec", "spec_source"
 
 
 class CheckpointError(ValueError):
@@ -132,8 +140,11 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, expected_spec_hash: str | None = None,
-                    map_location: str | torch.device = "cpu") -> dict:
-    """Verify, then torch.load(weights_only=True); refuse a checkpoint made for another robot spec."""
+                    map_location: str | torch.device = "cpu", expected_spec: RobotSpec | None = None) -> dict:
+    """Verify, then torch.load(weights_only=True); refuse a checkpoint made for another robot spec.
+
+    expected_spec (or just its hash, expected_spec_hash): the spec in use; with the spec, the
+    message names the first difference from the one the checkpoint embeds."""
     body = _open_verified(path)
     try:
         payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
@@ -141,14 +152,36 @@ def load_checkpoint(path: str | os.PathLike, expected_spec_hash: str | None = No
         raise CheckpointError(f"checkpoint {path} could not be loaded as plain tensors/numbers/strings: {e}") from e
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} is not an s2r checkpoint: its payload is a {type(payload).__name__}, not a dict")
-    if expected_spec_hash is not None and payload.get("spec_hash") != expected_spec_hash:
-        got = payload.get("spec_hash") or "<none recorded>"
-        raise CheckpointError(
-            f"checkpoint {path} was trained for robot spec hash {got}, but the spec in use hashes to "
-            f"{expected_spec_hash}: it was trained for another robot spec / observation layout (joint order, "
-            f"gains, limits, rates or observation terms differ). Use the spec it was trained with "
-            f"(see `s2r sim info`) or start a new run.")
+    in_use = expected_spec if expected_spec is not None else expected_spec_hash
+    if in_use is not None:
+        trained = embedded_spec(payload, path) if payload.get(SPEC_KEY) is not None else None
+        try:
+            check_spec_hash(payload.get(SPEC_HASH_KEY), in_use, f"checkpoint {path}",
+                            expected_spec=trained.to_dict() if trained is not None else None)
+        except SpecError as e:
+            raise CheckpointError(str(e)) from None
     return payload
+
+
+def embedded_spec(payload: dict, path: str | os.PathLike) -> RobotSpec | None:
+    """The robot spec a checkpoint's run trained with (None: a task without one, e.g. a gymnasium id).
+
+    Raises CheckpointError if the checkpoint predates embedded specs (no SPEC_KEY; check
+    `SPEC_KEY in payload` first to fall back), or if the embedded spec is unreadable or does not
+    hash to the recorded spec_hash."""
+    if SPEC_KEY not in payload:
+        raise CheckpointError(f"checkpoint {path} was saved by an older s2r without the robot spec inside; "
+                              f"continue the run (s2r train --resume) to save checkpoints that carry it")
+    if payload[SPEC_KEY] is None:
+        return None
+    try:
+        spec = RobotSpec.from_dict(json.loads(payload[SPEC_KEY]), source=payload.get(SPEC_SOURCE_KEY) or None)
+    except (TypeError, json.JSONDecodeError, SpecError) as e:
+        raise CheckpointError(f"checkpoint {path}: its embedded robot spec is unreadable: {e}") from None
+    if spec.hash() != payload.get(SPEC_HASH_KEY):
+        raise CheckpointError(f"checkpoint {path}: its embedded robot spec hashes to {spec.hash()}, but the "
+                              f"checkpoint records spec_hash {payload.get(SPEC_HASH_KEY)!r}; the file was edited")
+    return spec
 
 
 # ---- a run's checkpoint folder ----------------------------------------------------------

@@ -2,14 +2,14 @@
 
     s2r export runs/humanoid-walk-sac-gaussian-0 --out policy.onnx
 
-Reads a run directory (policies/evaluate.py: load_run), builds `DeterministicPolicy` =
-observation normaliser + actor's deterministic action, and writes one ONNX file
-`obs [1, obs_dim] -> actions [1, action_dim]` that control/onnx_policy.py (the ROS node's
-runtime) loads. The file carries `s2r.*` metadata: the robot spec the run was trained with
-(joint names in order, default pose, gains, action type and scale, rates, observation
-layout) and its hash, so the runtime refuses a robot whose contract differs; and
-`s2r.content_sha256`, the hash of the graph and weights (onnx_policy.content_sha256), so the
-runtime refuses a file altered after export.
+Reads a run directory or a lone checkpoint file (policies/evaluate.py: load_run), builds
+`DeterministicPolicy` = observation normaliser + actor's deterministic action, and writes one
+ONNX file `obs [1, obs_dim] -> actions [1, action_dim]` that control/onnx_policy.py (the ROS
+node's runtime) loads. The file carries `s2r.*` metadata: the robot spec the run was trained
+with (joint names in order, default pose, gains, action type and scale, rates, observation
+layout), taken from the checkpoint itself, and its hash, so the runtime refuses a robot whose
+contract differs; and `s2r.content_sha256`, the hash of the graph and weights
+(onnx_policy.content_sha256), so the runtime refuses a file altered after export.
 
 Exporter: torch.onnx's TorchScript-based exporter (`dynamo=False`). In torch 2.13 it still
 works (with a DeprecationWarning, silenced here); the torch.export-based default needs
@@ -17,9 +17,11 @@ the extra `onnxscript` package and buys nothing for a static MLP.
 
 Every export verifies itself before anything is written: onnx.checker, then onnxruntime
 (through OnnxPolicy, the robot's own code path) against torch on random observations
-drawn around the normaliser's statistics (some far outside, to exercise the clip) and on
-observations recorded from a short rollout of the policy in its own env. Above
-`atol` (1e-4) the export fails and no file is written.
+drawn around the normaliser's statistics (some far outside, to exercise the clip) and,
+optionally (rollout_steps > 0), on observations recorded from a short rollout of the policy in
+its own env. Above `atol` (1e-4) the export fails and no file is written. No simulator is built
+unless that rollout is asked for, or the checkpoint predates embedded robot specs (then the
+task's env supplies the spec, checked against the checkpoint's hash, and the report says so).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from s2r.control.onnx_policy import (INPUT_NAME, META_ACTION_DIM, META_ALGO, MET
                                      content_sha256)
 from s2r.control.spec import RobotSpec, check_spec_hash
 from s2r.io import atomic_write_bytes
+from s2r.policies.checkpoint import SPEC_KEY, embedded_spec
+from s2r.policies.env_protocol import BatchedEnvProtocol
 from s2r.policies.normalizer import RunningNorm
 
 EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
@@ -151,15 +155,15 @@ def exporter_version(opset: int) -> str:
 
 
 def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random: int = 1000,
-                recorded_obs: np.ndarray | None = None, rollout_steps: int = 300, atol: float = 1e-4,
+                recorded_obs: np.ndarray | None = None, rollout_steps: int = 0, atol: float = 1e-4,
                 seed: int = 0) -> dict:
     """Export `run` (a run directory or checkpoint file) to `out_path`; returns the verification report.
 
-    recorded_obs [N, obs_dim]: extra observations to verify on; None records `rollout_steps` steps of
-    the policy acting in its own env (0: skip).
+    The robot spec comes from the checkpoint. recorded_obs [N, obs_dim]: extra observations to
+    verify on; rollout_steps > 0 (and no recorded_obs) records that many steps of the policy acting
+    in its own env (this builds the simulator).
     """
     from s2r.policies.evaluate import load_run
-    from s2r.policies.trainer import make_env_for
 
     out_path = Path(out_path)
     if out_path.is_dir():
@@ -173,28 +177,39 @@ def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random
     obs_dim, act_dim, steps = int(ck["obs_dim"]), int(ck["action_dim"]), int(ck["env_steps"])
     policy = DeterministicPolicy(agent.actor, obs_norm if cfg.normalize_obs else None)
 
-    # the robot spec the run was trained with: the task's, checked against the checkpoint's hash
-    env = make_env_for(dataclasses.replace(cfg, backend="mujoco", device="cpu"), 1, seed, eval_mode=True)
-    try:
-        spec: RobotSpec | None = getattr(env, "spec", None)
-        if spec is not None and ck.get("spec_hash"):
-            check_spec_hash(ck["spec_hash"], spec.hash(), f"checkpoint {ckpt_path}")
-        if env.obs_dim != obs_dim or env.action_dim != act_dim:
-            raise ValueError(f"checkpoint {ckpt_path} expects obs {obs_dim} / action {act_dim}, but task "
-                             f"{cfg.task} now has {env.obs_dim} / {env.action_dim}")
-        if recorded_obs is None and rollout_steps > 0:
-            recorded_obs = rollout_observations(env, policy, rollout_steps, seed)
-    finally:
-        env.close()
+    # the robot spec the run was trained with: the checkpoint's own (older checkpoints: the task's)
+    notes: list[str] = []
+    spec_from = "checkpoint" if SPEC_KEY in ck else "env"
+    spec: RobotSpec | None = embedded_spec(ck, ckpt_path) if spec_from == "checkpoint" else None
+    if spec_from == "env":
+        notes.append(f"checkpoint {ckpt_path} was saved by an older s2r without the robot spec inside: took the "
+                     f"spec from task {cfg.task}'s env (checked against the checkpoint's spec hash); continue "
+                     f"the run (s2r train --resume) to save checkpoints that export without an env")
+    if spec_from == "env" or (recorded_obs is None and rollout_steps > 0):
+        from s2r.policies.trainer import make_env_for
 
-    run_dir = ckpt_path.parent.parent
+        env = make_env_for(dataclasses.replace(cfg, backend="mujoco", device="cpu"), 1, seed, eval_mode=True)
+        try:
+            if spec_from == "env":
+                spec = env.spec
+                if spec is not None:
+                    check_spec_hash(ck.get("spec_hash"), spec, f"checkpoint {ckpt_path}")
+            if env.obs_dim != obs_dim or env.action_dim != act_dim:
+                raise ValueError(f"checkpoint {ckpt_path} expects obs {obs_dim} / action {act_dim}, but task "
+                                 f"{cfg.task} now has {env.obs_dim} / {env.action_dim}")
+            if recorded_obs is None and rollout_steps > 0:
+                recorded_obs = rollout_observations(env, policy, rollout_steps, seed)
+        finally:
+            env.close()
+
+    run_id = f"{ckpt_path.parent.parent.name}@{steps}"
     metadata = {
         META_SPEC_HASH: spec.hash() if spec is not None else NO_SPEC,
         META_SPEC: json.dumps(spec.to_dict()) if spec is not None else NO_SPEC,
         "s2r.spec_note": (f"robot spec '{spec.name}' from {Path(spec.source).name if spec.source else '?'}"
                           if spec is not None else f"gymnasium task {cfg.task}: no robot spec"),
         META_ALGO: cfg.algo, META_POLICY_HEAD: cfg.policy, "s2r.task": cfg.task,
-        META_RUN_ID: f"{run_dir.name}@{steps}",
+        META_RUN_ID: run_id,
         META_OBS_DIM: str(obs_dim), META_ACTION_DIM: str(act_dim),
         "s2r.obs_normalizer": (f"in graph: clip((obs - mean) / sqrt(var + {obs_norm.eps:g}), "
                                f"-{obs_norm.clip:g}, {obs_norm.clip:g})" if policy.normalize else "none"),
@@ -216,12 +231,12 @@ def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random
     atomic_write_bytes(out_path, data)
     n_params = sum(p.numel() for p in policy.actor.parameters())
     return {
-        "path": str(out_path), "run_id": metadata[META_RUN_ID], "checkpoint": str(ckpt_path), "task": cfg.task,
-        "algo": cfg.algo, "policy_head": cfg.policy, "spec_hash": metadata[META_SPEC_HASH],
+        "path": str(out_path), "run_id": run_id, "checkpoint": str(ckpt_path), "task": cfg.task,
+        "algo": cfg.algo, "policy_head": cfg.policy, "spec_hash": metadata[META_SPEC_HASH], "spec_from": spec_from,
         "content_sha256": runtime.metadata[META_CONTENT_HASH], "opset": opset,
         "exporter": EXPORTER, "max_abs_err_random": err_random, "n_random": len(rand_obs),
         "max_abs_err_recorded": err_recorded, "n_recorded": 0 if recorded_obs is None else len(recorded_obs),
-        "tolerance": atol,
+        "tolerance": atol, "notes": notes,
         "sizes": {"obs_dim": obs_dim, "action_dim": act_dim, "actor_hidden": list(cfg.agent.actor_hidden),
                   "actor_params": n_params, "onnx_bytes": len(data)},
     }
@@ -239,7 +254,8 @@ def random_observations(mean: np.ndarray, std: np.ndarray, n: int, rng: np.rando
 
 
 @torch.no_grad()
-def rollout_observations(env, policy: DeterministicPolicy, steps: int, seed: int = 0) -> np.ndarray:
+def rollout_observations(env: BatchedEnvProtocol, policy: DeterministicPolicy, steps: int,
+                         seed: int = 0) -> np.ndarray:
     """[<=steps, obs_dim] float32 policy observations of env 0 while `policy` drives (auto-reset env)."""
     obs = env.reset(seed=seed)
     out = np.empty((steps, env.obs_dim), np.float32)

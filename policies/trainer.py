@@ -8,8 +8,8 @@ One loop for every algorithm and env (s2r tasks and gymnasium ids alike):
     -> log, evaluate, checkpoint
 
 Runs are directories: config.yaml, checkpoints/ckpt_<env steps>.pt (atomic; the
-newest one that verifies is used by --resume), tb/ (TensorBoard), eval.csv and
-learning_curve.png. A NaN in a loss stops the run with the step and the term
+newest one that verifies is used by --resume; each carries the robot spec), tb/ (TensorBoard),
+eval.csv and learning_curve.png. A NaN in a loss stops the run with the step and the term
 named, keeping the last good checkpoint.
 """
 
@@ -32,8 +32,9 @@ import yaml
 
 from s2r.io import atomic_write_bytes, atomic_write_text
 from s2r.policies.algorithms import AgentConfig, algo_defaults, make_agent
-from s2r.policies.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                     rng_state, save_checkpoint, set_rng_state)
+from s2r.policies.checkpoint import (SPEC_HASH_KEY, SPEC_KEY, SPEC_SOURCE_KEY, CheckpointError, latest_checkpoint,
+                                     load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
+from s2r.policies.env_protocol import BatchedEnvProtocol
 from s2r.policies.normalizer import RunningNorm
 from s2r.policies.replay import ReplayBuffer
 
@@ -77,13 +78,75 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> TrainConfig:
+    """config_to_dict's inverse; ValueError naming the field for unknown or malformed entries."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a training config is a mapping of TrainConfig fields, got a {type(d).__name__}")
     d = dict(d)
-    agent = AgentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("agent", {}).items()})
+    agent_d = d.pop("agent", None) or {}
+    if not isinstance(agent_d, dict):
+        raise ValueError(f"training config field 'agent' must be a mapping, got a {type(agent_d).__name__}")
+    agent_known = {f.name for f in dataclasses.fields(AgentConfig)}
+    unknown = set(agent_d) - agent_known
+    if unknown:
+        raise ValueError(f"unknown agent config field(s) {sorted(unknown)}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = set(d) - known
     if unknown:
         raise ValueError(f"unknown training config field(s) {sorted(unknown)}")
+    agent = AgentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in agent_d.items()})
     return TrainConfig(agent=agent, **d)
+
+
+def load_train_config(path: str | os.PathLike) -> TrainConfig:
+    """A run's config.yaml; ValueError saying what is wrong with the file (missing, empty, not YAML)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found (not a run directory)") from None
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(f"{path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if d is None:
+        raise ValueError(f"{path} is empty: a run's config.yaml holds its training config (written by s2r train)")
+    try:
+        return config_from_dict(d)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the first setting that cannot train: counts and intervals must be positive,
+    the device one torch knows and has."""
+    for name in ("num_envs", "total_steps", "batch_size", "buffer_size", "n_step", "eval_every",
+                 "eval_episodes", "checkpoint_every", "keep_checkpoints", "log_every"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"training setting {name} must be a whole number >= 1, got {v!r}")
+    if isinstance(cfg.learning_starts, bool) or not isinstance(cfg.learning_starts, int) or cfg.learning_starts < 0:
+        raise ValueError(f"training setting learning_starts must be a whole number >= 0, got {cfg.learning_starts!r}")
+    if not (isinstance(cfg.updates_per_step, (int, float)) and 0 <= cfg.updates_per_step < math.inf):
+        raise ValueError(f"training setting updates_per_step must be a finite number >= 0, "
+                         f"got {cfg.updates_per_step!r}")
+    check_device(cfg.device)
+
+
+def check_device(device: str) -> None:
+    """ValueError unless `device` is 'cpu', or 'cuda' / 'cuda:N' on a machine with that GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not supported for training: use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _is_main() -> bool:
@@ -96,8 +159,9 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def make_env_for(cfg: TrainConfig, num_envs: int, seed: int, eval_mode: bool = False):
-    """The run's env (training, or evaluation: same task distribution, its own seed)."""
+def make_env_for(cfg: TrainConfig, num_envs: int, seed: int, eval_mode: bool = False) -> BatchedEnvProtocol:
+    """The run's env (training, or evaluation: same task distribution, its own seed): s2r's
+    BatchedEnv for an s2r task, GymnasiumBatchedEnv for a gymnasium id."""
     from s2r.sim.gym import make_env
     from s2r.sim.tasks import TASKS
 
@@ -110,6 +174,7 @@ def make_env_for(cfg: TrainConfig, num_envs: int, seed: int, eval_mode: bool = F
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False):
+        check_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank, self.world = _world()
@@ -119,8 +184,8 @@ class Trainer:
         if cfg.num_envs % self.world:
             raise TrainingError(f"num_envs {cfg.num_envs} is not divisible by the {self.world} ranks")
         self.local_envs = cfg.num_envs // self.world
-        self.env = make_env_for(cfg, self.local_envs, cfg.seed + 1000 * self.rank)
-        self.spec_hash = self.env.spec.hash() if getattr(self.env, "spec", None) is not None else None
+        self.env: BatchedEnvProtocol = make_env_for(cfg, self.local_envs, cfg.seed + 1000 * self.rank)
+        self.spec_hash = self.env.spec.hash() if self.env.spec is not None else None
         e = self.env
         self.agent = make_agent(cfg.agent, e.obs_dim, e.critic_obs_dim, e.action_dim, self.device)
         self.obs_norm = RunningNorm(e.obs_dim, self.device)
@@ -136,8 +201,6 @@ class Trainer:
         if _is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-            if not resume:
-                atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -146,11 +209,16 @@ class Trainer:
                 self.writer = None
         if resume:
             self._resume()
+        if _is_main():  # after a resume succeeded: it may have changed total_steps
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     # ---- checkpoints ----------------------------------------------------------------
     def _payload(self) -> dict:
+        spec = self.env.spec
         p = {
-            "format": "s2r-train-v1", "spec_hash": self.spec_hash or "", "task": self.cfg.task,
+            "format": "s2r-train-v1", "task": self.cfg.task,
+            SPEC_HASH_KEY: self.spec_hash or "", SPEC_KEY: json.dumps(spec.to_dict()) if spec is not None else None,
+            SPEC_SOURCE_KEY: spec.source if spec is not None else None,
             "algo": self.cfg.algo, "policy": self.cfg.policy, "config": config_to_dict(self.cfg),
             "env_steps": self.env_steps, "n_updates": self.n_updates,
             "agent": self.agent.state_dict(),
@@ -178,8 +246,12 @@ class Trainer:
         path = latest_checkpoint(self.run_dir)
         if path is None:
             raise TrainingError(f"--resume: no valid checkpoint in {self.run_dir / 'checkpoints'}")
-        ck = load_checkpoint(path, expected_spec_hash=self.spec_hash, map_location=self.device)
+        ck = load_checkpoint(path, expected_spec=self.env.spec, map_location=self.device)
         self.load_payload(ck)
+        if self.env_steps >= self.cfg.total_steps:
+            raise TrainingError(f"--resume: the run in {self.run_dir} has done {self.env_steps} env steps of its "
+                                f"total_steps {self.cfg.total_steps}; nothing to continue (give --steps above "
+                                f"{self.env_steps} to extend it)")
         self.last_checkpoint = path
 
     def load_payload(self, ck: dict) -> None:
@@ -240,34 +312,18 @@ class Trainer:
                     f"stopping. Last good checkpoint: {kept or 'none yet'}")
 
     # ---- evaluation ---------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, episodes: int | None = None) -> dict:
-        """Deterministic policy, `episodes` parallel envs, one episode each."""
+        """Deterministic policy, `episodes` parallel envs, one episode each (evaluate.py: evaluate_policy)."""
+        from s2r.policies.evaluate import evaluate_policy, policy_act
+
         episodes = episodes or self.cfg.eval_episodes
-        env = make_env_for(self.cfg, episodes, seed=10_000 + self.cfg.seed, eval_mode=True)
-        obs = env.reset(seed=10_000 + self.cfg.seed)
-        returns = torch.zeros(episodes)
-        lengths = torch.zeros(episodes, dtype=torch.long)
-        done = torch.zeros(episodes, dtype=torch.bool)
-        success = torch.zeros(episodes, dtype=torch.bool)
-        limit = (env.max_episode_steps or 10_000) + 5
-        for _ in range(limit):
-            p = obs["policy"].to(self.device)
-            a = self.agent.act(self.obs_norm.normalize(p) if self.cfg.normalize_obs else p, deterministic=True)
-            obs, r, term, trunc, info = env.step(a)
-            returns += torch.where(done, torch.zeros_like(r), r.cpu())
-            lengths += (~done).long()
-            if "success" in info:
-                success |= info["success"].cpu() & ~done
-            done |= (term | trunc).cpu()
-            if done.all():
-                break
-        env.close()
-        out = {"env_steps": self.env_steps, "return_mean": float(returns.mean()),
-               "return_std": float(returns.std(unbiased=False)), "length_mean": float(lengths.float().mean())}
-        if hasattr(env, "task") and env.task.success() is not None:
-            out["success_rate"] = float(success.float().mean())
-        return out
+        seed = 10_000 + self.cfg.seed
+        env = make_env_for(self.cfg, episodes, seed=seed, eval_mode=True)
+        try:
+            act = policy_act(self.agent, self.obs_norm if self.cfg.normalize_obs else None, self.device)
+            return {"env_steps": self.env_steps, **evaluate_policy(env, act, seed)}
+        finally:
+            env.close()
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> dict:

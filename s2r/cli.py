@@ -30,6 +30,10 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _note(msg: str) -> None:
+    typer.secho(f"note: {msg}", fg=typer.colors.YELLOW, err=True)
+
+
 def _set_threads(n: Optional[int]) -> None:
     import torch
 
@@ -302,18 +306,22 @@ def evaluate(run: Path = typer.Argument(..., help="run directory (or a checkpoin
 @app.command("export")
 def export(run: Path = typer.Argument(..., help="run directory (or a checkpoint file)"),
            out: Path = typer.Option(..., "--out", help="ONNX file to write, e.g. policy.onnx"),
-           opset: int = typer.Option(17, help="ONNX opset (>= 17)")):
+           opset: int = typer.Option(17, help="ONNX opset (>= 17)"),
+           rollout_steps: int = typer.Option(0, min=0, help="also verify on this many observations recorded in "
+                                                            "the policy's own env (builds the simulator)")):
     """Export a run's deterministic policy (normaliser inside) to ONNX with the robot spec embedded;
-    verified against torch with onnxruntime before the file is written."""
+    verified against torch with onnxruntime before the file is written. Needs only the checkpoint."""
     _set_threads(1)
     from s2r.control.spec import SpecError
     from s2r.policies.checkpoint import CheckpointError
     from s2r.policies.export import ExportError, export_onnx
 
     try:
-        report = export_onnx(run, out, opset=opset)
+        report = export_onnx(run, out, opset=opset, rollout_steps=rollout_steps)
     except (FileNotFoundError, CheckpointError, ExportError, SpecError, ValueError) as e:
         _fail(str(e))
+    for note in report["notes"]:
+        _note(note)
     typer.echo(json.dumps(report))
 
 

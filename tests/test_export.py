@@ -1,6 +1,6 @@
 """ONNX export and the robot's runtime: a valid static graph, the normaliser inside, the robot spec
-embedded and enforced, a content hash that catches altered weights, onnxruntime equal to torch,
-clear errors for bad files and bad inputs."""
+embedded and enforced, export from the checkpoint alone, a content hash that catches altered
+weights, onnxruntime equal to torch, clear errors for bad files and bad inputs."""
 
 import copy
 import json
@@ -20,8 +20,9 @@ from s2r.control.onnx_policy import (META_CONTENT_HASH, OnnxPolicy, PolicyFileEr
                                      protobuf_fields)
 from s2r.control.spec import RobotSpec, SpecError
 from s2r.policies import export as export_mod
-from s2r.policies.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from s2r.policies.evaluate import load_run
+from s2r.policies import trainer as trainer_mod
+from s2r.policies.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from s2r.policies.evaluate import evaluate_run, load_run
 from s2r.policies.export import DeterministicPolicy, ExportError, export_onnx, restamp_onnx
 from s2r.policies.recipes import recipe
 from s2r.policies.trainer import Trainer, make_env_for
@@ -96,7 +97,11 @@ def test_export_report_shows_verification_well_inside_tolerance(exported):
     _, path, report = exported
     assert report["path"] == str(path) and report["tolerance"] == 1e-4
     assert 0 <= report["max_abs_err_random"] <= 1e-5 and report["n_random"] == 1000
-    assert report["n_recorded"] > 0 and 0 <= report["max_abs_err_recorded"] <= 1e-5
+
+
+def test_rollout_verification_is_optional_and_checks_recorded_observations(humanoid, pendulum):
+    assert humanoid[2]["n_recorded"] > 0 and 0 <= humanoid[2]["max_abs_err_recorded"] <= 1e-5  # rollout_steps=100
+    assert pendulum[2]["n_recorded"] == 0 and pendulum[2]["max_abs_err_recorded"] is None  # the default: none
 
 
 def test_metadata_embeds_the_training_spec_hash_and_joint_order(humanoid):
@@ -249,6 +254,105 @@ def test_call_returns_a_read_only_view_of_the_bound_output(humanoid):
     a2 = pol(np.ones((1, 48)))  # float64 and [1, obs_dim] are accepted too
     assert a1 is a2 and a2.shape == (13,) and a2.dtype == np.float32 and not a2.flags.writeable
     assert not np.array_equal(first, a2) and np.all(np.abs(a2) < 1)
+
+
+# ---- export needs only the checkpoint ----------------------------------------------------------
+
+def lone_checkpoint(run, tmp_path):
+    """A copy of the run's newest checkpoint in a folder with nothing else (no config.yaml, no run)."""
+    folder = tmp_path / "elsewhere" / "checkpoints"
+    folder.mkdir(parents=True)
+    ck = folder / "ckpt_000000064.pt"
+    shutil.copy(latest_checkpoint(run), ck)
+    return ck
+
+
+def no_env(*args, **kwargs):
+    raise AssertionError("export built an env")
+
+
+def test_export_of_a_lone_checkpoint_builds_no_env_and_embeds_the_training_spec(humanoid, tmp_path, monkeypatch):
+    run, _, _ = humanoid
+    monkeypatch.setattr(trainer_mod, "make_env_for", no_env)
+    import s2r.sim.gym
+
+    monkeypatch.setattr(s2r.sim.gym, "make_env", no_env)
+    report = export_onnx(lone_checkpoint(run, tmp_path), tmp_path / "p.onnx")
+    pol = OnnxPolicy(tmp_path / "p.onnx", expected_spec=RobotSpec.load(G1_YAML))
+    assert report["spec_from"] == "checkpoint" and report["notes"] == []
+    assert pol.spec_hash == RobotSpec.load(G1_YAML).hash() == report["spec_hash"]
+    assert pol.metadata["s2r.spec_note"] == "robot spec 'g1_13dof' from g1.yaml"
+
+
+def test_export_imports_no_simulator_module(humanoid, tmp_path):
+    ck = lone_checkpoint(humanoid[0], tmp_path)
+    code = ("import sys; from s2r.policies.export import export_onnx; "
+            f"export_onnx({str(ck)!r}, {str(tmp_path / 'p.onnx')!r}, n_random=10); "
+            "sim = sorted(m for m in sys.modules if m.split('.')[0] in ('mujoco', 'gymnasium') "
+            "or m.startswith('s2r.sim')); print(sim); assert not sim")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    assert OnnxPolicy(tmp_path / "p.onnx").obs_dim == 48
+
+
+def test_checkpoint_from_before_embedded_specs_exports_through_the_env_with_a_note(humanoid, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(humanoid[0], run)
+    ck_path = latest_checkpoint(run)
+    ck = load_checkpoint(ck_path)
+    del ck["spec"], ck["spec_source"]
+    save_checkpoint(ck_path, ck)
+    r = subprocess.run([*S2R, "export", str(run), "--out", str(tmp_path / "p.onnx")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["spec_from"] == "env" and "saved by an older s2r without the robot spec" in report["notes"][0]
+    assert "note: checkpoint" in r.stderr and "older s2r" in r.stderr
+    assert OnnxPolicy(tmp_path / "p.onnx", expected_spec=RobotSpec.load(G1_YAML)).spec_hash == report["spec_hash"]
+
+
+def test_old_checkpoint_whose_hash_differs_from_the_task_spec_is_refused_by_the_shared_check(humanoid, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(humanoid[0], run)
+    ck_path = latest_checkpoint(run)
+    ck = load_checkpoint(ck_path)
+    del ck["spec"]
+    ck["spec_hash"] = "0123456789abcdef"
+    save_checkpoint(ck_path, ck)
+    with pytest.raises(SpecError, match="robot spec mismatch: checkpoint .* made for robot spec hash 0123456789abcdef"
+                                        ".*another robot spec / observation layout"):
+        export_onnx(run, tmp_path / "p.onnx")
+    assert not (tmp_path / "p.onnx").exists()
+
+
+def test_checkpoint_whose_embedded_spec_was_edited_is_refused(humanoid, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(humanoid[0], run)
+    ck_path = latest_checkpoint(run)
+    ck = load_checkpoint(ck_path)
+    d = json.loads(ck["spec"])
+    d["joints"][3]["kp"] = 100.0
+    ck["spec"] = json.dumps(d)
+    save_checkpoint(ck_path, ck)
+    with pytest.raises(CheckpointError, match="embedded robot spec hashes to .* but the checkpoint records"):
+        export_onnx(run, tmp_path / "p.onnx")
+
+
+def test_evaluation_on_another_spec_names_the_first_difference(humanoid, tmp_path):
+    """The run's task now loads a spec with another gain: evaluation refuses through the shared check."""
+    run = tmp_path / "run"
+    shutil.copytree(humanoid[0], run)
+    spec = RobotSpec.load(G1_YAML)
+    spec.joints[3].kp = 100.0
+    spec.mjcf = str(spec.resolve_mjcf())
+    spec.save(tmp_path / "g1_stiff.yaml")
+    ck_path = latest_checkpoint(run)
+    ck = load_checkpoint(ck_path)
+    ck["config"]["spec"] = str(tmp_path / "g1_stiff.yaml")
+    save_checkpoint(ck_path, ck)
+    with pytest.raises(SpecError, match="robot spec mismatch: checkpoint .*kp of 'left_knee_joint' differs: "
+                                        "policy 75 vs robot 100"):
+        evaluate_run(run, episodes=1)
 
 
 # ---- the content hash: graph and weights as exported ----------------------------------------

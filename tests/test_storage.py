@@ -5,20 +5,24 @@ batch says which transition it came from. Shapes: T slots, N envs, B batch.
 """
 
 import io
+import json
 import random
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from s2r.control.spec import RobotSpec
 from s2r.policies import normalizer as norm_mod
-from s2r.policies.checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                     prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
+from s2r.policies.checkpoint import (CheckpointError, checkpoint_path, embedded_spec, latest_checkpoint,
+                                     load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
 from s2r.policies.normalizer import RunningNorm, batch_moments, combine_moments
 from s2r.policies.replay import ReplayBuffer
 
 torch.set_num_threads(1)
+G1_YAML = Path(__file__).resolve().parents[1] / "sim" / "robots" / "g1" / "g1.yaml"
 
 
 def add_step(buf, step, reward=0.0, terminated=False, truncated=False, final=None):
@@ -383,6 +387,28 @@ def test_spec_hash_mismatch_names_both_hashes(tmp_path):
     msg = str(err.value)
     assert isinstance(err.value, ValueError)
     assert "abc123" in msg and "fff999" in msg and "another robot spec / observation layout" in msg
+
+
+def spec_payload(spec):
+    return {**payload(), "spec_hash": spec.hash(), "spec": json.dumps(spec.to_dict()), "spec_source": spec.source}
+
+
+def test_embedded_spec_round_trips_and_another_spec_is_refused_naming_the_first_difference(tmp_path):
+    spec = RobotSpec.load(G1_YAML)
+    path = checkpoint_path(tmp_path, 1)
+    save_checkpoint(path, spec_payload(spec))
+    ck = load_checkpoint(path, expected_spec=spec)
+    assert embedded_spec(ck, path) == spec and embedded_spec(ck, path).hash() == spec.hash()
+    spec.joints[2], spec.joints[3] = spec.joints[3], spec.joints[2]
+    with pytest.raises(CheckpointError, match="robot spec mismatch: checkpoint .*joint order differs at index 2: "
+                                              "policy has 'left_hip_yaw_joint', robot has 'left_knee_joint'"):
+        load_checkpoint(path, expected_spec=spec)
+
+
+def test_checkpoint_without_an_embedded_spec_says_it_is_from_an_older_s2r(tmp_path):
+    path = save_at(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="saved by an older s2r without the robot spec inside"):
+        embedded_spec(load_checkpoint(path), path)
 
 
 def test_save_refuses_objects_that_weights_only_cannot_load(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from s2r.control.spec import RobotSpec
 from s2r.policies.algorithms import AgentConfig, make_agent
 from s2r.policies.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from s2r.policies.recipes import recipe
@@ -49,6 +50,21 @@ def test_s2r_task_trains_with_asymmetric_observations(tmp_path):
     tr.train()
     ck = load_checkpoint(latest_checkpoint(tmp_path), expected_spec_hash=tr.env.spec.hash())
     assert ck["spec_hash"] == tr.env.spec.hash()
+
+
+def test_checkpoints_carry_the_robot_spec_itself(tmp_path):
+    cfg = small("humanoid-walk", num_envs=2, total_steps=40, learning_starts=20, batch_size=16,
+                checkpoint_every=40, eval_episodes=1, env_overrides={"episode_length_s": 0.2})
+    cfg.agent.bf16 = False
+    tr = Trainer(cfg, tmp_path / "walk")
+    tr.train()
+    ck = load_checkpoint(latest_checkpoint(tmp_path / "walk"))
+    assert isinstance(ck["spec"], str) and json.loads(ck["spec"]) == tr.env.spec.to_dict()
+    assert RobotSpec.from_dict(json.loads(ck["spec"])).hash() == ck["spec_hash"] == tr.env.spec.hash()
+    assert ck["spec_source"] == tr.env.spec.source
+    Trainer(small(total_steps=20, learning_starts=20, checkpoint_every=20, eval_episodes=1), tmp_path / "pend").train()
+    ck = load_checkpoint(latest_checkpoint(tmp_path / "pend"))
+    assert ck["spec"] is None and ck["spec_hash"] == ""  # a gymnasium task has no robot spec
 
 
 def test_checkpoint_from_another_robot_spec_is_refused(tmp_path):
