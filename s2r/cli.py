@@ -26,7 +26,8 @@ app.add_typer(ros_app, name="ros")
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    """One `error: ...` line on stderr (a multi-line message is joined), then exit `code`."""
+    typer.secho("error: " + " ".join(str(msg).split()), fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -218,24 +219,44 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
           eval_every: Optional[int] = typer.Option(None, help="env steps between evaluations"),
           checkpoint_buffer: bool = typer.Option(False, help="store the replay buffer in checkpoints"),
           progress: bool = typer.Option(True, "--progress/--no-progress")):
-    """Train SAC or DSAC-T (Gaussian or PMOE head) on a task; writes a run directory."""
-    import torch
-    import yaml
-
+    """Train SAC or DSAC-T (Gaussian or PMOE head) on a task; writes a run directory.
+    With --resume RUN the run's config.yaml decides everything but --steps, which sets its total."""
     from s2r.control.spec import SpecError
     from s2r.policies.checkpoint import CheckpointError
     from s2r.policies.recipes import recipe
-    from s2r.policies.trainer import Trainer, TrainingError, config_from_dict
+    from s2r.policies.trainer import Trainer, TrainingError, check_device, load_train_config
     from s2r.sim.env import EnvError
     from s2r.sim.model import ModelError
 
+    for flag, value in (("--num-envs", num_envs), ("--steps", steps), ("--batch-size", batch_size),
+                        ("--checkpoint-every", checkpoint_every), ("--eval-every", eval_every),
+                        ("--threads", threads)):
+        if value is not None and value < 1:
+            _fail(f"{flag} must be >= 1, got {value}")
+    if utd is not None and not 0 <= utd < float("inf"):
+        _fail(f"--utd must be a finite number >= 0, got {utd}")
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as e:
+            _fail(f"--device: {e}")
     _init_distributed()
     try:
         if resume is not None:
             cfg_path = resume / "config.yaml"
             if not cfg_path.is_file():
                 _fail(f"--resume {resume}: no config.yaml there (not a run directory)")
-            cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
+            cfg = load_train_config(cfg_path)
+            ignored = [flag for flag, value in (("--task", task), ("--num-envs", num_envs), ("--out", out),
+                                                ("--device", device), ("--utd", utd), ("--batch-size", batch_size),
+                                                ("--bf16/--no-bf16", bf16), ("--compile/--no-compile", compile),
+                                                ("--checkpoint-every", checkpoint_every),
+                                                ("--eval-every", eval_every)) if value is not None]
+            if ignored:
+                _note(f"{', '.join(ignored)} ignored with --resume: the run's {cfg_path} decides")
+            if steps is not None and steps != cfg.total_steps:
+                _note(f"--steps {steps}: the run's total_steps goes from {cfg.total_steps} to {steps}")
+                cfg.total_steps = steps
             run_dir = resume
         else:
             if task is None:
@@ -249,13 +270,10 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                          backend=backend, device=device, threads=threads, updates_per_step=utd,
                          batch_size=batch_size, checkpoint_buffer=checkpoint_buffer, progress=progress,
                          checkpoint_every=checkpoint_every, eval_every=eval_every)
-            if cfg.num_envs <= 0 or cfg.total_steps <= 0:
-                _fail("--num-envs and --steps must be > 0")
             run_dir = out or Path("runs") / f"{task.replace('/', '_')}-{algo}-{policy}-{seed}"
             if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
                 _fail(f"{run_dir} already holds a run; pass --resume {run_dir} or another --out")
-        trainer = Trainer(cfg, run_dir, resume=resume is not None)
-        final = trainer.train()
+        final = Trainer(cfg, run_dir, resume=resume is not None).train()
     except (SpecError, EnvError, ModelError, CheckpointError, TrainingError, ValueError) as e:
         _fail(str(e))
     _close_distributed()
@@ -291,8 +309,7 @@ def evaluate(run: Path = typer.Argument(..., help="run directory (or a checkpoin
              video: Optional[Path] = typer.Option(None, help="film env 0 of an s2r task"),
              seed: int = typer.Option(123)):
     """Evaluate a run's deterministic policy; optionally film it."""
-    import torch
-
+    _set_threads(1)
     from s2r.policies.checkpoint import CheckpointError
     from s2r.policies.evaluate import evaluate_run
 
@@ -342,6 +359,7 @@ def ros_sim(policy: Path = typer.Argument(..., help="exported ONNX policy (s2r e
         _fail(f"--seconds must be > 0, got {seconds}")
     if not policy.is_file():
         _fail(f"policy file '{policy}' not found (make one with: s2r export RUN --out policy.onnx)")
+    _check_policy(policy, spec)
     try:
         from s2r.ros.sim_loop import SimLoopConfig, render_trajectory, run_sim_loop
     except ImportError as e:
@@ -365,6 +383,18 @@ def ros_sim(policy: Path = typer.Argument(..., help="exported ONNX policy (s2r e
     typer.echo(json.dumps(doc))
     if strict and not report.ok:
         raise typer.Exit(1)
+
+
+def _check_policy(policy: Path, spec: str) -> None:
+    """Load the policy as the robot's node will (OnnxPolicy against --spec); fail with one line if it cannot."""
+    from s2r.control.onnx_policy import OnnxPolicy, PolicyFileError
+    from s2r.control.spec import RobotSpec, SpecError
+    from s2r.sim.tasks import resolve_spec_path  # a path as given, or relative to sim/robots/ (as the node does)
+
+    try:
+        OnnxPolicy(policy, expected_spec=RobotSpec.load(resolve_spec_path(spec)))
+    except (SpecError, PolicyFileError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
 
 
 @bench_app.command("sim")

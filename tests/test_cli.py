@@ -1,8 +1,10 @@
-"""The `s2r` command line: info, play (with a real headless video), bench arguments, clear errors."""
+"""The `s2r` command line: info, play (with a real headless video), bench arguments, clear errors:
+an input error is one `error: ...` line and exit 2, never a traceback."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +54,84 @@ def test_bad_arguments_exit_2_with_a_message(args, message):
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ---- input errors are one `error:` line, never a traceback ------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAINED = ROOT / "policies" / "pretrained" / "g1_stand.onnx"
+
+
+def assert_one_error_line(r, message):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr + r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    assert message in errors[0], errors[0]
+    assert r.stderr.strip().splitlines()[-1] == errors[0]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--checkpoint-every", "0", "--checkpoint-every must be >= 1, got 0"),
+    ("--eval-every", "0", "--eval-every must be >= 1, got 0"),
+    ("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+    ("--steps", "-5", "--steps must be >= 1, got -5"),
+    ("--device", "tpu", "--device: unknown device 'tpu': use cpu, cuda or cuda:N"),
+])
+def test_bad_training_settings_are_one_error_line(tmp_path, flag, value, message):
+    r = run("train", "--task", "Pendulum-v1", flag, value, "--out", str(tmp_path / "run"), "--no-progress")
+    assert_one_error_line(r, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "config.yaml is empty"),
+    ("task: [Pendulum-v1\nalgo: sac\n", "config.yaml is not valid YAML at line 2"),
+    ("- task\n- algo\n", "a training config is a mapping of TrainConfig fields, got a list"),
+    ("tsak: Pendulum-v1\n", "unknown training config field(s) ['tsak']"),
+    ("task: Pendulum-v1\nagent: 3\n", "field 'agent' must be a mapping"),
+    ("task: Pendulum-v1\ncheckpoint_every: 0\n", "checkpoint_every must be a whole number >= 1, got 0"),
+])
+def test_resume_of_a_broken_config_is_one_error_line(tmp_path, text, message):
+    (tmp_path / "config.yaml").write_text(text)
+    assert_one_error_line(run("train", "--resume", str(tmp_path), "--no-progress"), message)
+
+
+def test_resume_with_steps_extends_the_run_and_says_so(tmp_path):
+    run_dir = tmp_path / "run"
+    common = ("--checkpoint-every", "300", "--eval-every", "100000", "--no-progress")
+    r = run("train", "--task", "Pendulum-v1", "--steps", "300", "--out", str(run_dir), *common, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("train", "--resume", str(run_dir), "--steps", "500", "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: --steps 500: the run's total_steps goes from 300 to 500" in r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1])["env_steps"] == 500
+    import yaml
+
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["total_steps"] == 500
+    from s2r.policies.checkpoint import latest_checkpoint, load_checkpoint
+
+    assert int(load_checkpoint(latest_checkpoint(run_dir))["env_steps"]) == 500
+    for more in ([], ["--steps", "400"]):  # a finished run, or fewer steps than it has done: nothing to continue
+        r = run("train", "--resume", str(run_dir), *more, "--no-progress", timeout=300)
+        assert_one_error_line(r, "has done 500 env steps of its total_steps")
+        assert "give --steps above 500 to extend it" in r.stderr
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["total_steps"] == 500  # left as it was
+
+
+def test_ros_sim_of_a_corrupt_policy_is_one_error_line(tmp_path):
+    bad = tmp_path / "cut.onnx"
+    bad.write_bytes(PRETRAINED.read_bytes()[:5000])
+    assert_one_error_line(run("ros", "sim", str(bad), "--seconds", "1"), "cannot load ONNX policy")
+
+
+def test_ros_sim_of_a_policy_for_another_spec_is_one_error_line(tmp_path):
+    from s2r.control.spec import RobotSpec
+
+    spec = RobotSpec.load(ROOT / "sim" / "robots" / "g1" / "g1.yaml")
+    spec.joints[3].kp = 100.0
+    spec.mjcf = str(spec.resolve_mjcf())
+    spec.save(tmp_path / "g1_stiff.yaml")
+    r = run("ros", "sim", str(PRETRAINED), "--seconds", "1", "--spec", str(tmp_path / "g1_stiff.yaml"))
+    assert_one_error_line(r, "robot spec mismatch: ONNX policy")
+    assert "kp of 'left_knee_joint' differs: policy 75 vs robot 100" in r.stderr
