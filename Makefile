@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,ros
+EXTRAS ?= train,dev,ros
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.s2r-installed
 PYTEST_ARGS ?=
@@ -40,7 +40,7 @@ ifeq ($(HAVE_ROS),yes)
 	MUJOCO_GL=egl $(VENV)/bin/s2r ros sim policies/pretrained/g1_stand.onnx --seconds 10 --video $(DEMO_OUT)/ros_sim_pretrained.mp4 --out $(DEMO_OUT)/ros_sim_pretrained.json
 else
 	@echo "--- ROS 2 (rclpy) is not installed in $(VENV): skipping the ROS 2 sim-to-sim loop."
-	@echo "    Install it with: $(PY) -m pip install -e '.[ros]'   (or make EXTRAS=dev,ros demo)"
+	@echo "    Install it with: $(PY) -m pip install -e '.[ros]'   (or make EXTRAS=train,dev,ros demo)"
 endif
 	@echo "demo outputs in $(DEMO_OUT)/"
 

@@ -84,6 +84,11 @@ class EeDeltaConfig:
     workspace_high: tuple[float, float, float] = (0.85, 0.6, 0.8)
     ik_damping: float = 0.05  # lambda of the damped least squares
     ik_rot_weight: float = 0.5  # weight of the hold-orientation error in the same solve
+    # The robot's safety filter (control/safety.py) lets a target move at most velocity_limit x control_dt per
+    # step and keeps it position_margin x range inside each joint's limits; the IK applies the same limits, so
+    # a policy trained in simulation asks for nothing the robot will refuse (and the filter rarely fires).
+    velocity_scale: float = 1.0  # fraction of the spec's velocity limits per control step
+    position_margin: float = 0.02  # fraction of each joint's range kept clear at both ends
 
 
 class EeDeltaController:
@@ -107,21 +112,31 @@ class EeDeltaController:
         self.ee_scale = self.proc.scale  # [3] m per unit action
         self.ws_lo = asarray_like(self.cfg.workspace_low, like)
         self.ws_hi = asarray_like(self.cfg.workspace_high, like)
+        rng = np.array([j.range for j in spec.joints], dtype=np.float64)
+        margin = self.cfg.position_margin * np.where(np.isfinite(rng).all(1), rng[:, 1] - rng[:, 0], 0.0)
+        self.q_lo = asarray_like(np.maximum(rng[:, 0] + margin, -1e6), like)  # [nj] target window
+        self.q_hi = asarray_like(np.minimum(rng[:, 1] - margin, 1e6), like)
+        vmax = np.array(spec.array("velocity_limit")) * self.cfg.velocity_scale * spec.control_dt
+        self.max_step = asarray_like(np.minimum(vmax, 1e6), like)  # [nj] rad per control step
         self.q_cmd = self.proc.default[None, :] + 0.0  # [N, nj]; reset() sizes it
 
     def reset(self, q: Array, env_ids: Array | None = None) -> None:
         """Start integrating from joint positions q ([N, nj], or [k, nj] for env_ids)."""
-        q = q + 0.0 * self.proc.default  # same namespace and dtype as the constants
-        xp = namespace(q)
+        q = asarray_like(q, self.proc.default)  # same namespace, dtype and device as the constants
         if env_ids is None:
-            self.q_cmd = xp.clip(q, self.proc.lower, self.proc.upper)
+            self.q_cmd = clip(q, self.q_lo, self.q_hi)
         else:
-            self.q_cmd[env_ids] = xp.clip(q, self.proc.lower, self.proc.upper)
+            self.q_cmd[env_ids] = clip(q, self.q_lo, self.q_hi)
+
+    def executed(self, q_target: Array) -> None:
+        """The joint targets actually sent ([N, nj]) after a safety filter clipped them: the integrator
+        continues from there (anti-windup). Without it, q_cmd runs away from a rate- or torque-limited
+        target and the arm drifts to its joint limits instead of reaching the goal."""
+        self.q_cmd = asarray_like(q_target, self.proc.default) + 0.0
 
     def desired_ee(self, action: Array, ee_pos: Array) -> Array:
         """The end-effector position this action asks for, clamped to the workspace. [N, 3]"""
-        xp = namespace(action, ee_pos)
-        return xp.clip(ee_pos + self.ee_scale * xp.clip(action[:, :3], -1.0, 1.0), self.ws_lo, self.ws_hi)
+        return clip(ee_pos + self.ee_scale * clip(action[:, :3], -1.0, 1.0), self.ws_lo, self.ws_hi)
 
     def joint_targets(self, action: Array, ee_pos: Array, ee_quat: Array, ee_quat_hold: Array,
                       anchors: Array, axes: Array) -> Array:
@@ -132,13 +147,13 @@ class EeDeltaController:
         err = xp.concatenate([self.desired_ee(action, ee_pos) - ee_pos,
                               self.cfg.ik_rot_weight * quat_error(ee_quat_hold, ee_quat)], axis=1)
         dq = dls(hinge_jacobian(anchors, axes, ee_pos), err, self.cfg.ik_damping)
-        self.q_cmd = xp.clip(self.q_cmd + dq, self.proc.lower, self.proc.upper)
+        dq = clip(dq, -self.max_step, self.max_step)
+        self.q_cmd = clip(self.q_cmd + dq, self.q_lo, self.q_hi)
         return self.q_cmd
 
     def gripper_command(self, action: Array) -> Array | None:
         """[N] gripper actuator command (spec units: open .. closed), or None without a gripper channel."""
         if not self.has_gripper or action.shape[1] < 4:
             return None
-        xp = namespace(action)
-        frac = (xp.clip(action[:, 3], -1.0, 1.0) + 1.0) * 0.5
+        frac = (clip(action[:, 3], -1.0, 1.0) + 1.0) * 0.5
         return self.gripper_closed + frac * (self.gripper_open - self.gripper_closed)

@@ -93,10 +93,16 @@ class Guard(enum.IntFlag):
     INTERNAL_ERROR = 512
 
 
+_NAN_GUARD, _POSITION_CLIP, _RATE_LIMIT, _VELOCITY_GUARD, _TORQUE_GUARD = 1, 2, 4, 8, 16
+_ATTITUDE_GUARD, _WATCHDOG, _ESTOP, _SENSOR_GUARD = 32, 64, 128, 256
+
 GUARDS: tuple[Guard, ...] = (
     Guard.NAN_GUARD, Guard.POSITION_CLIP, Guard.RATE_LIMIT, Guard.VELOCITY_GUARD, Guard.TORQUE_GUARD,
     Guard.ATTITUDE_GUARD, Guard.WATCHDOG, Guard.ESTOP, Guard.SENSOR_GUARD, Guard.INTERNAL_ERROR,
 )
+
+
+_GUARD_BITS = tuple((int(g), g.name.lower()) for g in GUARDS)
 
 
 @dataclass
@@ -132,7 +138,8 @@ class Command:
 
     @property
     def guards(self) -> list[str]:
-        return [g.name.lower() for g in GUARDS if g & self.interventions]
+        bits = int(self.interventions)
+        return [name for bit, name in _GUARD_BITS if bit & bits] if bits else []
 
 
 @dataclass(frozen=True)
@@ -378,7 +385,7 @@ class SafetyFilter:
             return self._last
 
     def _step(self, t, q_target, q, qd, last_sensor_time, projected_gravity, rpy, ang_vel) -> Command:
-        fired = Guard.NONE
+        fired = 0  # a plain int inside the step: IntFlag arithmetic costs ~1 us per operation
         # -- clock: never runs backwards; a non-finite clock makes every sample stale
         t = _as_float(t)
         clock_ok = math.isfinite(t)
@@ -407,24 +414,24 @@ class SafetyFilter:
             self._qd[:] = self._qdin
             self._have_q = True
         else:
-            fired |= Guard.SENSOR_GUARD
+            fired |= _SENSOR_GUARD
         if self.check_attitude and not att_ok:
-            fired |= Guard.SENSOR_GUARD
+            fired |= _SENSOR_GUARD
         stamp = _as_float(last_sensor_time)
         if sample_ok and clock_ok and math.isfinite(stamp) and stamp <= t + self.timeout:
             self._last_good_stamp = max(self._last_good_stamp, min(stamp, t))
         age = t - self._last_good_stamp
         self._stale = not clock_ok or age > self.timeout + 1e-9
         if self._stale:
-            fired |= Guard.WATCHDOG
+            fired |= _WATCHDOG
         if att_ok:
             self._roll, self._pitch = roll, pitch
         self._tilted = att_ok and (abs(roll) > self.cfg.max_roll or abs(pitch) > self.cfg.max_pitch)
         if self._tilted:
-            fired |= Guard.ATTITUDE_GUARD
+            fired |= _ATTITUDE_GUARD
         self._have_fast = self._have_q and _nz(_abs(self._qd) > self.velocity_limit) > 0
         if self._have_fast:
-            fired |= Guard.VELOCITY_GUARD
+            fired |= _VELOCITY_GUARD
 
         # -- faults latch DAMPING from the active modes
         if self._mode in (Mode.RAMP_TO_DEFAULT, Mode.POLICY):
@@ -435,7 +442,7 @@ class SafetyFilter:
             elif self._tilted:
                 self._enter_damping(f"attitude: {self._tilt_text()}")
         if self._estop_pending:
-            fired |= Guard.ESTOP
+            fired |= _ESTOP
             self._estop_pending = False
 
         # -- what the mode asks for: candidate target and nominal gains [nj]
@@ -455,7 +462,7 @@ class SafetyFilter:
             _read(q_target, self._qt)
             bad = ~np.isfinite(self._qt)
             if _nz(bad):
-                fired |= Guard.NAN_GUARD
+                fired |= _NAN_GUARD
                 self._qt[bad] = prev[bad]
             cand, kp, kd = self._qt, self.kp, self.kd
         else:  # DAMPING
@@ -473,12 +480,12 @@ class SafetyFilter:
         # -- hard limits: position window P, then rate window W = P & [prev - r, prev + r]
         target = _min(_max(cand, self.lower), self.upper)
         if _nz(target != cand):
-            fired |= Guard.POSITION_CLIP
+            fired |= _POSITION_CLIP
         w_lo = _max(self.lower, prev - self.max_step)
         w_hi = _min(self.upper, prev + self.max_step)
         limited = _min(_max(target, w_lo), w_hi)
         if _nz(limited != target):
-            fired |= Guard.RATE_LIMIT
+            fired |= _RATE_LIMIT
         target = limited
 
         # -- torque and velocity guards on the newest plausible joint state
@@ -509,9 +516,9 @@ class SafetyFilter:
             if _nz(over):  # no target helps: saturate by scaling both gains, as the drive would
                 scale = np.where(over, lim / np.where(over, _abs(tau), 1.0), 1.0)
                 kp_out, kd_out = kp * scale, kd * scale
-                fired |= Guard.TORQUE_GUARD
+                fired |= _TORQUE_GUARD
             elif _nz(guarded != target):
-                fired |= Guard.TORQUE_GUARD
+                fired |= _TORQUE_GUARD
             target = guarded
 
         if mode is Mode.RAMP_TO_DEFAULT and self._ramp_t0 is not None:
@@ -523,11 +530,11 @@ class SafetyFilter:
         self._kp_nom[:] = kp
         self._kd_nom[:] = kd
         if fired:
-            for g in GUARDS:
-                if g & fired:
-                    self.counters[g.name.lower()] += 1
+            for bit, name in _GUARD_BITS:
+                if bit & fired:
+                    self.counters[name] += 1
         self._last = Command(target.copy(), np.array(kp_out, dtype=np.float64),
-                             np.array(kd_out, dtype=np.float64), self._zeros.copy(), fired, self._mode)
+                             np.array(kd_out, dtype=np.float64), self._zeros.copy(), Guard(fired), self._mode)
         return self._last
 
 

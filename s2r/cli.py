@@ -419,8 +419,18 @@ def bench_sim(quick: bool = typer.Option(False, help="at most ~60 s"),
     typer.echo(line)
 
 
+TRAINING_MODULES = ("torch", "mujoco", "gymnasium", "matplotlib", "imageio", "tensorboard", "onnx", "tqdm")
+
+
 def main() -> None:
-    app()
+    try:
+        app()
+    except ModuleNotFoundError as e:  # a robot install (no `train` extra) running a training command
+        if (e.name or "").split(".")[0] not in TRAINING_MODULES:
+            raise
+        typer.secho(f"error: this command needs the training install ({e.name} is missing): "
+                    f"pip install 's2r[train]'", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import gc
 import json
+from array import array
 import math
 import os
 import time
@@ -289,6 +290,8 @@ class PolicyNode(Node):
         self._t_prev_tick = -math.inf
         self._expected_prev_ns = -1
         self.mode_log: list[tuple[float, str]] = []  # (monotonic time, mode) at each change
+        self.mode_events: list[str] = []  # the logged text of each change, with its cause (newest 100)
+        self.startup_warnings: list[str] = []
 
         ctrl = str(p("controller_name")).strip("/")
         self.pub_cmd = self.create_publisher(Float64MultiArray, f"/{ctrl}/commands", 10)
@@ -321,10 +324,12 @@ class PolicyNode(Node):
             f"trigger), {self.command_mode} commands -> /{ctrl}/commands; watchdog {self.sensor_timeout * 1e3:.0f} ms;"
             f" observation needs {self.needs}; mode PASSIVE")
         if self.command_mode == "position":
-            self.get_logger().warning(
+            self.startup_warnings.append(
                 "command_mode position: the drives keep their own gains, so PASSIVE and DAMPING are approximated "
                 "(targets follow the measured pose; the e-stop holds position by stiffness instead of going "
                 "limp-damped). Use command_mode:=impedance with a drive interface that takes stiffness and damping.")
+        for w in self.startup_warnings:
+            self.get_logger().warning(w)
         # Everything built so far (onnxruntime, rclpy: ~100k objects) leaves the collector's view:
         # a full collection then costs microseconds instead of milliseconds during a tick.
         gc.collect()
@@ -366,7 +371,9 @@ class PolicyNode(Node):
         self.joint_state_sent_ns = int(info.get("source_timestamp", 0))
         self.joint_states_received += 1
         self.watchdog.reset()  # (re)start the one-shot watchdog
-        if self.trigger == "sensor" and self.joint_stamp - self._t_prev_tick >= 0.9 * self.period:
+        # sensor trigger: the first joint state from 3/4 of a period after the last tick on starts the next one
+        # (a jittery 200 Hz stream still triggers every tick; a faster stream is thinned to rate_hz)
+        if self.trigger == "sensor" and self.joint_stamp - self._t_prev_tick >= 0.75 * self.period:
             self.sensor_ticks += 1
             self._tick()
 
@@ -487,6 +494,7 @@ class PolicyNode(Node):
         if prev is None:
             return
         text = f"mode {prev} -> {mode}: {self.safety.reason} ({cause})"
+        self.mode_events = self.mode_events[-99:] + [text]
         if mode == "DAMPING":
             self.get_logger().error(text)
         else:
@@ -560,16 +568,21 @@ class PolicyNode(Node):
         targets = None
         if self.safety.mode is Mode.POLICY and self.policy is not None:
             targets = self._act(terms)
-        gravity = projected_gravity(self.quat[None])[0] if self.has_imu else None
+        gravity = None
+        if self.has_imu:  # the observation's own term when it has one: computed once per tick
+            gravity = self.last_terms["projected_gravity"] if terms is not None and "projected_gravity" in terms \
+                else projected_gravity(self.quat[None])[0]
         cmd = self.safety.filter(now, targets, self.q, self.qd, last_sensor_time=stamp, projected_gravity=gravity,
                                  ang_vel=self.ang_vel if self.has_imu else None)
         self.last_command = cmd
-        if self.command_mode == "position":
-            self._cmd_msg.data = cmd.q_target.tolist()
+        if self.ik is not None and targets is not None:
+            self.ik.executed(cmd.q_target[None])  # the IK integrates from what the filter let through
+        if self.command_mode == "position":  # array('d') skips the message's per-element checks
+            self._cmd_msg.data = array("d", cmd.q_target.tobytes())
         else:
             imp = self._impedance
             imp[:, 0], imp[:, 2], imp[:, 3], imp[:, 4] = cmd.q_target, cmd.kp, cmd.kd, cmd.tau_ff
-            self._cmd_msg.data = imp.ravel().tolist()
+            self._cmd_msg.data = array("d", imp.tobytes())
         self.tick_cost = time.perf_counter() - t0
         self.tick_cost_max = max(self.tick_cost_max, self.tick_cost)
         self.sensor_age = time.monotonic() - self.joint_stamp if math.isfinite(self.joint_stamp) else math.nan

@@ -34,7 +34,10 @@ def _arm_randomization() -> RandomizationConfig:
 @dataclass
 class ArmReachConfig(TaskConfig):
     spec: str = "panda/panda.yaml"
-    episode_length_s: float = 5.0
+    episode_length_s: float = 8.0
+    # a new target every resample_s within an episode (0: one per episode): an operator or planner sends
+    # goal after goal, so the policy must reach from wherever the last goal left the arm
+    resample_s: float = 4.0
     target_low: tuple[float, float, float] = (0.3, -0.3, 0.15)  # m, world frame (arm base at origin)
     target_high: tuple[float, float, float] = (0.65, 0.3, 0.55)
     workspace_low: tuple[float, float, float] = (0.15, -0.6, 0.0)  # IK targets are clamped to this box
@@ -52,6 +55,7 @@ class ArmReachConfig(TaskConfig):
 class ArmPickConfig(ArmReachConfig):
     spec: str = "panda/panda_pick.yaml"
     episode_length_s: float = 8.0
+    resample_s: float = 0.0  # one placement target per episode
     cube_low: tuple[float, float] = (0.4, -0.15)  # m, x/y of the cube's start
     cube_high: tuple[float, float] = (0.6, 0.15)
     target_low: tuple[float, float, float] = (0.4, -0.2, 0.0)  # z is height above the cube's rest height
@@ -90,6 +94,7 @@ class ArmReach(Task):
         self.g_act = env.index.gripper_act
         self.ee_scale = self.ik.ee_scale.float()  # [3] m per unit action
         self.target = torch.zeros(N, 3, device=dev)
+        self.resample_steps = int(round(self.cfg.resample_s / env.control_dt)) if self.cfg.resample_s > 0 else 0
         _, ee_quat, _, _ = self.chain.forward(self.qpos0[self.qpos_adr][None])
         self.ee_quat_home = ee_quat.expand(N, -1)  # [N, 4] the orientation the IK holds
         self._gripper = None  # (qpos addresses [k], dof addresses [k], coefficients [k], names)
@@ -111,6 +116,11 @@ class ArmReach(Task):
 
     def update(self):
         self.refresh()
+        if self.resample_steps:
+            due = (self.env.episode_step % self.resample_steps == 0) & (self.env.episode_step > 0)
+            if due.any():
+                ids = due.nonzero().squeeze(-1)
+                self.target[ids] = self._sample_target(len(ids))
 
     def ee_pos(self) -> torch.Tensor:
         return self._ee
