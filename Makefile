@@ -38,6 +38,8 @@ ifeq ($(HAVE_ROS),yes)
 	MUJOCO_GL=egl $(VENV)/bin/s2r ros sim $(DEMO_OUT)/stand.onnx --seconds 10 --video $(DEMO_OUT)/ros_sim_demo_policy.mp4 --out $(DEMO_OUT)/ros_sim_demo_policy.json
 	@echo "--- ROS 2 sim-to-sim: the shipped standing policy (policies/pretrained/g1_stand.onnx)"
 	MUJOCO_GL=egl $(VENV)/bin/s2r ros sim policies/pretrained/g1_stand.onnx --seconds 10 --video $(DEMO_OUT)/ros_sim_pretrained.mp4 --out $(DEMO_OUT)/ros_sim_pretrained.json
+	@echo "--- ROS 2 sim-to-sim: the shipped arm policy (policies/pretrained/panda_reach.onnx) reaches four goals on /goal_pose"
+	MUJOCO_GL=egl $(VENV)/bin/s2r ros sim policies/pretrained/panda_reach.onnx --spec panda/panda.yaml --video $(DEMO_OUT)/ros_sim_arm.mp4 --out $(DEMO_OUT)/ros_sim_arm.json
 else
 	@echo "--- ROS 2 (rclpy) is not installed in $(VENV): skipping the ROS 2 sim-to-sim loop."
 	@echo "    Install it with: $(PY) -m pip install -e '.[ros]'   (or make EXTRAS=train,dev,ros demo)"

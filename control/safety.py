@@ -114,7 +114,7 @@ class SafetyConfig:
     max_roll: float = 0.8  # rad; beyond it -> DAMPING (robots with an IMU)
     max_pitch: float = 0.8  # rad
     check_attitude: bool | None = None  # None: check when the spec names an imu_site (floating base)
-    sensor_timeout: float | None = None  # s without a valid joint state -> DAMPING; None: 2 control periods
+    sensor_timeout: float | None = None  # s without a valid joint state -> DAMPING; None: 2 control periods (the ROS node passes its own: 3 by default)
     ramp_time: float = 2.0  # s, RAMP_TO_DEFAULT from the measured pose to the default pose
     estop_ramp_time: float = 0.5  # s, DAMPING ramp of targets and gains
     kp_damp: float | list[float] = 0.0  # N m / rad, stiffness at the end of the DAMPING ramp

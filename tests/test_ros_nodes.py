@@ -253,7 +253,7 @@ def test_a_1khz_burst_of_joint_states_keeps_the_control_rate_and_uses_the_newest
 
 # ---- (c) watchdog ---------------------------------------------------------------------------------------
 
-def test_sensor_silence_latches_damping_within_two_control_periods(ctx):
+def test_sensor_silence_latches_damping_within_the_default_sensor_timeout(ctx):
     rig = Rig(ctx)
     node = policy_node(ctx)
     with spinning(ctx, node, rig):
@@ -267,8 +267,8 @@ def test_sensor_silence_latches_damping_within_two_control_periods(ctx):
         wait_for(lambda: node.safety.mode.name == "DAMPING", 1.0, "DAMPING")
         t_damp = next(t for t, m in reversed(node.mode_log) if m == "DAMPING")
         silence = t_damp - node.joint_stamp  # from the last good message to the latch
-        # the filter's timeout is 2 control periods; the latch happens at the first tick after it
-        assert silence <= 2 * DT + DT + 0.01, f"DAMPING {silence * 1e3:.1f} ms after the last joint state"
+        # the node's default timeout is 3 control periods, checked by a one-shot timer re-armed per joint state
+        assert 3 * DT <= silence <= 3 * DT + 0.015, f"DAMPING {silence * 1e3:.1f} ms after the last joint state"
         assert "watchdog" in node.safety.reason
         print(f"watchdog latched DAMPING {silence * 1e3:.1f} ms after the last joint state")
 

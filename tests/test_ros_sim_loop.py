@@ -1,10 +1,13 @@
-"""Train -> export -> ROS 2: a trained policy drives the sim bridge's G1 over real DDS.
+"""Train -> export -> ROS 2: trained policies drive the sim bridge's G1 and Panda over real DDS.
 
 The shipped standing policy (policies/pretrained/g1_stand.onnx, trained by the command in
 policies/pretrained/README.md) goes through the operator's procedure, gantry -> ~/ramp -> ~/start
 -> release, and must then keep the robot up and track the zero velocity command for 10 s of wall
 clock in POLICY mode. The policy node and the sim bridge run unsynchronised timers and talk over
-FastDDS on loopback, as on a robot. Skipped without rclpy (`pip install s2r[ros]`).
+FastDDS on loopback, as on a robot. The shipped arm policy (policies/pretrained/panda_reach.onnx)
+must bring the end effector within 30 mm of four goals sent one after another on /goal_pose, with
+the node computing the arm's kinematics and IK itself from the joint states.
+Skipped without rclpy (`pip install s2r[ros]`).
 """
 
 import json
@@ -26,11 +29,29 @@ from s2r.ros.sim_loop import SimLoopConfig, run_sim_loop  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAINED = ROOT / "policies" / "pretrained" / "g1_stand.onnx"
 G1_YAML = ROOT / "sim" / "robots" / "g1" / "g1.yaml"
+PANDA_PRETRAINED = ROOT / "policies" / "pretrained" / "panda_reach.onnx"
+PANDA_YAML = ROOT / "sim" / "robots" / "panda" / "panda.yaml"
 
 
 def test_the_shipped_policy_matches_the_g1_spec():
     """A changed g1.yaml needs a retrained policy: this names the difference instead of a fall."""
     OnnxPolicy(PRETRAINED, expected_spec=RobotSpec.load(G1_YAML))
+
+
+def test_the_shipped_arm_policy_matches_the_panda_spec():
+    OnnxPolicy(PANDA_PRETRAINED, expected_spec=RobotSpec.load(PANDA_YAML))
+
+
+@pytest.mark.parametrize("command_mode,trigger", [("position", "timer"), ("impedance", "sensor")])
+def test_trained_arm_reaches_goal_after_goal_through_ros(command_mode, trigger):
+    report = run_sim_loop(SimLoopConfig(policy_path=str(PANDA_PRETRAINED), robot_spec=str(PANDA_YAML),
+                                        command_mode=command_mode, trigger=trigger))
+    print(report.summary())
+    assert report.ok, report.summary()
+    assert report.goals_reached == len(report.goal_errors_m) == 4
+    assert max(report.goal_errors_m) < 0.03
+    assert report.mode_log == ["PASSIVE", "RAMP_TO_DEFAULT", "POLICY"]
+    assert report.commands_rejected == 0
 
 
 def test_trained_policy_stands_and_tracks_the_zero_command_through_ros():

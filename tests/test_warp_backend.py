@@ -85,7 +85,8 @@ def _run(w, m, seed, steps, action="random", teacher_forced=False):
         assert torch.equal(tw, tm) and torch.equal(uw, um)  # same falls, same resets
         q, v = _err(w, m)
         sd = m.backend.sensordata
-        s = ((w.backend.sensordata.double() - sd).abs() / (1 + sd.abs())).max().item()
+        # (arm-reach declares no sensors: its kinematics come from qpos, control/kinematics.py)
+        s = ((w.backend.sensordata.double() - sd).abs() / (1 + sd.abs())).max().item() if sd.numel() else 0.0
         o = (ow["policy"] - om["policy"]).abs().max().item()
         mq, mv, ms, mo = max(mq, q), max(mv, v), max(ms, s), max(mo, o)
     print(f"\nmax deviation: qpos {mq:.2e} qvel {mv:.2e} sensordata(rel) {ms:.2e} obs {mo:.2e}")
