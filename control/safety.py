@@ -122,6 +122,12 @@ class SafetyConfig:
     still_velocity: float = 0.1  # rad/s: reset_from_damping() needs every |qd| below this
     sensor_position_slack: float = 0.5  # rad beyond the joint range before a reading is implausible
     sensor_velocity_scale: float = 4.0  # |qd| beyond this x velocity_limit is implausible (no limit: 1000 rad/s)
+    # torque_guard and velocity_guard act on the target (see the module docstring). They place the target for
+    # the PD torque at the start of the control period; with large damping gains against small torque limits
+    # (the Panda's wrist servos: kd 200 N m s/rad, 12 N m) the damping then eats that torque within the period
+    # and the joint crawls (0.2 rad/s measured where the saturating drive reaches its limit). A drive that
+    # saturates on its own, as the simulator's actuators do, needs neither: set False for such robots.
+    torque_guard: bool = True
     imu_max_ang_vel: float = 35.0  # rad/s per axis: a gyro reading beyond it is implausible (2000 deg/s range)
 
 
@@ -490,7 +496,8 @@ class SafetyFilter:
 
         # -- torque and velocity guards on the newest plausible joint state
         kp_out, kd_out = kp, kd
-        if self._have_q:
+        fits = True
+        if self._have_q and self.cfg.torque_guard:
             q_m, qd_m, lim = self._q, self._qd, self.torque_limit
             # fast path: target inside the torque window T (|PD torque| <= limit) and no joint over its
             # velocity limit -> the guard would leave target and gains as they are

@@ -335,3 +335,22 @@ def test_configuration_errors_name_the_joint():
     torque_robot = RobotSpec.load(Path(__file__).resolve().parents[1] / "sim/robots/gym_humanoid/humanoid.yaml")
     with pytest.raises(ValueError, match="joint_torque"):
         SafetyFilter(torque_robot)
+
+
+def test_torque_guard_off_leaves_a_saturating_target_to_the_drive():
+    """SafetyConfig.torque_guard=False: a target passes the position and rate limits only (the drive saturates,
+    as the simulator's actuators do); with the guard it is pulled into the torque window."""
+    stiff = RobotSpec.from_dict({"name": "stiff", "physics_dt": 1 / 128, "decimation": 2, "joints": [
+        {"name": "wrist", "default": 0.0, "kp": 1000.0, "kd": 100.0, "range": [-2.0, 2.0],
+         "velocity_limit": 10.0, "torque_limit": 12.0}]})
+    out = {}
+    for guard in (True, False):
+        b = Bench(stiff, SafetyConfig(torque_guard=guard, ramp_time=0.05)).to_passive_at_rest()
+        for _ in range(10):
+            b.step()
+        assert b.f.start_policy()
+        cmd = b.step(b.q + 0.5)
+        out[guard] = (float(cmd.q_target[0] - b.q[0]), cmd.guards)
+    step = 10.0 * stiff.control_dt  # velocity_limit x dt: 0.156 rad, 156 N m of PD torque
+    assert out[False] == (pytest.approx(step), ["rate_limit"])
+    assert out[True] == (pytest.approx(12.0 / 1000.0), ["rate_limit", "torque_guard"])

@@ -105,6 +105,8 @@ def test_robot_numpy_path_equals_the_simulator(task, spec):
                 err = np.abs(targets[i][0] - sim_targets[i]) / np.maximum(1.0, np.abs(sim_targets[i]))
                 worst_q = max(worst_q, float(err.max()))
     assert compared >= 30, f"only {compared} states compared"
+    print(f"\n{task}: {compared} states, max |obs difference| {worst_obs:.1e}, max joint-target difference "
+          f"{worst_q:.1e}")
     assert worst_obs <= 1e-6, f"observation differs by {worst_obs}"
     assert worst_q <= 1e-6, f"joint targets (torques) differ by {worst_q} (relative beyond 1)"
 

@@ -6,7 +6,8 @@ rate-limited to rate_hz):
     /joint_states (by name)   --+
     /imu/data                 --+--> RobotState --> control/terms.py --> ObservationBuilder
     /cmd_vel                  --+      (numpy: the definitions the simulator trains with)
-    /goal_pose, /object_pose  --+   --> OnnxPolicy --> action mode (control/actions.py:
+    /goal_pose, /object_pose  --+   --> OnnxPolicy --> operator arbitration (control/operator.py)
+    /joy, twist_topic (operator) ------------------------^   --> action mode (control/actions.py:
                                         joint targets, or end-effector IK on the arm's kinematics)
                                     --> SafetyFilter --> /<controller_name>/commands
                                                      --> /<gripper_controller_name>/commands (arm)
@@ -59,6 +60,36 @@ bench/ros_loop.py reads):
     ticks                also the DDS publication sequence number of this tick's command (one per tick)
     tick_cost_s          observation + inference + action + safety filter of this tick
 
+Operator input (HIL-SERL-style interventions; control/operator.py has the rules). In POLICY mode an
+operator's action replaces the policy's, in policy-action space ([-1, 1] per channel), before the
+action mode: the executed action takes the normal path (IK or joint targets, then the safety
+filter), and the observation's `last_action` is the executed action (what the robot did).
+  joy_topic     sensor_msgs/Joy ("/joy"; "" = none): sticks beyond joy_deadzone or the held
+                joy_intervene_button take over; joy_axes[i] drives action channel joy_channels[i]
+                times joy_scale[i] (sign = direction); joy_gripper_open/close_button set the gripper
+                (arms); joy_success/failure_button label the episode. A button index < 0 = none.
+  twist_topic   geometry_msgs/Twist ("/spacenav/twist": spacenav's, or s2r.ros.teleop_keyboard's;
+                "" = none): linear x, y, z beyond twist_deadband -> end-effector step channels
+                0, 1, 2 as twist_scale * linear (ee_delta specs only; angular ignored; on a
+                joint_position spec the topic is not subscribed and the node says so).
+  per_axis      false: an active operator replaces every channel their device maps; true: only the
+                channels they move (a held intervene button still takes over fully).
+  operator_timeout  s: a device silent for longer counts as released (the policy acts again).
+Without any device the policy runs alone (said once at ~/start); a device that goes silent is
+reported once and released. NaN/Inf or too-short Joy/Twist messages are rejected and counted
+(~/diagnostics rejected.joy / rejected.twist); a 1 kHz flood keeps only the newest sample.
+  ~/action_source  std_msgs/String, every tick: "policy", "joy", "twist" (who set the executed
+                   action), or "none" (no action this tick: not in POLICY, or the policy step failed)
+Episodes: ~/start (into POLICY) opens episode n; a label ends it: the success/failure button, or the
+std_srvs/Trigger services ~/label_success and ~/label_failure. Each end is a std_msgs/String JSON
+event on ~/episode: {"episode": n, "success": true|false|null, "reason": ..., "steps": policy ticks,
+"interventions": ticks the operator acted}. A label in POLICY opens episode n + 1 at once (the node
+does not move the robot: resetting the scene is the operator's); one outside POLICY (after an
+e-stop, say) closes the episode and the next ~/start opens a new one; a ~/start while an episode
+with steps is still open closes it unlabelled (success null).
+~/diagnostics adds: source, intervened, intervention_rate (the open episode's fraction of operator
+ticks) and operator {devices: none/live/silent, received, interventions, episode, ...}.
+
 Timing: the node runs on whatever executor spins it (`spin_node`: a SingleThreadedExecutor).
 All objects that exist once the node is built are moved out of the garbage collector's view
 (gc.freeze). `realtime:=true` additionally asks for SCHED_FIFO (priority REALTIME_PRIORITY) for
@@ -83,15 +114,16 @@ from geometry_msgs.msg import PoseStamped, Twist
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType
 from rclpy.node import Node
 from rclpy.timer import TimerInfo
-from sensor_msgs.msg import Imu, JointState
+from sensor_msgs.msg import Imu, JointState, Joy
 from std_msgs.msg import Bool, Float64MultiArray, MultiArrayDimension, String
 from std_srvs.srv import Trigger
 
 from s2r.control.actions import ActionProcessor, EeDeltaConfig, EeDeltaController
 from s2r.control.observations import ObservationBuilder
 from s2r.control.onnx_policy import OnnxPolicy, PolicyFileError
+from s2r.control.operator import POLICY, Arbiter, ArbiterConfig, JoyMapping, TwistMapping
 from s2r.control.rotations import projected_gravity
-from s2r.control.safety import Mode, SafetyConfig, SafetyFilter, Transition
+from s2r.control.safety import Guard, Mode, SafetyConfig, SafetyFilter, Transition
 from s2r.control.spec import RobotSpec, SpecError
 from s2r.control.terms import RobotState, required_inputs
 
@@ -100,6 +132,7 @@ REALTIME_PRIORITY = 50  # SCHED_FIFO priority with realtime:=true (ros2_control'
 COMMAND_MODES = ("position", "impedance")
 TRIGGERS = ("timer", "sensor")
 IMPEDANCE_FIELDS = ("position", "velocity", "stiffness", "damping", "effort")
+_WINDUP_GUARDS = Guard.POSITION_CLIP | Guard.RATE_LIMIT | Guard.NAN_GUARD  # filter changes the sim never makes
 # RobotState fields and where the node gets them; a spec whose terms need any other is refused
 SOURCES = {"q": "/joint_states", "qd": "/joint_states", "base_quat": "/imu/data", "base_ang_vel": "/imu/data",
            "velocity_command": "/cmd_vel", "last_action": "the node itself", "ee_pos": "the arm's kinematics",
@@ -167,6 +200,7 @@ class PolicyNode(Node):
         self.declare_parameter("ramp_time", 2.0)  # s, RAMP_TO_DEFAULT duration
         self.declare_parameter("sensor_timeout", 0.0)  # s; <= 0: three control periods
         self.declare_parameter("realtime", False)  # SCHED_FIFO for the control tick's thread, if permitted
+        self.declare_parameter("torque_guard", True)  # the filter's torque/velocity guard (SafetyConfig.torque_guard)
         self.declare_parameter("cmd_vel_limits", [1.0, 0.5, 1.0])  # |vx| m/s, |vy| m/s, |yaw rate| rad/s
         self.declare_parameter("imu_max_ang_vel", 35.0)  # rad/s per axis: beyond it an IMU sample is implausible
         self.declare_parameter("workspace_min", list(EeDeltaConfig.workspace_low))  # m, arm base frame
@@ -206,6 +240,7 @@ class PolicyNode(Node):
         kd_damp = self._damping_gains(list(p("damping_joints")), list(p("damping_kd")))
         self.safety = SafetyFilter(spec, SafetyConfig(ramp_time=float(p("ramp_time")),
                                                       sensor_timeout=self.sensor_timeout, kd_damp=kd_damp,
+                                                      torque_guard=bool(p("torque_guard")),
                                                       imu_max_ang_vel=float(p("imu_max_ang_vel"))))
         self.proc = ActionProcessor(spec)  # numpy constants [nj]
         self.obs = ObservationBuilder(spec.observation, num_envs=1, default_q=spec.array("default"))
@@ -575,8 +610,11 @@ class PolicyNode(Node):
         cmd = self.safety.filter(now, targets, self.q, self.qd, last_sensor_time=stamp, projected_gravity=gravity,
                                  ang_vel=self.ang_vel if self.has_imu else None)
         self.last_command = cmd
-        if self.ik is not None and targets is not None:
-            self.ik.executed(cmd.q_target[None])  # the IK integrates from what the filter let through
+        if self.ik is not None and targets is not None and cmd.interventions & _WINDUP_GUARDS:
+            # the filter refused a target the IK asked for: integrate from what it let through (anti-windup).
+            # Not after the torque guard alone: it reproduces the drive's saturation, which the simulator's
+            # actuators apply to the same unchanged IK target, so the policy was trained with it.
+            self.ik.executed(cmd.q_target[None])
         if self.command_mode == "position":  # array('d') skips the message's per-element checks
             self._cmd_msg.data = array("d", cmd.q_target.tobytes())
         else:
