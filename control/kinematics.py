@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from s2r.control.arrays import Array, asarray_like, namespace, zeros_like_shape
-from s2r.control.rotations import quat_mul, quat_rotate
 
 HINGE, SLIDE = 3, 2  # mjtJoint values
 
@@ -90,38 +89,85 @@ class SerialChain:
             raise KinematicsError(f"cannot parse MJCF {path}: {e}") from None
         return cls.from_model(model, spec.joint_names, spec.action.ee_site)
 
+    def _constants(self, like: Array) -> list:
+        """Per-link constants as arrays of like's namespace/dtype/device, converted once and cached."""
+        key = (type(like).__module__, str(like.dtype), str(getattr(like, "device", "cpu")))
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            c = lambda a: asarray_like(np.asarray(a, dtype=np.float64), like)  # noqa: E731
+            links = []
+            for link in self.links:
+                joints = []
+                for i, jtype, jpos, jaxis, q0 in link.joints:
+                    k = _skew(jaxis / np.linalg.norm(jaxis))
+                    joints.append((i, jtype, c(jpos), c(jaxis), q0, c(k), c(k @ k)))
+                links.append((c(link.pos), c(_quat_to_mat(link.quat)), joints))
+            cache[key] = (links, c(self.site_pos), c(_quat_to_mat(self.site_quat)), c(np.eye(3)))
+        return cache[key]
+
     def forward(self, q: Array) -> tuple[Array, Array, Array, Array]:
         """q [N, nj] -> (site pos [N, 3], site quat [N, 4], joint anchors [N, nj, 3], joint axes [N, nj, 3]),
-        world frame; anchors/axes in spec joint order."""
+        world frame; anchors/axes in spec joint order.
+
+        Rotation matrices [N, 3, 3] along the chain (a few matmuls per link; quaternion algebra costs
+        ~5x more small-array operations), each hinge by Rodrigues' formula with its constant skew matrix."""
         xp = namespace(q)
+        links, site_pos, site_rot, eye = self._constants(q)
         n = q.shape[0]
-
-        def const(a):  # [1, ...]: broadcasts against the batch
-            return asarray_like(np.asarray(a)[None], q)
-
         pos = zeros_like_shape((n, 3), q)
-        quat = zeros_like_shape((n, 4), q) + const([1.0, 0.0, 0.0, 0.0])
+        rot = zeros_like_shape((n, 3, 3), q) + eye
         anchors = [None] * self.num_joints
         axes = [None] * self.num_joints
-        for link in self.links:
-            pos = pos + quat_rotate(quat, const(link.pos))
-            quat = quat_mul(quat, const(link.quat))
-            for i, jtype, jpos, jaxis, q0 in link.joints:
-                anchor = pos + quat_rotate(quat, const(jpos))
-                axis = quat_rotate(quat, const(jaxis))
+        for body_pos, body_rot, joints in links:
+            pos = pos + rot @ body_pos  # [N, 3]
+            rot = rot @ body_rot
+            for i, jtype, jpos, jaxis, q0, k, k2 in joints:
+                anchor = pos + rot @ jpos
+                axis = rot @ jaxis
                 anchors[i], axes[i] = anchor, axis
-                angle = q[:, i] - q0
+                angle = (q[:, i] - q0)[:, None, None]  # [N, 1, 1]
                 if jtype == HINGE:
-                    half = 0.5 * angle[:, None]
-                    rot = xp.concatenate([xp.cos(half), xp.sin(half) * const(jaxis)], axis=-1)
-                    quat = quat_mul(quat, rot)
-                    pos = anchor - quat_rotate(quat, const(jpos))  # rotate about the anchor
+                    rot = rot @ (eye + xp.sin(angle) * k + (1.0 - xp.cos(angle)) * k2)
+                    pos = anchor - rot @ jpos  # rotate about the anchor
                 else:
-                    pos = pos + axis * angle[:, None]
-            quat = quat / xp.sqrt((quat * quat).sum(-1, keepdims=True))
-        site_pos = pos + quat_rotate(quat, const(self.site_pos))
-        site_quat = quat_mul(quat, const(self.site_quat))
-        return site_pos, site_quat, xp.stack(anchors, axis=1), xp.stack(axes, axis=1)
+                    pos = pos + axis * angle[:, :, 0]
+        site = pos + rot @ site_pos
+        return site, mat_to_quat(rot @ site_rot), xp.stack(anchors, axis=1), xp.stack(axes, axis=1)
+
+
+def _skew(v: np.ndarray) -> np.ndarray:
+    return np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
+
+
+def _quat_to_mat(q: np.ndarray) -> np.ndarray:
+    w, x, y, z = np.asarray(q, dtype=np.float64) / np.linalg.norm(q)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
+
+
+def mat_to_quat(r: Array) -> Array:
+    """Rotation matrices [N, 3, 3] -> unit quaternions [N, 4] (w, x, y, z), w >= 0.
+
+    Shepperd's method without branches (one code path for numpy and torch): the four candidate
+    quaternions, each computed from the largest of |w|, |x|, |y|, |z| as pivot, and per row the
+    candidate whose pivot is largest (well conditioned also at 180 degrees, where w is 0)."""
+    xp = namespace(r)
+    r00, r01, r02 = r[:, 0, 0], r[:, 0, 1], r[:, 0, 2]
+    r10, r11, r12 = r[:, 1, 0], r[:, 1, 1], r[:, 1, 2]
+    r20, r21, r22 = r[:, 2, 0], r[:, 2, 1], r[:, 2, 2]
+    # 4 |pivot| estimates: 4w^2, 4x^2, 4y^2, 4z^2
+    m = xp.stack([1.0 + r00 + r11 + r22, 1.0 + r00 - r11 - r22, 1.0 - r00 + r11 - r22, 1.0 - r00 - r11 + r22], axis=-1)
+    p = 2.0 * xp.sqrt(xp.clip(m, 1e-12, None))  # [N, 4]: 4w, 4x, 4y, 4z (of each pivot's candidate)
+    cand = xp.stack([
+        xp.stack([p[:, 0] * 0.25, (r21 - r12) / p[:, 0], (r02 - r20) / p[:, 0], (r10 - r01) / p[:, 0]], axis=-1),
+        xp.stack([(r21 - r12) / p[:, 1], p[:, 1] * 0.25, (r01 + r10) / p[:, 1], (r02 + r20) / p[:, 1]], axis=-1),
+        xp.stack([(r02 - r20) / p[:, 2], (r01 + r10) / p[:, 2], p[:, 2] * 0.25, (r12 + r21) / p[:, 2]], axis=-1),
+        xp.stack([(r10 - r01) / p[:, 3], (r02 + r20) / p[:, 3], (r12 + r21) / p[:, 3], p[:, 3] * 0.25], axis=-1),
+    ], axis=1)  # [N, 4 candidates, 4]
+    best = m.argmax(-1)  # [N]
+    quat = cand[xp.arange(r.shape[0]), best]  # [N, 4]
+    return xp.where(quat[:, :1] < 0, -quat, quat)
 
 
 def gripper_coupling(model, actuator: str) -> tuple[list[str], np.ndarray]:

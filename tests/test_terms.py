@@ -159,3 +159,21 @@ def test_kinematics_equals_mj_kinematics_on_random_poses():
         assert min(np.abs(quat[k] - want).max(), np.abs(quat[k] + want).max()) < 1e-12
         np.testing.assert_allclose(anchors[k], d.xanchor[jid], atol=1e-12)
         np.testing.assert_allclose(axes[k], d.xaxis[jid], atol=1e-12)
+
+
+@pytest.mark.parametrize("xp", ["numpy", "torch"])
+def test_rotation_matrix_to_quaternion_is_exact_also_at_180_degrees(xp):
+    from s2r.control.kinematics import mat_to_quat
+
+    rng = np.random.default_rng(3)
+    quats = rng.normal(size=(200, 4))
+    quats[:4] = [[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [0, 0.6, 0.8, 0]]  # half turns: w = 0
+    quats[4:8] = [[1e-9, 1, 0, 0], [1, 0, 0, 0], [0.7071068, 0.7071068, 0, 0], [1e-7, 0, -0.6, 0.8]]
+    quats /= np.linalg.norm(quats, axis=1, keepdims=True)
+    mats = np.zeros((200, 3, 3))
+    for k, q in enumerate(quats):
+        mujoco.mju_quat2Mat(mats[k].reshape(-1), q)
+    got = mat_to_quat(mats if xp == "numpy" else torch.tensor(mats))
+    got = np.asarray(got)
+    same = np.minimum(np.abs(got - quats).max(1), np.abs(got + quats).max(1))
+    assert same.max() < 1e-7, same.max()
