@@ -23,6 +23,8 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(bench_app, name="bench")
 ros_app = typer.Typer(no_args_is_help=True, help="ROS 2 deployment (needs the ros extra: pip install s2r[ros])")
 app.add_typer(ros_app, name="ros")
+data_app = typer.Typer(no_args_is_help=True, help="Recorded robot sessions (MCAP): inspect, export to a dataset")
+app.add_typer(data_app, name="data")
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -417,6 +419,37 @@ def bench_sim(quick: bool = typer.Option(False, help="at most ~60 s"),
 
         atomic_write_text(out, line + "\n")
     typer.echo(line)
+
+
+@data_app.command("inspect")
+def data_inspect(files: list[Path] = typer.Argument(..., metavar="FILE",
+                                                  help="recordings (*.mcap), or folders of them")):
+    """Episodes, steps, duration, intervention rate (per episode, per minute), success rate, sources,
+    robot spec, policy and operator of recorded sessions; a table, then a JSON line."""
+    from s2r.data import DataError, format_inspect, inspect_recordings
+
+    try:
+        report = inspect_recordings(files)
+    except DataError as e:
+        _fail(str(e))
+    typer.echo(format_inspect(report))
+    typer.echo(json.dumps(report))
+
+
+@data_app.command("export")
+def data_export(files: list[Path] = typer.Argument(..., metavar="FILE",
+                                                 help="recordings (*.mcap), or folders of them"),
+                out: Path = typer.Option(..., "--out", help="dataset folder to create (new or empty)")):
+    """Export recordings of one robot spec as a LeRobot-style dataset: Parquet per episode + meta/."""
+    from s2r.data import DataError, export_lerobot
+
+    try:
+        result = export_lerobot(files, out)
+    except DataError as e:
+        _fail(str(e))
+    for w in result["warnings"]:
+        _note(w)
+    typer.echo(json.dumps(result))
 
 
 TRAINING_MODULES = ("torch", "mujoco", "gymnasium", "matplotlib", "imageio", "tensorboard", "onnx", "tqdm")
