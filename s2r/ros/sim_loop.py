@@ -46,6 +46,10 @@ class SimLoopConfig:
     # the safety filter's torque guard; None: on, except for ee_delta arms, whose stiff, heavily damped
     # position servos saturate by themselves (with the guard the Panda's wrist crawls, docs/DEPLOY.md)
     torque_guard: bool | None = None
+    # s: the node's watchdog. The simulated robot is a Python process on the same (often shared) machine and
+    # stalls for 100 ms now and then, which a drive does not; the loop checks the policy, not the timing
+    # (bench/ros_loop.py measures that with the default of three control periods)
+    sensor_timeout: float = 0.25
     goals: tuple = DEFAULT_GOALS  # arm: /goal_pose positions, one after the other
     goal_seconds: float = 4.0  # arm: wall-clock seconds each goal is held
     goal_tolerance: float = 0.03  # m: an arm goal counts as reached when the end effector ends this close
@@ -189,7 +193,7 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
         node = PolicyNode(context=ctx, parameter_overrides=[
             Parameter("policy_path", value=str(cfg.policy_path)), Parameter("robot_spec", value=cfg.robot_spec),
             Parameter("ramp_time", value=float(cfg.ramp_time)), Parameter("command_mode", value=cfg.command_mode),
-            Parameter("trigger", value=cfg.trigger),
+            Parameter("trigger", value=cfg.trigger), Parameter("sensor_timeout", value=float(cfg.sensor_timeout)),
             Parameter("torque_guard", value=(not arm) if cfg.torque_guard is None else bool(cfg.torque_guard))])
         driver = Node("s2r_sim_loop_driver", context=ctx)
         pub_cmd = driver.create_publisher(Twist, "/cmd_vel", 10)
