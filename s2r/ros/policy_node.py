@@ -121,7 +121,7 @@ from std_srvs.srv import Trigger
 from s2r.control.actions import ActionProcessor, EeDeltaConfig, EeDeltaController
 from s2r.control.observations import ObservationBuilder
 from s2r.control.onnx_policy import OnnxPolicy, PolicyFileError
-from s2r.control.operator import POLICY, Arbiter, ArbiterConfig, JoyMapping, TwistMapping
+from s2r.control.operator import JOY, TWIST, Arbiter, ArbiterConfig, JoyMapping, TwistMapping
 from s2r.control.rotations import projected_gravity
 from s2r.control.safety import Guard, Mode, SafetyConfig, SafetyFilter, Transition
 from s2r.control.spec import RobotSpec, SpecError
@@ -207,6 +207,21 @@ class PolicyNode(Node):
         self.declare_parameter("workspace_max", list(EeDeltaConfig.workspace_high))
         self.declare_parameter("damping_joints", [""], _array_param(ParameterType.PARAMETER_STRING_ARRAY))
         self.declare_parameter("damping_kd", [0.0], _array_param(ParameterType.PARAMETER_DOUBLE_ARRAY))
+        # operator input (control/operator.py); defaults: JoyMapping / TwistMapping / ArbiterConfig
+        joy_d, twist_d = JoyMapping(), TwistMapping()
+        self.declare_parameter("joy_topic", "/joy")  # sensor_msgs/Joy; "" = no gamepad
+        self.declare_parameter("twist_topic", "/spacenav/twist")  # geometry_msgs/Twist; "" = none
+        self.declare_parameter("operator_timeout", 0.25)  # s: a silent device counts as released
+        self.declare_parameter("per_axis", False)  # true: replace only the channels the operator moves
+        self.declare_parameter("joy_deadzone", joy_d.deadzone)
+        self.declare_parameter("joy_axes", list(joy_d.axes), _array_param(ParameterType.PARAMETER_INTEGER_ARRAY))
+        self.declare_parameter("joy_channels", list(joy_d.channels),
+                               _array_param(ParameterType.PARAMETER_INTEGER_ARRAY))
+        self.declare_parameter("joy_scale", list(joy_d.scale), _array_param(ParameterType.PARAMETER_DOUBLE_ARRAY))
+        for role, index in joy_d.buttons().items():  # joy_intervene_button, joy_success_button, ...
+            self.declare_parameter(f"joy_{role}_button", index)
+        self.declare_parameter("twist_scale", twist_d.scale)
+        self.declare_parameter("twist_deadband", twist_d.deadband)
         p = lambda name: self.get_parameter(name).value  # noqa: E731
 
         self.spec = resolve_spec(p("robot_spec"))
@@ -248,6 +263,7 @@ class PolicyNode(Node):
         if self.cmd_vel_limits.shape != (3,) or not (self.cmd_vel_limits > 0).all():
             raise ValueError(f"cmd_vel_limits must be three positive numbers, got {list(self.cmd_vel_limits)}")
         self.imu_max_ang_vel = float(p("imu_max_ang_vel"))
+        self.arbiter = self._make_arbiter(p)
 
         # the arm: end-effector IK on the robot's own kinematics (MuJoCo parses its MJCF)
         self.ik: EeDeltaController | None = None
@@ -298,7 +314,19 @@ class PolicyNode(Node):
         self.velocity_command = np.zeros(3)  # vx, vy, yaw rate
         self.goal: np.ndarray | None = None  # [3] arm base frame
         self.object_pos: np.ndarray | None = None  # [3]
+        # the EXECUTED action (the operator's where they acted, else the policy's): the observation's
+        # last_action term, i.e. what the robot did; the policy's own output is policy_action
         self.last_action = np.zeros(spec.action_dim, dtype=np.float32)
+        self.policy_action = np.zeros(spec.action_dim, dtype=np.float32)  # [a] the policy's newest output
+        self.action_source = "none"  # who set this tick's executed action: policy, joy, twist; none outside POLICY
+        self.intervened = False  # the operator acted this tick
+        self.episode = 0  # the open (or last) episode's number; 0: none yet
+        self.episode_open = False
+        self.episode_steps = 0  # policy ticks in the open episode
+        self.episode_interventions = 0  # of which the operator acted
+        self.episode_events: list[dict] = []  # the newest 100 ~/episode events
+        self.operator_events: list[str] = []  # the newest 100 operator-input notes (devices, labels)
+        self._said_no_device = False
         self.gripper_cmd: float | None = None
         self.last_terms: dict[str, np.ndarray] = {}  # raw terms of the newest tick (tests, diagnostics)
         self._fk = None  # the arm's kinematics at the newest joint state
@@ -335,6 +363,9 @@ class PolicyNode(Node):
             grip = str(p("gripper_controller_name")).strip("/")
             self.pub_gripper = self.create_publisher(Float64MultiArray, f"/{grip}/commands", 10)
         self.pub_diag = self.create_publisher(String, "~/diagnostics", 10)
+        self.pub_source = self.create_publisher(String, "~/action_source", 10)
+        self.pub_episode = self.create_publisher(String, "~/episode", 10)
+        self._source_msgs: dict[str, String] = {}  # one message per source name, reused every tick
         self._cmd_msg = Float64MultiArray()
         if self.command_mode == "impedance":
             self._cmd_msg.layout.dim = [MultiArrayDimension(label="joint", size=nj, stride=5 * nj),
@@ -346,10 +377,22 @@ class PolicyNode(Node):
         self.create_subscription(PoseStamped, "/goal_pose", self._on_goal, 10)
         self.create_subscription(PoseStamped, "/object_pose", self._on_object, 10)
         self.create_subscription(Bool, "/estop", self._on_estop, 10)
+        if self.arbiter.cfg.joy is not None:
+            self.create_subscription(Joy, self.joy_topic, self._on_joy, 10)
+        if self.arbiter.cfg.twist is not None:
+            self.create_subscription(Twist, self.twist_topic, self._on_twist, 10)
+        elif self.twist_topic:
+            self._operator_note(f"twist_topic {self.twist_topic} not subscribed: robot spec '{spec.name}' has "
+                                f"{spec.action.type} actions, without end-effector channels for a Twist")
+        inputs = [f"{topic} ({name})" for name, topic in self.operator_topics.items()]
+        self.get_logger().info(f"operator input: {', '.join(inputs) or 'none'}; per_axis "
+                               f"{self.arbiter.cfg.per_axis}, released after {self.arbiter.cfg.timeout:g} s of silence")
         self.create_service(Trigger, "~/ramp", self._srv(self.safety.start_ramp))
         self.create_service(Trigger, "~/start", self._srv(self._start_policy))
         self.create_service(Trigger, "~/damp", self._srv(self.safety.estop))
         self.create_service(Trigger, "~/reset", self._srv(self.safety.reset_from_damping))
+        self.create_service(Trigger, "~/label_success", self._label_srv(True))
+        self.create_service(Trigger, "~/label_failure", self._label_srv(False))
         self.timer = self.create_timer(self.period, self._on_timer)
         # one-shot watchdog: re-armed by each valid joint state, fires sensor_timeout after the newest
         self.watchdog = self.create_timer(self.sensor_timeout, self._on_watchdog, autostart=False)
@@ -369,6 +412,25 @@ class PolicyNode(Node):
         # a full collection then costs microseconds instead of milliseconds during a tick.
         gc.collect()
         gc.freeze()
+
+    def _make_arbiter(self, p) -> Arbiter:
+        """The operator arbitration from the parameters (a mapping that does not fit the action raises)."""
+        self.joy_topic, self.twist_topic = str(p("joy_topic")), str(p("twist_topic"))
+        joy = JoyMapping(axes=tuple(p("joy_axes")), channels=tuple(p("joy_channels")), scale=tuple(p("joy_scale")),
+                         deadzone=float(p("joy_deadzone")),
+                         **{f"{role}_button": int(p(f"joy_{role}_button")) for role in JoyMapping().buttons()})
+        twist = TwistMapping(scale=float(p("twist_scale")), deadband=float(p("twist_deadband")))
+        cfg = ArbiterConfig.for_spec(self.spec, joy=joy if self.joy_topic else None,
+                                     twist=twist if self.twist_topic else None,
+                                     timeout=float(p("operator_timeout")), per_axis=bool(p("per_axis")))
+        try:
+            arbiter = Arbiter(cfg)
+        except ValueError as e:
+            raise ValueError(f"operator input parameters for robot spec '{self.spec.name}' "
+                             f"({self.spec.action_dim} action channels): {e}") from None
+        self.operator_topics = {name: topic for name, topic in ((JOY, self.joy_topic), (TWIST, self.twist_topic))
+                                if name in arbiter.devices()}  # the devices subscribed: device -> topic
+        return arbiter
 
     def _damping_gains(self, joints: list[str], kd: list[float]):
         """Per-joint damping gains for PASSIVE/DAMPING from the parameters; unknown joints are ignored."""
@@ -470,6 +532,26 @@ class PolicyNode(Node):
         if v is not None:
             self.object_pos = v
 
+    def _on_joy(self, msg: Joy) -> None:
+        if not self.arbiter.update_joy(msg.axes, msg.buttons, time.monotonic()):
+            self._operator_rejected()
+
+    def _on_twist(self, msg: Twist) -> None:
+        lin, ang = msg.linear, msg.angular
+        if not self.arbiter.update_twist((lin.x, lin.y, lin.z), (ang.x, ang.y, ang.z), time.monotonic()):
+            self._operator_rejected()
+
+    def _operator_rejected(self) -> None:
+        self.last_reject_reason = self.arbiter.last_reject_reason
+        self.get_logger().warning(f"rejected: {self.last_reject_reason}", throttle_duration_sec=1.0)
+
+    def _operator_note(self, text: str, warn: bool = False) -> None:
+        self.operator_events = self.operator_events[-99:] + [text]
+        if warn:  # (rclpy refuses one call site logging at two severities)
+            self.get_logger().warning(text)
+        else:
+            self.get_logger().info(text)
+
     def _on_estop(self, msg: Bool) -> None:
         if msg.data:
             self.safety.estop()
@@ -502,7 +584,57 @@ class PolicyNode(Node):
             self.last_action[:] = 0.0
             if self.ik is not None:
                 self.ik.reset(self.q[None])  # integrate from the measured pose, as a sim episode starts
+            self._begin_episode()
+            self.arbiter.end_intervention()  # an operator still active takes over anew (counted, gripper held)
+            devices = self.arbiter.devices()
+            if not self._said_no_device and devices and all(v == "none" for v in devices.values()):
+                self._said_no_device = True
+                pubs = ", ".join(f"{topic}: {self.count_publishers(topic)} publisher(s)"
+                                 for topic in self.operator_topics.values())
+                self._operator_note(f"no operator input yet ({pubs}): the policy acts alone; a device can join "
+                                    f"at any time")
         return tr
+
+    # ---- episodes and labels ----------------------------------------------------------------------
+    def _begin_episode(self) -> None:
+        if self.episode_open and self.episode_steps == 0:
+            return  # nothing happened in the open one: it goes on
+        if self.episode_open:
+            self._end_episode(None, "~/start before a label")
+        self.episode += 1
+        self.episode_open, self.episode_steps, self.episode_interventions = True, 0, 0
+
+    def _end_episode(self, success: bool | None, reason: str) -> dict:
+        event = {"episode": self.episode, "success": success, "reason": reason, "steps": self.episode_steps,
+                 "interventions": self.episode_interventions}
+        self.episode_open = False
+        self.episode_events = self.episode_events[-99:] + [event]
+        self.pub_episode.publish(String(data=json.dumps(event)))
+        self.get_logger().info(f"episode {event['episode']} ended: success {success} ({reason}), "
+                               f"{event['steps']} steps, {event['interventions']} with the operator acting")
+        return event
+
+    def _label(self, success: bool, source: str) -> Transition:
+        """An operator's label ends the open episode; in POLICY the next one opens at once."""
+        what = "success" if success else "failure"
+        if not self.episode_open:
+            reason = f"label {what} from {source} ignored: no episode is open (~/start opens one)"
+            self._operator_note(reason, warn=True)
+            return Transition(False, reason)
+        event = self._end_episode(success, f"operator label from {source}")
+        if self.safety.mode is Mode.POLICY:
+            self._begin_episode()
+        return Transition(True, f"episode {event['episode']} labelled {what} ({event['steps']} steps, "
+                                f"{event['interventions']} with the operator acting)")
+
+    def _label_srv(self, success: bool):
+        service = f"~/label_{'success' if success else 'failure'}"
+
+        def handle(_req, resp):
+            tr = self._label(success, f"service {service}")
+            resp.success, resp.message = bool(tr.ok), tr.reason
+            return resp
+        return handle
 
     def _srv(self, request_fn):
         def handle(_req, resp):
@@ -602,7 +734,9 @@ class PolicyNode(Node):
         terms = self._observe() if math.isfinite(self.joint_stamp) else None
         targets = None
         if self.safety.mode is Mode.POLICY and self.policy is not None:
-            targets = self._act(terms)
+            targets = self._act(terms)  # (says who acted: action_source, intervened)
+        if targets is None:
+            self.action_source, self.intervened = "none", False
         gravity = None
         if self.has_imu:  # the observation's own term when it has one: computed once per tick
             gravity = self.last_terms["projected_gravity"] if terms is not None and "projected_gravity" in terms \
@@ -627,8 +761,23 @@ class PolicyNode(Node):
         self.pub_cmd.publish(self._cmd_msg)
         if self.pub_gripper is not None and self.gripper_cmd is not None and cmd.mode is Mode.POLICY:
             self.pub_gripper.publish(Float64MultiArray(data=[self.gripper_cmd]))
+        source_msg = self._source_msgs.get(self.action_source)
+        if source_msg is None:
+            source_msg = self._source_msgs[self.action_source] = String(data=self.action_source)
+        self.pub_source.publish(source_msg)
+        if cmd.mode is not Mode.POLICY:
+            self.arbiter.expire(now)  # (step() does it in POLICY) a silent device is still noticed
+        if self.arbiter.has_labels or self.arbiter.has_notices:
+            self._operator_inputs()
         self._note_mode("tick")
         self.pub_diag.publish(String(data=json.dumps(self.diagnostics())))
+
+    def _operator_inputs(self) -> None:
+        """Device notices (logged once each) and button labels (end the episode) from the arbiter."""
+        for text in self.arbiter.drain_notices():
+            self._operator_note(text, warn="silent" in text)
+        for label in self.arbiter.drain_labels():
+            self._label(label.success, f"the {label.source} {'success' if label.success else 'failure'} button")
 
     def _observe(self) -> dict | None:
         """The observation's raw terms {name: [1, dim]} from the newest inputs (None while one is missing)."""
@@ -653,8 +802,15 @@ class PolicyNode(Node):
             action = self.policy(self.last_obs)
             self.inference_last = time.perf_counter() - t0
             self.inference_max = max(self.inference_max, self.inference_last)
-            self.last_action[:] = action
+            self.policy_action[:] = action
+            executed, self.action_source, self.intervened = self.arbiter.step(self.policy_action, time.monotonic())
+            # last_action (an observation term) is the EXECUTED action: what the robot did, the operator's
+            # where they acted, as the recording stores it; the policy's own output stays in policy_action
+            self.last_action[:] = executed
             self.policy_steps += 1
+            if self.episode_open:
+                self.episode_steps += 1
+                self.episode_interventions += self.intervened
             a = self.last_action[None].astype(np.float64)  # [1, action_dim]
             if self.ik is None:
                 return self.proc.joint_targets(a)[0]
@@ -680,12 +836,22 @@ class PolicyNode(Node):
                 "inference_max_s": self.inference_max, "tick_cost_s": self.tick_cost,
                 "tick_cost_max_s": self.tick_cost_max, "interventions": dict(self.safety.counters),
                 "guards_now": self.last_command.guards if self.last_command is not None else [],
-                "rejected": dict(self.rejected), "clipped": dict(self.clipped),
+                "rejected": {**self.rejected, **self.arbiter.rejected}, "clipped": dict(self.clipped),
                 "last_reject_reason": self.last_reject_reason,
                 "policy_loaded": self.policy is not None, "policy_error": self.policy_error[:500],
                 "tick_late_s": self.tick_late, "ticks_skipped": self.ticks_skipped, "sensor_age_s": self.sensor_age,
                 "joint_state_sent_ns": self.joint_state_sent_ns, "watchdog_checks": self.watchdog_checks,
-                "joint_states_received": self.joint_states_received, "realtime": self.realtime}
+                "joint_states_received": self.joint_states_received, "realtime": self.realtime,
+                "source": self.action_source, "intervened": self.intervened,
+                "intervention_rate": self.episode_interventions / self.episode_steps if self.episode_steps
+                else math.nan,
+                "operator": {"devices": self.arbiter.devices(), "received": self.arbiter.received(),
+                             "interventions": self.arbiter.interventions,
+                             "intervened_steps": self.arbiter.intervened_steps,
+                             "intervention_rate_all": self.arbiter.intervention_rate, "episode": self.episode,
+                             "episode_open": self.episode_open, "episode_steps": self.episode_steps,
+                             "episode_interventions": self.episode_interventions,
+                             "per_axis": self.arbiter.cfg.per_axis}}
 
 
 def main(args=None) -> None:
