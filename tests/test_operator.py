@@ -534,8 +534,9 @@ def test_operator_labels_end_the_episode_with_an_event_and_open_the_next(ctx, po
 
 @needs_ros
 def test_a_twist_moves_the_simulated_arm_end_effector_along_it(ctx, panda_policy_file):
-    """The Panda in the sim bridge (arm-reach, its goal on /goal_pose): a spacemouse Twist forward takes
-    over from the reaching policy and the end effector moves forward, through the node's own IK."""
+    """The Panda in the sim bridge (arm-reach, its goal on /goal_pose): the operator holds the arm from
+    the start (the policy never moves it), then a spacemouse Twist forward moves the end effector forward,
+    through the node's own IK; silent devices hand the arm back to the policy."""
     from s2r.ros.sim_bridge import SimBridgeNode
 
     sim = SimBridgeNode(context=ctx, parameter_overrides=[Parameter("task", value="arm-reach")])
@@ -543,25 +544,28 @@ def test_a_twist_moves_the_simulated_arm_end_effector_along_it(ctx, panda_policy
     rig = operator_rig(ctx)  # services and recorders; the sim streams the joint states
     with spinning(ctx, sim, node, rig):
         wait_for(lambda: node.goal is not None and np.isfinite(node.q).all(), 5.0, "joint states and goal")
+        wait_for(lambda: rig.pub_joy.get_subscription_count() > 0, 5.0, "DDS discovery")
+        rig.joy = joy_msg(pressed={LB})  # the operator holds the arm from the first tick on ...
         assert rig.call_until_ok("s2r_policy", "ramp").success
         wait_for(lambda: rig.call("s2r_policy", "start").success, 5.0, "POLICY mode")
-        time.sleep(1.0)  # the policy reaches its goal
-        assert node.action_source == "policy"
+        wait_for(lambda: node.action_source == "joy", 1.0, "the operator to take over")
+        grip = float(node.last_action[3])
+        wait_for(lambda: np.abs(node.qd).max() < 0.02, 5.0, "the arm to come to rest")
         tw = Twist()
-        tw.linear.x, tw.angular.z = 0.5, 1.0  # forward at 0.5 x 0.02 m per tick; angular is ignored
+        tw.linear.x, tw.angular.z = 0.5, 1.0  # ... then pushes it forward: 0.5 x 0.02 m per tick; angular ignored
         rig.twist = tw
-        wait_for(lambda: node.action_source == "twist", 1.0, "the spacemouse to take over")
-        ee0, grip = node.ee_position(), float(node.last_action[3])
+        wait_for(lambda: node.action_source == "twist", 1.0, "the spacemouse to move the arm")
+        ee0 = node.ee_position()
         np.testing.assert_allclose(node.last_action[:3], [0.5, 0.0, 0.0])  # the executed action
         time.sleep(0.4)
-        rig.twist = None
+        rig.twist = rig.joy = None
         step = node.ee_position() - ee0
         assert step[0] > 0.04 and step[0] > 3 * max(abs(step[1]), abs(step[2])), step  # 20 cm asked
         assert float(node.last_action[3]) == grip  # held where the policy had it when the operator took over
         wait_for(lambda: node.action_source == "policy", 0.5, "the policy after the silence")
         assert node.safety.mode.name == "POLICY", node.safety.reason
-        wait_for(lambda: "twist" in rig.sources and rig.diagnostics[-1]["operator"]["devices"]["twist"] == "silent",
-                 1.0, "~/action_source and ~/diagnostics")
+        wait_for(lambda: "twist" in rig.sources and rig.diagnostics[-1]["operator"]["devices"]
+                 == {"joy": "silent", "twist": "silent"}, 1.0, "~/action_source and ~/diagnostics")
 
 
 # ---- the keyboard teleop in a pseudo-terminal ----------------------------------------------------------
