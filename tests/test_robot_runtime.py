@@ -48,6 +48,7 @@ def ctx():
 
 def node(ctx, **params) -> PolicyNode:
     params.setdefault("robot_spec", os.path.abspath(G1_YAML))
+    params.setdefault("sensor_timeout", 0.25)  # as in test_ros_nodes.py: the watchdog test sets its own
     return PolicyNode(context=ctx, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
 
 

@@ -351,6 +351,7 @@ class PolicyNode(Node):
         self.want_realtime = bool(p("realtime"))
         self.realtime = "off"  # what the scheduler request gave (diagnostics)
         self._t_prev_tick = -math.inf
+        self._next_due = -math.inf  # monotonic time the next tick is due (sensor trigger)
         self._expected_prev_ns = -1
         self.mode_log: list[tuple[float, str]] = []  # (monotonic time, mode) at each change
         self.mode_events: list[str] = []  # the logged text of each change, with its cause (newest 100)
@@ -468,9 +469,10 @@ class PolicyNode(Node):
         self.joint_state_sent_ns = int(info.get("source_timestamp", 0))
         self.joint_states_received += 1
         self.watchdog.reset()  # (re)start the one-shot watchdog
-        # sensor trigger: the first joint state from 3/4 of a period after the last tick on starts the next one
-        # (a jittery 200 Hz stream still triggers every tick; a faster stream is thinned to rate_hz)
-        if self.trigger == "sensor" and self.joint_stamp - self._t_prev_tick >= 0.75 * self.period:
+        # sensor trigger: the first joint state from a quarter period before the next tick is due starts it; the
+        # schedule advances by whole periods, so a jittery or coarse state stream (the Panda bridge's 6 ms) still
+        # gives rate_hz on average, and a faster stream is thinned to it
+        if self.trigger == "sensor" and self.joint_stamp >= self._next_due - 0.25 * self.period:
             self.sensor_ticks += 1
             self._tick()
 
@@ -728,6 +730,7 @@ class PolicyNode(Node):
             self.period_mean = dt if math.isnan(self.period_mean) else 0.98 * self.period_mean + 0.02 * dt
             self.period_max = max(self.period_max, dt) if self.ticks > 2 else self.period_max
         self._t_prev_tick = now
+        self._next_due = max(self._next_due + self.period, now + 0.5 * self.period)  # resyncs after a gap
         self.ticks += 1
 
         stamp = min(self.joint_stamp, self.imu_stamp) if self.has_imu else self.joint_stamp
