@@ -1,12 +1,15 @@
 """ROS 2 deployment layer: the policy node that drives a robot and a MuJoCo stand-in robot.
 
-  s2r.ros.policy_node  PolicyNode: /joint_states + /imu/data + /cmd_vel -> ObservationBuilder ->
-                       OnnxPolicy -> ActionProcessor -> SafetyFilter -> /<controller>/commands
-  s2r.ros.sim_bridge   SimBridgeNode: the s2r MuJoCo G1 stepped like a hardware interface (state
-                       at the physics rate), /<controller>/commands in, /joint_states, /imu/data
-                       and /clock out
-  s2r.ros.sim_loop     `s2r ros sim`: both over DDS (bridge in its own process), gantry -> ramp ->
-                       start -> release -> hold /cmd_vel -> report and video
+  s2r.ros.policy_node     PolicyNode: /joint_states + /imu/data + /cmd_vel + /goal_pose (+ /joy, spacemouse
+                          Twist) -> RobotState -> control/terms.py -> OnnxPolicy -> operator arbitration ->
+                          action mode (joint targets, or the arm's own FK + IK) -> SafetyFilter ->
+                          /<controller>/commands (position or impedance layout)
+  s2r.ros.sim_bridge      SimBridgeNode: any s2r task's MuJoCo robot stepped like a hardware interface
+                          (state at up to 200 Hz), commands in, /joint_states (with measured effort),
+                          /imu/data, /goal_pose, /object_pose and /clock out
+  s2r.ros.sim_loop        `s2r ros sim`: both over DDS (bridge in its own process); humanoid: gantry -> ramp ->
+                          start -> release -> hold /cmd_vel; arm: ramp -> start -> goal after goal; report, video
+  s2r.ros.teleop_keyboard terminal keyboard teleop (SSH-friendly): Twist + Joy for operator corrections
 
 They need rclpy and the std/sensor/geometry message packages: on a machine without ROS,
 `pip install s2r[ros]` (ROS 2 Kilted wheels); on a ROS install, plain `pip install s2r` into a venv
