@@ -33,7 +33,8 @@ try:  # the ROS half: rclpy and the message packages (pip install s2r[ros]); the
     from rclpy.parameter import Parameter
     from sensor_msgs.msg import Joy
     from std_msgs.msg import String
-    from test_ros_nodes import DT, Rig, connected, policy_file, policy_node, spinning, wait_for  # noqa: F401
+    from test_ros_nodes import (DT, Rig, connected, policy_file, policy_node, ros_context_fixture,  # noqa: F401
+                                 spinning, wait_for)
 
     from s2r.ros.teleop_keyboard import KeyboardTeleop, TeleopConfig
     HAVE_ROS = True
@@ -332,12 +333,8 @@ def test_the_keyboard_joy_message_fits_the_node_default_mapping():
 DOMAIN_ID = 200 + os.getpid() % 32  # 200..231 (DDS ids stop at 232); test_ros_nodes uses 100..199
 
 
-@pytest.fixture(scope="module")
-def ctx():
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=DOMAIN_ID)
-    yield context
-    context.try_shutdown()
+if HAVE_ROS:
+    ctx = ros_context_fixture(DOMAIN_ID)
 
 
 @pytest.fixture(scope="module")

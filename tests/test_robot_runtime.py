@@ -26,7 +26,7 @@ from rclpy.parameter import Parameter  # noqa: E402
 from sensor_msgs.msg import Imu, JointState  # noqa: E402
 from std_msgs.msg import Float64MultiArray  # noqa: E402
 
-from test_ros_nodes import G1_YAML, SPEC, Rig, connected, spinning, wait_for  # noqa: E402
+from test_ros_nodes import G1_YAML, SPEC, Rig, connected, ros_context_fixture, spinning, wait_for  # noqa: E402
 
 from s2r.control.spec import RobotSpec  # noqa: E402
 from s2r.ros.policy_node import PolicyNode  # noqa: E402
@@ -38,12 +38,7 @@ DT = SPEC.control_dt
 DOMAIN_ID = 1 + os.getpid() % 99  # not the domain of test_ros_nodes.py (100-199)
 
 
-@pytest.fixture(scope="module")
-def ctx():
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=DOMAIN_ID)
-    yield context
-    context.try_shutdown()
+ctx = ros_context_fixture(DOMAIN_ID)
 
 
 def node(ctx, **params) -> PolicyNode:

@@ -37,12 +37,20 @@ DOMAIN_ID = 100 + os.getpid() % 100  # one DDS domain per test process: no cross
 os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 
 
-@pytest.fixture(scope="module")
-def ctx():
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=DOMAIN_ID)
-    yield context
-    context.try_shutdown()
+def ros_context_fixture(domain_id: int):
+    """A module-scoped rclpy context on its own DDS domain (ids stop at 232): each test module picks a range."""
+
+    @pytest.fixture(scope="module")
+    def ctx():
+        context = rclpy.Context()
+        rclpy.init(context=context, domain_id=domain_id)
+        yield context
+        context.try_shutdown()
+
+    return ctx
+
+
+ctx = ros_context_fixture(DOMAIN_ID)
 
 
 @pytest.fixture(scope="module")
