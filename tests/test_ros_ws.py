@@ -221,7 +221,7 @@ def test_setup_cfg_puts_the_scripts_where_ros2_run_looks():
 def test_console_scripts_are_the_s2r_node_mains(monkeypatch):
     needs_ros()
     scripts = console_scripts()
-    assert set(scripts) == {"policy_node", "sim_bridge"}
+    assert set(scripts) == {"policy_node", "sim_bridge", "teleop_keyboard"}
     monkeypatch.syspath_prepend(str(PKG))
     for script, target in scripts.items():
         assert target == f"{NAME}.{script}:main", f"console script {script} -> {target}"

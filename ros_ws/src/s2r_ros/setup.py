@@ -1,6 +1,6 @@
 """Build script for the s2r_ros ament_python package (run by colcon, never by hand).
 
-Installs the two console scripts into lib/s2r_ros (setup.cfg) where `ros2 run` finds them, and
+Installs the console scripts (policy_node, sim_bridge, teleop_keyboard) into lib/s2r_ros (setup.cfg) where `ros2 run` finds them, and
 the ament index marker, package.xml, launch files and parameter files into share/.
 """
 
@@ -31,6 +31,7 @@ setup(
         "console_scripts": [
             "policy_node = s2r_ros.policy_node:main",
             "sim_bridge = s2r_ros.sim_bridge:main",
+            "teleop_keyboard = s2r_ros.teleop_keyboard:main",
         ],
     },
 )
