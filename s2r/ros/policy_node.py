@@ -90,6 +90,27 @@ with steps is still open closes it unlabelled (success null).
 ~/diagnostics adds: source, intervened, intervention_rate (the open episode's fraction of operator
 ticks) and operator {devices: none/live/silent, received, interventions, episode, ...}.
 
+Recording (`record_dir`, "" = off; control/recording.py): at start-up the node opens a TickRecorder in
+record_dir (metadata: the spec, policy id = the ONNX's s2r.run_id or "none", operator_id) and records
+every tick on which the policy acted (the observation it saw, no privileged observation, its action,
+the executed action, intervened and source from the arbiter, no reward, the safety filter's
+intervention bitmask, the mode), after the command is published (not part of tick_cost_s). Each
+~/episode event ends the recorded episode with the same label (null: cut by a ~/start before a label,
+or by a policy swap; an episode cut by DAMPING stays open for the operator's label, as on ~/episode).
+The file is closed on shutdown. A write that fails (disk full, unwritable record_dir) is logged once,
+counted, and switches recording off; the control loop goes on. ~/diagnostics `recording`: path, ticks,
+files, errors, error.
+
+Policy swap: `ros2 param set /s2r_policy policy_path new.onnx` loads the file at once (in the
+parameter callback, on the executor's thread: the loop pauses for the load) and refuses the change
+with the reason if it does not load or is for another robot spec / observation / action size; the
+running policy is untouched. A valid one is staged and swapped in only when no policy is moving the
+robot: at once in PASSIVE, RAMP_TO_DEFAULT or DAMPING; in POLICY at the next episode boundary (a label,
+or a ~/start that ends the episode), never mid-episode. Each swap is logged and counted
+(~/diagnostics policy_swaps, staged_policy, policy_id). One recording file holds one policy: a swap
+closes the file (an episode in progress ends unlabelled, reason "policy swap") and opens a new one
+whose metadata names the new policy.
+
 Timing: the node runs on whatever executor spins it (`spin_node`: a SingleThreadedExecutor).
 All objects that exist once the node is built are moved out of the garbage collector's view
 (gc.freeze). `realtime:=true` additionally asks for SCHED_FIFO (priority REALTIME_PRIORITY) for
@@ -111,7 +132,7 @@ from pathlib import Path
 import numpy as np
 import rclpy
 from geometry_msgs.msg import PoseStamped, Twist
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType
+from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.node import Node
 from rclpy.timer import TimerInfo
 from sensor_msgs.msg import Imu, JointState, Joy
@@ -120,8 +141,9 @@ from std_srvs.srv import Trigger
 
 from s2r.control.actions import ActionProcessor, EeDeltaConfig, EeDeltaController
 from s2r.control.observations import ObservationBuilder
-from s2r.control.onnx_policy import OnnxPolicy, PolicyFileError
+from s2r.control.onnx_policy import META_RUN_ID, OnnxPolicy, PolicyFileError
 from s2r.control.operator import JOY, TWIST, Arbiter, ArbiterConfig, JoyMapping, TwistMapping
+from s2r.control.recording import TickRecorder
 from s2r.control.rotations import projected_gravity
 from s2r.control.safety import Guard, Mode, SafetyConfig, SafetyFilter, Transition
 from s2r.control.spec import RobotSpec, SpecError
@@ -222,6 +244,8 @@ class PolicyNode(Node):
             self.declare_parameter(f"joy_{role}_button", index)
         self.declare_parameter("twist_scale", twist_d.scale)
         self.declare_parameter("twist_deadband", twist_d.deadband)
+        self.declare_parameter("record_dir", "")  # TickRecorder files go here; "" = no recording
+        self.declare_parameter("operator_id", "")  # who operates, written into each recording's metadata
         p = lambda name: self.get_parameter(name).value  # noqa: E731
 
         self.spec = resolve_spec(p("robot_spec"))
@@ -302,6 +326,8 @@ class PolicyNode(Node):
                 self.get_logger().error(f"policy refused, staying out of POLICY mode: {e}")
         if self.policy is None:
             self.get_logger().warning(f"no policy: ~/start will be refused ({self.policy_error[:200]})")
+        self.staged_policy: OnnxPolicy | None = None  # a valid policy_path set at run time, waiting to swap in
+        self.policy_swaps = 0
 
         # newest inputs; stamps on time.monotonic(), the safety filter's clock
         self.q = np.full(nj, math.nan)  # [nj] spec order
@@ -356,6 +382,15 @@ class PolicyNode(Node):
         self.mode_log: list[tuple[float, str]] = []  # (monotonic time, mode) at each change
         self.mode_events: list[str] = []  # the logged text of each change, with its cause (newest 100)
         self.startup_warnings: list[str] = []
+        # recording (control/recording.py): one file per policy; None when off or switched off by an error
+        self.record_dir, self.operator_id = str(p("record_dir")), str(p("operator_id"))
+        self.recorder: TickRecorder | None = None
+        self.recorded_ticks = 0  # over all files of this run
+        self.recording_files: list[str] = []
+        self.recording_errors = 0
+        self.recording_error = ""
+        if self.record_dir:
+            self._open_recorder()
 
         ctrl = str(p("controller_name")).strip("/")
         self.pub_cmd = self.create_publisher(Float64MultiArray, f"/{ctrl}/commands", 10)
@@ -397,6 +432,7 @@ class PolicyNode(Node):
         self.timer = self.create_timer(self.period, self._on_timer)
         # one-shot watchdog: re-armed by each valid joint state, fires sensor_timeout after the newest
         self.watchdog = self.create_timer(self.sensor_timeout, self._on_watchdog, autostart=False)
+        self.add_on_set_parameters_callback(self._on_set_parameters)  # policy_path at run time: a swap
         self._note_mode("start-up")
         self.get_logger().info(
             f"robot '{spec.name}' ({nj} joints, spec {spec.hash()}), {self.rate_hz:.1f} Hz ({self.trigger} "
@@ -453,6 +489,105 @@ class PolicyNode(Node):
             else:
                 out[names.index(j)] = v
         return out
+
+    # ---- recording ----------------------------------------------------------------------------
+    def policy_id(self) -> str:
+        """The running policy's run id (ONNX metadata s2r.run_id), "none" without a policy."""
+        return "none" if self.policy is None else str(self.policy.metadata.get(META_RUN_ID) or "none")
+
+    def _open_recorder(self) -> None:
+        try:
+            self.recorder = TickRecorder(self.record_dir, self.spec, self.policy_id(), self.operator_id)
+        except (OSError, ValueError) as e:
+            self._recording_failed(f"cannot open a recording in record_dir '{self.record_dir}': {e}")
+            return
+        self.recording_files.append(str(self.recorder.path))
+        self.get_logger().info(f"recording to {self.recorder.path} (policy {self.policy_id()})")
+
+    def _recording_failed(self, text: str) -> None:
+        """A write failed: say so once, count it, and switch recording off (the control loop goes on)."""
+        self.recording_errors += 1
+        self.recording_error = text
+        self.get_logger().error(f"{text}; recording switched off, the control loop goes on")
+        rec, self.recorder = self.recorder, None
+        if rec is not None:
+            try:
+                rec.close()
+            except (OSError, ValueError):
+                pass  # the file is cut; read_recording reads it up to its last whole record
+
+    def _record_tick(self, t: float, cmd) -> None:
+        try:
+            self.recorder.record(t, self.last_obs, None, self.policy_action, self.last_action, self.intervened,
+                                 self.action_source, None, int(cmd.interventions), cmd.mode.name)
+            self.recorded_ticks += 1
+        except (OSError, ValueError) as e:
+            self._recording_failed(f"recording {self.recorder.path} failed: {e}")
+
+    def _record_episode_end(self, success: bool | None, reason: str) -> None:
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.end_episode(success, reason)
+        except (OSError, ValueError) as e:
+            self._recording_failed(f"recording {self.recorder.path} failed at an episode end: {e}")
+
+    def _close_recorder(self) -> None:
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.close()
+        except (OSError, ValueError) as e:
+            self._recording_failed(f"closing recording {self.recorder.path} failed: {e}")
+        self.recorder = None
+
+    def destroy_node(self):
+        self._close_recorder()
+        return super().destroy_node()
+
+    # ---- policy swap -------------------------------------------------------------------------
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        """policy_path set at run time: load and check it now (refused with the reason), stage it, swap when safe."""
+        for param in params:
+            if param.name != "policy_path":
+                continue
+            path = str(param.value)
+            if not path:
+                return SetParametersResult(successful=False, reason="policy_path '' refused: a running node keeps "
+                                                                    "its policy (~/damp stops it)")
+            try:
+                policy = OnnxPolicy(path, expected_spec=self.spec)
+            except (SpecError, PolicyFileError, OSError, ValueError) as e:
+                reason = f"policy_path {path} refused, the running policy stays: {e}"
+                self.get_logger().error(reason)
+                return SetParametersResult(successful=False, reason=reason)
+            self.staged_policy = policy
+            self.get_logger().info(f"staged {policy!r}: swaps in at once outside POLICY, else at the next "
+                                   f"episode boundary")
+            if self.safety.mode is not Mode.POLICY:
+                self._swap_when_safe()
+        return SetParametersResult(successful=True)
+
+    def _swap_when_safe(self) -> None:
+        """Outside POLICY: swap the staged policy in now (an episode in progress ends unlabelled first)."""
+        if self.episode_open and self.episode_steps > 0:
+            self._end_episode(None, "policy swap")  # (swaps at its end)
+        else:
+            self._swap_policy()
+
+    def _swap_policy(self) -> None:
+        """Put the staged policy in charge; the recording file ends and a new one names the new policy."""
+        new, self.staged_policy = self.staged_policy, None
+        old = self.policy_id()
+        self.policy, self.policy_error = new, ""
+        self.policy_swaps += 1
+        self.get_logger().info(f"policy swap {self.policy_swaps} in {self.safety.mode.name}: {old} -> "
+                               f"{self.policy_id()} ({new!r})")
+        if self.recorder is not None:
+            self._record_episode_end(None, "policy swap")
+            self._close_recorder()
+            if self.recording_errors == 0:
+                self._open_recorder()
 
     # ---- inputs -----------------------------------------------------------------------------
     def _on_joint_state(self, msg: JointState, info: dict) -> None:
@@ -614,6 +749,9 @@ class PolicyNode(Node):
         self.pub_episode.publish(String(data=json.dumps(event)))
         self.get_logger().info(f"episode {event['episode']} ended: success {success} ({reason}), "
                                f"{event['steps']} steps, {event['interventions']} with the operator acting")
+        self._record_episode_end(success, reason)
+        if self.staged_policy is not None:  # an episode boundary: a staged policy takes over here
+            self._swap_policy()
         return event
 
     def _label(self, success: bool, source: str) -> Transition:
@@ -770,6 +908,10 @@ class PolicyNode(Node):
         self.pub_source.publish(source_msg)
         if cmd.mode is not Mode.POLICY:
             self.arbiter.expire(now)  # (step() does it in POLICY) a silent device is still noticed
+        if self.recorder is not None and targets is not None:  # the policy acted this tick
+            self._record_tick(now, cmd)
+        if self.staged_policy is not None and cmd.mode is not Mode.POLICY:
+            self._swap_when_safe()
         if self.arbiter.has_labels or self.arbiter.has_notices:
             self._operator_inputs()
         self._note_mode("tick")
@@ -842,6 +984,11 @@ class PolicyNode(Node):
                 "rejected": {**self.rejected, **self.arbiter.rejected}, "clipped": dict(self.clipped),
                 "last_reject_reason": self.last_reject_reason,
                 "policy_loaded": self.policy is not None, "policy_error": self.policy_error[:500],
+                "policy_id": self.policy_id(), "policy_swaps": self.policy_swaps,
+                "staged_policy": "" if self.staged_policy is None else self.staged_policy.path,
+                "recording": {"path": "" if self.recorder is None else str(self.recorder.path),
+                              "ticks": self.recorded_ticks, "files": len(self.recording_files),
+                              "errors": self.recording_errors, "error": self.recording_error[:300]},
                 "tick_late_s": self.tick_late, "ticks_skipped": self.ticks_skipped, "sensor_age_s": self.sensor_age,
                 "joint_state_sent_ns": self.joint_state_sent_ns, "watchdog_checks": self.watchdog_checks,
                 "joint_states_received": self.joint_states_received, "realtime": self.realtime,
