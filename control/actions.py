@@ -25,6 +25,7 @@ import numpy as np
 from s2r.control.arrays import Array, asarray_like, clip, namespace
 from s2r.control.ik import dls, hinge_jacobian
 from s2r.control.rotations import quat_error
+from s2r.control.safety import target_window
 from s2r.control.spec import RobotSpec
 
 _BIG = 1e6
@@ -73,9 +74,8 @@ class ActionProcessor:
 
 def pd_torque(q_target: Array, q: Array, qd: Array, kp: Array, kd: Array, torque_limit: Array) -> Array:
     """tau = kp (q* - q) - kd qd, clipped to +-torque_limit. Same law as MuJoCo's position servo."""
-    xp = namespace(q_target, q)
     tau = kp * (q_target - q) - kd * qd
-    return xp.clip(tau, -torque_limit, torque_limit)
+    return clip(tau, -torque_limit, torque_limit)
 
 
 @dataclass
@@ -112,10 +112,8 @@ class EeDeltaController:
         self.ee_scale = self.proc.scale  # [3] m per unit action
         self.ws_lo = asarray_like(self.cfg.workspace_low, like)
         self.ws_hi = asarray_like(self.cfg.workspace_high, like)
-        rng = np.array([j.range for j in spec.joints], dtype=np.float64)
-        margin = self.cfg.position_margin * np.where(np.isfinite(rng).all(1), rng[:, 1] - rng[:, 0], 0.0)
-        self.q_lo = asarray_like(np.maximum(rng[:, 0] + margin, -1e6), like)  # [nj] target window
-        self.q_hi = asarray_like(np.minimum(rng[:, 1] - margin, 1e6), like)
+        q_lo, q_hi = target_window(spec, self.cfg.position_margin)  # the safety filter's own window
+        self.q_lo, self.q_hi = asarray_like(q_lo, like), asarray_like(q_hi, like)  # [nj]
         vmax = np.array(spec.array("velocity_limit")) * self.cfg.velocity_scale * spec.control_dt
         self.max_step = asarray_like(np.minimum(vmax, 1e6), like)  # [nj] rad per control step
         self.q_cmd = self.proc.default[None, :] + 0.0  # [N, nj]; reset() sizes it

@@ -29,10 +29,6 @@ def namespace(*arrays: Array) -> ModuleType:
     return np
 
 
-def is_torch(xp: ModuleType) -> bool:
-    return xp is not np
-
-
 def asarray_like(x: Any, like: Array) -> Array:
     """x (a number, list or array) as an array of like's namespace, dtype and device."""
     xp = namespace(like)

@@ -185,23 +185,21 @@ class _CdrReader:
     def _align(self, n: int) -> None:
         self.pos += _pad(self.pos - 4, n)
 
-    def u32(self) -> int:
+    def _scalar(self, fmt: str):
+        """One aligned 4-byte scalar (struct format "<I", "<i" or "<f")."""
         self._align(4)
-        (v,) = struct.unpack_from("<I", self.data, self.pos)
+        (v,) = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += 4
         return v
+
+    def u32(self) -> int:
+        return self._scalar("<I")
 
     def i32(self) -> int:
-        self._align(4)
-        (v,) = struct.unpack_from("<i", self.data, self.pos)
-        self.pos += 4
-        return v
+        return self._scalar("<i")
 
     def f32(self) -> float:
-        self._align(4)
-        (v,) = struct.unpack_from("<f", self.data, self.pos)
-        self.pos += 4
-        return v
+        return self._scalar("<f")
 
     def bool(self) -> bool:
         v = self.data[self.pos] != 0

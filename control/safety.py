@@ -70,6 +70,16 @@ from s2r.control.spec import RobotSpec
 _BIG = 1e6  # rad: stands in for an infinite joint range (continuous joints)
 
 
+def target_window(spec: RobotSpec, position_margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lower [nj], upper [nj]) rad: where a target may lie, position_margin x range inside each bounded joint's
+    limits (continuous joints: +-_BIG). The filter clips to it; the arm's IK (control/actions.py) stays in it."""
+    rng = np.array([j.range for j in spec.joints], dtype=np.float64)  # [nj, 2]
+    lo, hi = rng[:, 0], rng[:, 1]
+    bounded = np.isfinite(lo) & np.isfinite(hi)
+    margin = np.where(bounded, position_margin * np.where(bounded, hi - lo, 0.0), 0.0)
+    return np.maximum(lo + margin, -_BIG), np.minimum(hi - margin, _BIG)
+
+
 class Mode(enum.Enum):
     PASSIVE = "passive"
     RAMP_TO_DEFAULT = "ramp_to_default"
@@ -197,10 +207,7 @@ class SafetyFilter:
         dt = spec.control_dt
         rng = np.array([j.range for j in spec.joints], dtype=np.float64)  # [nj, 2]
         lo, hi = rng[:, 0], rng[:, 1]
-        bounded = np.isfinite(lo) & np.isfinite(hi)
-        margin = np.where(bounded, cfg.position_margin * np.where(bounded, hi - lo, 0.0), 0.0)
-        self.lower = np.maximum(lo + margin, -_BIG)  # [nj] rad, target limits
-        self.upper = np.minimum(hi - margin, _BIG)
+        self.lower, self.upper = target_window(spec, cfg.position_margin)  # [nj] rad, target limits
         self._q_lo = np.maximum(lo - cfg.sensor_position_slack, -_BIG)  # plausible readings
         self._q_hi = np.minimum(hi + cfg.sensor_position_slack, _BIG)
         self.default = np.clip(np.array(spec.array("default"), dtype=np.float64), self.lower, self.upper)

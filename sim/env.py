@@ -74,7 +74,6 @@ class BatchedEnv:
             self.task.cfg.episode_length_s = cfg.episode_length_s
         self.spec: RobotSpec = self.task.spec
         self.model, self.index = compile_model(self.spec, self.task.sensors(),
-                                               joint_axis_sensors=self.task.joint_axis_sensors(),
                                                joint_torque_sensors=cfg.joint_torque_sensors)
         self.decimation = self.spec.decimation
         self.control_dt = self.spec.control_dt

@@ -76,15 +76,11 @@ def _find(items, name: str):
 
 
 def compile_model(spec: RobotSpec, sensors: list[SensorRequest] = (),
-                  joint_axis_sensors: bool = False,
                   joint_torque_sensors: bool = False) -> tuple[mujoco.MjModel, ModelIndex]:
     """Load the spec's MJCF, apply the contract, add task sensors, compile.
 
     joint_torque_sensors: add an `actuatorfrc` sensor `jnt_torque:<joint>` per spec joint: the torque its
     actuator applied in the last physics step (what a drive reports as effort).
-    joint_axis_sensors: add, for each spec joint, a site at the joint anchor with its z axis
-    along the joint axis and framepos/framezaxis sensors `jnt_anchor:<joint>` /
-    `jnt_axis:<joint>` (for the batched Jacobian in control/ik.py).
     """
     ms = load_mjspec(spec)
     ms.option.timestep = spec.physics_dt
@@ -135,19 +131,6 @@ def compile_model(spec: RobotSpec, sensors: list[SensorRequest] = (),
         raise ModelError(f"{where}: end-effector site '{spec.action.ee_site}' not found")
 
     requests = list(sensors)
-    if joint_axis_sensors:
-        for j in spec.joints:
-            mj = joints[j.name]
-            axis = np.asarray(mj.axis, dtype=float)
-            axis = axis / np.linalg.norm(axis)
-            quat = np.zeros(4)
-            mujoco.mju_quatZ2Vec(quat, axis)
-            site_name = f"s2r_jnt:{j.name}"
-            mj.parent.add_site(name=site_name, pos=np.asarray(mj.pos, dtype=float), quat=quat,
-                               group=5, size=[0.005, 0.005, 0.005])
-            requests.append(SensorRequest(f"jnt_anchor:{j.name}", "framepos", site_name))
-            requests.append(SensorRequest(f"jnt_axis:{j.name}", "framezaxis", site_name))
-
     if joint_torque_sensors:
         for j in spec.joints:
             a = act_by_joint[j.name]
@@ -163,7 +146,7 @@ def compile_model(spec: RobotSpec, sensors: list[SensorRequest] = (),
         if r.type not in SENSOR_TYPES:
             raise ModelError(f"unknown sensor type '{r.type}' (known: {sorted(SENSOR_TYPES)})")
         pool = {"site": site_names, "body": body_names, "xbody": body_names, "actuator": act_names}[r.objtype]
-        if r.objname not in pool and not r.objname.startswith("s2r_jnt:"):
+        if r.objname not in pool:
             raise ModelError(f"{where}: the task needs {r.objtype} '{r.objname}' (for sensor "
                              f"'{r.name}'), which the model lacks")
         if r.name in existing:

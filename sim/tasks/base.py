@@ -53,9 +53,6 @@ class Task:
     def sensors(self) -> list[SensorRequest]:
         return []
 
-    def joint_axis_sensors(self) -> bool:
-        return False
-
     def critic_term_dims(self) -> dict[str, int]:
         """Privileged terms appended (unscaled) to the policy frame for the critic."""
         return {}
