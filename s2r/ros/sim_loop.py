@@ -316,17 +316,22 @@ def _report(cfg: SimLoopConfig, rec: dict | None, node, problem: str, t_policy: 
         problem = "the sim bridge recorded no free-standing time"
     if not problem and fell_at is not None:
         problem = f"the base dropped below {cfg.min_height} m after {fell_at:.2f} s"
-    d = node.diagnostics() if node is not None else {}
     return SimLoopReport(
-        policy=str(cfg.policy_path), ok=not problem, problem=problem, seconds_in_policy=t_policy,
         sim_seconds_released=t_free, fell_at_s=fell_at, min_height_m=min_h, max_tilt_rad=max_tilt,
-        command=tuple(cfg.command), mean_abs_vel_error=err, base_drift_m=drift,
+        command=tuple(cfg.command), mean_abs_vel_error=err, base_drift_m=drift, trajectory_dt=dt, trajectory=traj,
+        **_loop_fields(cfg, rec, node, problem, t_policy))
+
+
+def _loop_fields(cfg: SimLoopConfig, rec: dict | None, node, problem: str, t_policy: float) -> dict:
+    """The report fields every robot shares: outcome, the node's diagnostics, the bridge's command counts."""
+    d = node.diagnostics() if node is not None else {}
+    return dict(
+        policy=str(cfg.policy_path), ok=not problem, problem=problem, seconds_in_policy=t_policy,
         final_mode=d.get("mode", "?"), mode_log=[m for _, m in node.mode_log] if node is not None else [],
         policy_steps=int(d.get("policy_steps", 0)), period_mean_ms=1e3 * float(d.get("period_mean_s", math.nan)),
         inference_max_ms=1e3 * float(d.get("inference_max_s", math.nan)), interventions=d.get("interventions", {}),
         commands_received=int(rec["commands_received"]) if rec is not None else 0,
-        commands_rejected=int(rec["commands_rejected"]) if rec is not None else 0,
-        trajectory_dt=dt, trajectory=traj)
+        commands_rejected=int(rec["commands_rejected"]) if rec is not None else 0)
 
 
 def _arm_report(cfg: SimLoopConfig, rec: dict | None, node, problem: str, t_policy: float,
@@ -337,20 +342,13 @@ def _arm_report(cfg: SimLoopConfig, rec: dict | None, node, problem: str, t_poli
     if not problem and reached < len(cfg.goals):
         problem = (f"reached {reached} of {len(cfg.goals)} goals within {cfg.goal_tolerance * 1e3:.0f} mm "
                    f"(errors {[round(e * 1e3, 1) for e in errors]} mm)")
-    d = node.diagnostics() if node is not None else {}
     traj = [] if rec is None else list(zip(rec["t"].tolist(), rec["on_gantry"].tolist(), rec["qpos"]))
     return SimLoopReport(
-        policy=str(cfg.policy_path), ok=not problem, problem=problem, seconds_in_policy=t_policy,
         sim_seconds_released=float(rec["t"][-1]) if rec is not None and len(rec["t"]) else 0.0, fell_at_s=None,
         min_height_m=math.nan, max_tilt_rad=math.nan, command=(0.0, 0.0, 0.0),
-        mean_abs_vel_error=(math.nan,) * 3, base_drift_m=math.nan, final_mode=d.get("mode", "?"),
-        mode_log=[m for _, m in node.mode_log] if node is not None else [],
-        policy_steps=int(d.get("policy_steps", 0)), period_mean_ms=1e3 * float(d.get("period_mean_s", math.nan)),
-        inference_max_ms=1e3 * float(d.get("inference_max_s", math.nan)), interventions=d.get("interventions", {}),
-        commands_received=int(rec["commands_received"]) if rec is not None else 0,
-        commands_rejected=int(rec["commands_rejected"]) if rec is not None else 0,
-        goal_errors_m=errors, goals_reached=int(reached),
-        trajectory_dt=float(rec["tick_dt"]) if rec is not None else 0.0, trajectory=traj)
+        mean_abs_vel_error=(math.nan,) * 3, base_drift_m=math.nan, goal_errors_m=errors, goals_reached=int(reached),
+        trajectory_dt=float(rec["tick_dt"]) if rec is not None else 0.0, trajectory=traj,
+        **_loop_fields(cfg, rec, node, problem, t_policy))
 
 
 def render_trajectory(report: SimLoopReport, path: str, robot_spec: str = "g1/g1.yaml",
