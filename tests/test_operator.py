@@ -442,6 +442,8 @@ def test_holding_the_intervene_button_hands_the_robot_to_the_joy_mapping_until_r
         t_release = time.monotonic()
         wait_for(lambda: node.action_source == "policy", 1.0, "the policy to act again")
         assert time.monotonic() - t_release < 2 * DT + 0.05  # the next tick after the message arrives
+        # ~/diagnostics arrives over DDS a moment after the node switched: read a tick the policy acted in
+        wait_for(lambda: rig.diagnostics[-1]["source"] == "policy", 1.0, "diagnostics of a policy tick")
         d = rig.diagnostics[-1]
         assert d["operator"]["interventions"] == 1 and 0 < d["intervention_rate"] < 1
         np.testing.assert_array_equal(node.last_action, node.policy_action)
