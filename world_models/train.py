@@ -1,0 +1,255 @@
+"""Training and fidelity metrics for world models; shared by `s2r wm train/eval`, finetuning and the bench.
+
+    train_diffusion(model, data, cfg)      EDM loss on windows of k steps (AdamW, cosine decay, grad clip)
+    one_step_error / horizon_errors        normalised RMSE of one step / open-loop H steps on held-out data
+    failure_agreement                      does the model predict the falls the held-out rollouts show?
+    uncertainty_calibration                correlation of u(s, a) with the real one-step error
+
+Every metric takes a `Stepper`: (states [B, k, S], actions [B, k, A]) -> (next_state [B, S], reward [B],
+terminated [B] bool), so the diffusion model and the ensemble baseline are measured by the same code.
+Errors are RMSE over state dims in units of each dim's std in the held-out data (dims that are constant
+there are left out), so 1.0 means "as far off as a random state from the data".
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from s2r.io import atomic_write_bytes
+from s2r.world_models.data import Transitions, windows
+from s2r.world_models.diffusion import DiffusionWorldModel
+
+Stepper = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass
+class FitConfig:
+    steps: int = 3000  # gradient steps
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def train_diffusion(model: DiffusionWorldModel, data: Transitions, cfg: FitConfig, fit_normalizers: bool = True,
+                    log: Callable[[int, float], None] | None = None, log_every: int = 50) -> list[tuple[int, float]]:
+    """Fit the denoiser on every full-history window of `data`; -> [(step, mean loss since last log)].
+
+    fit_normalizers=False keeps the model's statistics (continued training on new data)."""
+    states, actions, nxt, rew, term, _ = windows(data, model.cfg.history)
+    if len(states) < 2:
+        raise ValueError(f"only {len(states)} transitions have {model.cfg.history} steps of history inside their "
+                         f"episode; collect more data or lower the history")
+    if fit_normalizers:
+        model.fit_normalizers(data.state, data.next_state, data.reward)
+    with torch.no_grad():
+        cond = model.condition(states, actions)  # [M, C]
+        x0 = model.target(states[:, -1], nxt, rew, term)  # [M, D]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
+    model.train()
+    history, acc, n = [], 0.0, 0
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(x0), (cfg.batch_size,), generator=gen)
+        loss = model.loss(x0[idx], cond[idx], gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"world model loss is {float(loss)} at step {step}: the data holds NaN/Inf "
+                                     f"or the learning rate {cfg.lr} is too high")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.net.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        acc, n = acc + float(loss.detach()), n + 1
+        if step % log_every == 0 or step == cfg.steps:
+            history.append((step, acc / n))
+            if log is not None:
+                log(step, acc / n)
+            acc, n = 0.0, 0
+    model.eval()
+    return history
+
+
+def diffusion_stepper(model: DiffusionWorldModel, steps: int = 3, solver: str = "euler",
+                      generator: torch.Generator | None = None) -> Stepper:
+    def step(states: Tensor, actions: Tensor):
+        p = model.predict(states, actions, steps=steps, solver=solver, generator=generator)
+        return p.next_state, p.reward, p.terminated
+
+    return step
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+def state_scale(data: Transitions) -> tuple[Tensor, Tensor]:
+    """(std [S], used [S] bool): per-dim std of the data's next states; dims constant in it are not scored."""
+    std = data.next_state.std(0)
+    return std.clamp_min(1e-8), std > 1e-6
+
+
+def _nrmse(pred: Tensor, true: Tensor, std: Tensor, used: Tensor) -> Tensor:
+    """[B]: RMSE over the used dims, each in units of its std."""
+    return (((pred - true) / std)[:, used] ** 2).mean(-1).sqrt()
+
+
+@torch.no_grad()
+def one_step_error(step: Stepper, held: Transitions, k: int, max_rows: int = 4096) -> dict:
+    states, actions, nxt, _, _, _ = windows(held, k)
+    states, actions, nxt = states[:max_rows], actions[:max_rows], nxt[:max_rows]
+    std, used = state_scale(held)
+    pred, _, _ = step(states, actions)
+    e = _nrmse(pred, nxt, std, used)
+    return {"one_step_error": float(e.mean()), "one_step_error_median": float(e.median()), "rows": len(e)}
+
+
+def _segment_starts(held: Transitions, k: int, H: int, stride: int) -> Tensor:
+    """Rows i with rows i-k+1 .. i+H-1 in one episode (a full history and H real steps after it)."""
+    N = len(held)
+    i = torch.arange(k - 1, N - H + 1)
+    ok = torch.ones(len(i), dtype=torch.bool)
+    for j in range(-(k - 1), H):
+        ok &= held.episode[i + j] == held.episode[i]
+    return i[ok][::stride]
+
+
+@torch.no_grad()
+def horizon_errors(step: Stepper, held: Transitions, k: int, H: int = 50, stride: int = 5, max_segments: int = 2048,
+                   clamp: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Open-loop error [H]: the model's own predictions feed its history, the real actions drive it.
+    clamp=(lo [S], hi [S]) clamps each predicted state (as the imagined env does)."""
+    starts = _segment_starts(held, k, H, stride)[:max_segments]
+    if len(starts) == 0:
+        raise ValueError(f"no held-out segment has {k - 1} steps of history and {H} steps after it; "
+                         f"hold out longer episodes or lower H")
+    std, used = state_scale(held)
+    back = torch.arange(k - 1, -1, -1)
+    hist_s = held.state[starts[:, None] - back]  # [B, k, S]
+    hist_a = held.action[starts[:, None] - back]  # [B, k, A]
+    errs = []
+    for h in range(H):
+        nxt, _, _ = step(hist_s, hist_a)
+        if clamp is not None:
+            nxt = torch.maximum(torch.minimum(nxt, clamp[1]), clamp[0])
+        nxt = torch.nan_to_num(nxt, nan=0.0, posinf=1e6, neginf=-1e6)
+        errs.append(_nrmse(nxt, held.next_state[starts + h], std, used).mean())
+        if h + 1 < H:
+            hist_s = torch.cat([hist_s[:, 1:], nxt[:, None]], 1)
+            hist_a = torch.cat([hist_a[:, 1:], held.action[starts + h + 1][:, None]], 1)
+    return torch.stack(errs)
+
+
+@torch.no_grad()
+def failure_agreement(step: Stepper, held: Transitions, k: int, H: int = 25, stride: int = 10,
+                      max_segments: int = 2048, fallen: Callable[[Tensor], Tensor] | None = None) -> dict:
+    """From held-out states, roll the model open-loop with the real actions for up to H steps (or to the
+    episode's real end). A real fall: the episode terminated inside the window. A predicted fall: the
+    model's termination (or fallen(state) [B] bool, the safe-set test) fired inside it.
+    -> counts, recall of real falls, false-alarm rate, and missed falls (the dangerous case)."""
+    N = len(held)
+    i = torch.arange(k - 1, N)
+    ok = torch.ones(len(i), dtype=torch.bool)
+    for j in range(1, k):
+        ok &= held.episode[i - j] == held.episode[i]
+    starts = i[ok][::stride][:max_segments]
+    B = len(starts)
+    back = torch.arange(k - 1, -1, -1)
+    hist_s, hist_a = held.state[starts[:, None] - back], held.action[starts[:, None] - back]
+    alive = torch.ones(B, dtype=torch.bool)  # the real episode still runs at step h
+    real = torch.zeros(B, dtype=torch.bool)
+    pred = torch.zeros(B, dtype=torch.bool)
+    for h in range(H):
+        row = (starts + h).clamp_max(N - 1)
+        alive &= (starts + h < N) & (held.episode[row] == held.episode[starts])
+        nxt, _, term = step(hist_s, hist_a)
+        if fallen is not None:
+            term = term | fallen(nxt)
+        pred |= term & alive
+        real |= held.terminated[row] & alive
+        alive &= ~held.terminated[row]
+        nxt_row = (row + 1).clamp_max(N - 1)
+        hist_s = torch.cat([hist_s[:, 1:], nxt[:, None]], 1)
+        hist_a = torch.cat([hist_a[:, 1:], held.action[nxt_row][:, None]], 1)
+    n_real, n_safe = int(real.sum()), int((~real).sum())
+    return {"windows": B, "horizon": H, "real_falls": n_real, "predicted_falls": int(pred.sum()),
+            "fall_recall": float((pred & real).sum()) / n_real if n_real else float("nan"),
+            "missed_falls": int((~pred & real).sum()),
+            "false_alarm_rate": float((pred & ~real).sum()) / n_safe if n_safe else float("nan")}
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def _ranks(x: Tensor) -> Tensor:
+    r = torch.empty(len(x), dtype=torch.float64)
+    r[x.argsort()] = torch.arange(len(x), dtype=torch.float64)
+    return r
+
+
+@torch.no_grad()
+def uncertainty_calibration(u_and_pred: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], held: Transitions,
+                            k: int, max_rows: int = 4096) -> dict:
+    """Pearson and Spearman correlation between u(s, a) [B] and the one-step error [B] of the prediction
+    made with it, on held-out rows. u_and_pred(states, actions) -> (u [B], next_state [B, S])."""
+    states, actions, nxt, _, _, _ = windows(held, k)
+    states, actions, nxt = states[:max_rows], actions[:max_rows], nxt[:max_rows]
+    std, used = state_scale(held)
+    u, pred = u_and_pred(states, actions)
+    err = _nrmse(pred, nxt, std, used)
+    return {"u_error_pearson": _pearson(u, err), "u_error_spearman": _pearson(_ranks(u), _ranks(err)),
+            "u_mean": float(u.mean()), "rows": len(u)}
+
+
+def diffusion_uncertainty(model: DiffusionWorldModel, samples: int = 8, steps: int = 3, solver: str = "euler",
+                          generator: torch.Generator | None = None) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    def f(states: Tensor, actions: Tensor):
+        p = model.predict(states, actions, steps=steps, solver=solver, samples=samples, generator=generator)
+        return p.uncertainty, p.next_state
+
+    return f
+
+
+# ---- plots --------------------------------------------------------------------------------------
+
+
+def plot_png(path: str | Path, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
+             logy: bool = False) -> None:
+    """One figure of named (x, y) curves, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def timed(f: Callable[[], object]) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    out = f()
+    return out, time.perf_counter() - t0
