@@ -135,3 +135,55 @@ class ReplayBuffer:
         for k in _STORED:
             getattr(self, k)[:filled].copy_(sd[k])
         self.filled, self.pos = filled, pos
+
+
+class TransitionBuffer:
+    """Flat circular store of single transitions, added k at a time (robot ticks, interventions,
+    recordings): the HIL learner's online and demonstration buffers. One-step targets only, because
+    rows from different robots or episodes sit next to each other.
+
+    add(obs [k, O], action [k, A], reward [k], next_obs [k, O], done [k]); sample(B) -> [B, ...].
+    """
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device | str = "cpu"):
+        if capacity < 1:
+            raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
+        self.capacity, self.obs_dim, self.act_dim = capacity, obs_dim, act_dim
+        self.device = torch.device(device)
+        dev = self.device
+        self.obs = torch.zeros(capacity, obs_dim, device=dev)
+        self.next_obs = torch.zeros(capacity, obs_dim, device=dev)
+        self.action = torch.zeros(capacity, act_dim, device=dev)
+        self.reward = torch.zeros(capacity, device=dev)
+        self.done = torch.zeros(capacity, device=dev)
+        self.pos, self.filled = 0, 0
+
+    def __len__(self) -> int:
+        return self.filled
+
+    def add(self, obs: Tensor, action: Tensor, reward: Tensor, next_obs: Tensor, done: Tensor) -> None:
+        k = obs.shape[0]
+        shapes = {"obs": (obs, (k, self.obs_dim)), "next_obs": (next_obs, (k, self.obs_dim)),
+                  "action": (action, (k, self.act_dim)), "reward": (reward, (k,)), "done": (done, (k,))}
+        for name, (x, shape) in shapes.items():
+            if tuple(x.shape) != shape:
+                raise ValueError(f"transition buffer add: {name} has shape {tuple(x.shape)}, expected {shape}")
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise ValueError(f"transition buffer add: {name} holds NaN or Inf; the transitions were not added")
+        if k == 0:
+            return
+        if k > self.capacity:  # only the newest `capacity` survive anyway
+            obs, action, reward, next_obs, done = (x[-self.capacity:] for x in (obs, action, reward, next_obs, done))
+            k = self.capacity
+        idx = (self.pos + torch.arange(k)) % self.capacity  # [k]
+        for name, x in (("obs", obs), ("next_obs", next_obs), ("action", action), ("reward", reward), ("done", done)):
+            getattr(self, name)[idx.to(self.device)] = x.to(self.device, torch.float32)
+        self.pos = (self.pos + k) % self.capacity
+        self.filled = min(self.filled + k, self.capacity)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        if not self.filled:
+            raise ValueError("transition buffer sample: the buffer is empty; add transitions first")
+        i = torch.randint(self.filled, (batch_size,), generator=generator).to(self.device)  # [B]
+        return {"obs": self.obs[i], "action": self.action[i], "reward": self.reward[i],
+                "next_obs": self.next_obs[i], "done": self.done[i]}
