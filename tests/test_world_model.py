@@ -218,3 +218,179 @@ def test_a_policy_checkpoint_is_not_taken_for_a_world_model(tmp_path):
     save_checkpoint(tmp_path / "ckpt.pt", {"format": "s2r-train-v1", "spec_hash": ""})
     with pytest.raises(CheckpointError, match="not a world model"):
         load_world_model(tmp_path / "ckpt.pt")
+
+
+# ---- uncertainty ----------------------------------------------------------------------------
+
+
+def test_sample_spread_is_larger_where_the_data_is_noisy_and_tracks_the_error():
+    from s2r.world_models.train import diffusion_uncertainty, uncertainty_calibration
+
+    data = linear_system(noisy_half=True, seed=1)
+    train, held = data.split_episodes(0.2)
+    model = small_model()
+    train_diffusion(model, train, FitConfig(steps=800, batch_size=256, lr=2e-3))
+    states, actions, *_ = windows(held, 2)
+    u = model.predict(states, actions, samples=16, generator=torch.Generator().manual_seed(0)).uncertainty
+    noisy = states[:, -1, 0] > 0
+    assert u[noisy].mean() > 3 * u[~noisy].mean()
+    cal = uncertainty_calibration(diffusion_uncertainty(model, samples=16), held, 2)
+    assert cal["u_error_spearman"] > 0.4, cal
+
+
+def test_the_ensemble_baseline_learns_the_linear_system():
+    from s2r.world_models.ensemble import EnsembleConfig, ProbabilisticEnsemble, train_ensemble
+
+    data = linear_system()
+    train, held = data.split_episodes(0.2)
+    torch.manual_seed(0)
+    ens = ProbabilisticEnsemble(EnsembleConfig(4, 2, history=2, members=3, elites=2, hidden=64, layers=2))
+    stats = train_ensemble(ens, train, steps=600, batch_size=128, lr=3e-3)
+    assert len(stats["elites"]) == 2
+    step = lambda s, a: ens.predict(s, a, sample=False)[:3]  # noqa: E731
+    assert one_step_error(step, held, 2)["one_step_error"] < 0.1
+
+
+# ---- the imagined env -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stand():
+    """A small humanoid-stand model: 8 envs x 120 steps of the shipped policy with noise, 300 updates."""
+    from s2r.world_models.data import collect_rollouts, load_actor
+
+    spec = RobotSpec.load(G1)
+    act = load_actor(ROOT / "policies/pretrained/g1_stand.onnx", spec)
+    data = collect_rollouts("humanoid-stand", act, num_envs=8, steps=120, noise=(0.0, 0.3), seed=0)
+    torch.manual_seed(0)
+    model = DiffusionWorldModel(WorldModelConfig(data.state.shape[1], data.action.shape[1], history=2, width=128,
+                                                 blocks=2))
+    train_diffusion(model, data, FitConfig(steps=300, batch_size=256, lr=2e-3))
+    return model, data
+
+
+def make_imagined(stand, num_envs=6, **kw):
+    from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+    model, data = stand
+    return ImaginedEnv(model, data, num_envs, ImaginedEnvConfig(**kw), seed=0)
+
+
+def test_rollout_data_carries_the_critic_layout_and_spec(stand):
+    _, data = stand
+    assert data.obs_key == "critic" and data.spec.name == "g1_13dof"
+    assert data.state.shape[1] == 57 and data.layout["critic.base_height"] == [51, 1]
+    assert data.state[:, 51].median() > 0.7  # the base height (m) of a standing G1
+
+
+def test_imagined_env_implements_the_batched_env_contract(stand):
+    from s2r.policies.env_protocol import BatchedEnvProtocol
+
+    env = make_imagined(stand, horizon=3)
+    assert isinstance(env, BatchedEnvProtocol)
+    assert (env.obs_dim, env.critic_obs_dim, env.action_dim, env.max_episode_steps) == (48, 57, 13, 3)
+    obs = env.reset(seed=1)
+    assert obs["policy"].shape == (6, 48) and obs["critic"].shape == (6, 57)
+    assert torch.equal(obs["policy"], obs["critic"][:, :48])  # the policy sees the frame of the state
+    ended = False
+    for t in range(3):
+        obs, r, term, trunc, info = env.step(torch.zeros(6, 13))
+        assert r.shape == (6,) and term.dtype == torch.bool and trunc.dtype == torch.bool
+        assert not (term & trunc).any()
+        if (term | trunc).any():
+            ended = True
+            ids = info["episode"]["env_ids"]
+            assert info["final_obs"]["critic"].shape == (6, 57) and len(info["episode"]["return"]) == len(ids)
+    assert ended and (term | trunc).all()  # the horizon of 3 ended every rollout still running at step 3
+    with pytest.raises(WorldModelError, match="action has shape"):
+        env.step(torch.zeros(6, 12))
+    with pytest.raises(WorldModelError, match="NaN"):
+        env.step(torch.full((6, 13), float("nan")))
+
+
+def test_imagined_last_action_is_the_action_taken(stand):
+    env = make_imagined(stand, horizon=5)
+    env.reset(seed=0)
+    a = torch.rand(6, 13) * 2 - 1
+    obs, *_ = env.step(a)
+    at = env.layout["last_action"][0]
+    assert torch.allclose(obs["critic"][:, at:at + 13], a)
+
+
+def test_the_existing_evaluation_loop_runs_inside_the_imagined_env(stand):
+    from s2r.policies.evaluate import evaluate_policy
+
+    env = make_imagined(stand, horizon=4)
+    out = evaluate_policy(env, lambda obs: torch.zeros(obs.shape[0], 13), seed=0)
+    assert 1 <= out["length_mean"] <= 4 and math.isfinite(out["return_mean"])
+
+
+def test_states_outside_the_safe_set_are_recognised(stand):
+    env = make_imagined(stand)
+    _, data = stand
+    s = data.state[:4].clone()
+    assert not env.unsafe(s).any()
+    low, tilt, joint = s.clone(), s.clone(), s.clone()
+    low[:, 51] = 0.3  # base height (m) below humanoid-walk's 0.45
+    tilt[:, 5] = 0.0  # projected gravity z: lying on its side
+    joint[:, 9] = 3.0 / 1.0 + 0.2  # left knee (joint_pos index 3: q - default) beyond its 2.88 rad limit
+    assert env.unsafe(low).all() and env.unsafe(tilt).all() and env.unsafe(joint).all()
+
+
+def test_leaving_the_safe_set_terminates_and_is_counted(stand):
+    env = make_imagined(stand, min_base_height=5.0)  # every state is "too low"
+    env.reset(seed=0)
+    _, r, term, trunc, info = env.step(torch.zeros(6, 13))
+    assert term.all() and not trunc.any() and info["counts"]["unsafe"] == 6
+
+
+def test_uncertainty_above_the_threshold_halts_the_rollout_and_penalises(stand):
+    env = make_imagined(stand, u_max=0.0, samples=4, penalty=0.0)
+    env.reset(seed=0)
+    _, r0, term, trunc, info = env.step(torch.zeros(6, 13))
+    assert (trunc | term).all() and info["counts"]["halted_uncertain"] == int(trunc.sum()) > 0
+    assert (info["uncertainty"] > 0).all()
+    pen = make_imagined(stand, samples=4, penalty=10.0)
+    pen.reset(seed=0)
+    _, r1, _, _, info1 = pen.step(torch.zeros(6, 13))
+    free = make_imagined(stand, samples=4, penalty=0.0)
+    free.reset(seed=0)
+    _, r2, _, _, _ = free.step(torch.zeros(6, 13))
+    assert torch.allclose(r1, r2 - 10.0 * info1["uncertainty"], atol=1e-5)
+
+
+def test_predictions_are_clamped_to_the_data_range(stand):
+    model, data = stand
+    env = make_imagined(stand, min_base_height=None, max_tilt_cos=None, joint_limit_margin=10.0)
+    env.reset(seed=0)
+    for _ in range(5):
+        obs, *_ = env.step(torch.rand(6, 13) * 2 - 1)
+        s = obs["critic"]
+        assert (s >= model.state_lo - 1e-6).all() and (s <= model.state_hi + 1e-6).all()
+
+
+def test_nan_predictions_halt_the_rollout_and_are_counted(stand):
+    import copy
+
+    model, data = stand
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.net.out.bias[3] = float("nan")
+    from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+    env = ImaginedEnv(broken, data, 6, ImaginedEnvConfig(), seed=0)
+    obs0 = env.reset(seed=0)
+    obs, r, term, trunc, info = env.step(torch.zeros(6, 13))
+    assert term.all() and info["counts"]["halted_nan"] == 6 and (r == 0).all()
+    assert torch.isfinite(info["final_obs"]["critic"]).all() and torch.isfinite(obs["critic"]).all()
+    assert torch.equal(info["final_obs"]["critic"][:, :35], obs0["critic"][:, :35])  # the last good state
+
+
+def test_start_data_of_another_layout_is_refused(stand):
+    from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+    model, data = stand
+    other = Transitions(data.state[:, :50], data.action, data.reward, data.next_state[:, :50], data.terminated,
+                        data.episode)
+    with pytest.raises(WorldModelError, match="width 50, the model 57"):
+        ImaginedEnv(model, other, 4, ImaginedEnvConfig())

@@ -37,13 +37,14 @@ class Transitions:
     episode: Tensor  # [N] long: episode id
     spec: RobotSpec | None = None
     obs_key: str = "critic"  # which observation the state is: "critic" or "policy"
+    layout: dict[str, list[int]] | None = None  # term name -> [start, dim] in the state (state_layout)
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
 
     def select(self, rows: Tensor) -> Transitions:
         return Transitions(self.state[rows], self.action[rows], self.reward[rows], self.next_state[rows],
-                           self.terminated[rows], self.episode[rows], self.spec, self.obs_key)
+                           self.terminated[rows], self.episode[rows], self.spec, self.obs_key, self.layout)
 
     def split_episodes(self, held_out: float, seed: int = 0) -> tuple[Transitions, Transitions]:
         """(train, held-out) by whole episodes, so held-out trajectories are never seen in training."""
@@ -62,7 +63,21 @@ def cat_transitions(parts: Sequence[Transitions]) -> Transitions:
         off = int(eps[-1].max()) + 1 if len(p) else off
     return Transitions(*(torch.cat([getattr(p, k) for p in parts]) for k in
                          ("state", "action", "reward", "next_state", "terminated")), torch.cat(eps),
-                       parts[0].spec, parts[0].obs_key)
+                       parts[0].spec, parts[0].obs_key, parts[0].layout)
+
+
+def state_layout(spec: RobotSpec, critic_dims: dict[str, int] | None) -> dict[str, list[int]]:
+    """term name -> [start, dim] in the state vector: the spec's frame terms (scaled, as observed), then the
+    task's privileged terms (critic_dims, in the env's order; None: the state is a policy observation with
+    history 1, i.e. the frame alone)."""
+    out, at = {}, 0
+    for term in spec.observation.terms:
+        out[term.name] = [at, term.dim]
+        at += term.dim
+    for name, dim in (critic_dims or {}).items():
+        out[f"critic.{name}"] = [at, dim]
+        at += dim
+    return out
 
 
 def windows(data: Transitions, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -147,13 +162,14 @@ def collect_rollouts(task: str, act: Callable[[Tensor], Tensor] | None, num_envs
             obs = nxt
             if progress is not None:
                 progress(t)
-        spec = env.spec
+        spec, layout = env.spec, state_layout(env.spec, env.critic_dims)
     finally:
         env.close()
     # [T, N, ...] -> env-major rows, so each episode's rows are consecutive and in time order
     flat = {k: torch.stack(v, 1).reshape(num_envs * steps, *v[0].shape[1:]) for k, v in cols.items()}
     return Transitions(flat["state"].float(), flat["action"].float(), flat["reward"].float(),
-                       flat["next_state"].float(), flat["terminated"].bool(), flat["episode"].long(), spec, "critic")
+                       flat["next_state"].float(), flat["terminated"].bool(), flat["episode"].long(), spec, "critic",
+                       layout)
 
 
 def from_recordings(paths: Sequence[str | os.PathLike], spec: RobotSpec | None = None) -> Transitions:
@@ -172,6 +188,8 @@ def from_recordings(paths: Sequence[str | os.PathLike], spec: RobotSpec | None =
     rec_spec = spec
     if rec_spec is None and recs and getattr(recs[0], "spec", None) is not None:
         rec_spec = recs[0].spec
+    layout = (state_layout(rec_spec, None) if rec_spec is not None and rec_spec.observation.history_length == 1
+              else None)
     return Transitions(to(t["obs"]), to(t["action"]), to(rew), to(t["next_obs"]),
                        torch.zeros(int(keep.sum()), dtype=torch.bool), to(t["episode"], torch.long), rec_spec,
-                       "policy")
+                       "policy", layout)

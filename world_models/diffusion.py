@@ -191,13 +191,14 @@ class Prediction:
     uncertainty: Tensor | None = None  # [B]: mean over state dims of the std of the normalised delta samples
 
 
-class DiffusionWorldModel(nn.Module):
-    """Predicts (s', r, terminated) from the last k states and actions by EDM sampling."""
+class TransitionModel(nn.Module):
+    """The data side every s2r world model shares (this one and the ensemble baseline): fixed normalisers
+    of the training data, the conditioning vector of k states and actions, the normalised target and
+    its decoding. cfg needs state_dim, action_dim, history and state_clip."""
 
-    def __init__(self, cfg: WorldModelConfig):
+    def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
-        self.net = Denoiser(cfg)
         S = cfg.state_dim
         for name, dim in (("state_mean", S), ("state_std", S), ("delta_mean", S), ("delta_std", S),
                           ("reward_mean", 1), ("reward_std", 1), ("state_lo", S), ("state_hi", S)):
@@ -243,6 +244,21 @@ class DiffusionWorldModel(nn.Module):
         r = (reward[:, None] - self.reward_mean) / self.reward_std
         return torch.cat([delta, r, terminated.float()[:, None] * 2 - 1], dim=-1)
 
+    def decode(self, state: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x0 [B, S + 2] -> (next_state [B, S], reward [B], terminated [B] bool) around the current state [B, S]."""
+        S = self.cfg.state_dim
+        next_state = state + x0[:, :S] * self.delta_std + self.delta_mean
+        reward = x0[:, S] * self.reward_std + self.reward_mean
+        return next_state, reward, x0[:, S + 1] > 0
+
+
+class DiffusionWorldModel(TransitionModel):
+    """Predicts (s', r, terminated) from the last k states and actions by EDM sampling."""
+
+    def __init__(self, cfg: WorldModelConfig):
+        super().__init__(cfg)
+        self.net = Denoiser(cfg)
+
     # ---- EDM ---------------------------------------------------------------------------------
     def denoise(self, x: Tensor, sigma: Tensor | float, cond: Tensor) -> Tensor:
         """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, cond); x [B, D], sigma [B] or a float."""
@@ -269,13 +285,6 @@ class DiffusionWorldModel(nn.Module):
         sigmas = karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)
         x = torch.randn(cond.shape[0], c.target_dim, generator=generator, device=cond.device) * sigmas[0]
         return edm_sample(lambda x_, s: self.denoise(x_, s, cond), x, sigmas, solver)
-
-    def decode(self, state: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x0 [B, D] -> (next_state [B, S], reward [B], terminated [B] bool) around the current state [B, S]."""
-        S = self.cfg.state_dim
-        next_state = state + x0[:, :S] * self.delta_std + self.delta_mean
-        reward = x0[:, S] * self.reward_std + self.reward_mean
-        return next_state, reward, x0[:, S + 1] > 0
 
     @torch.no_grad()
     def predict(self, states: Tensor, actions: Tensor, steps: int = 3, solver: str = "euler", samples: int = 1,

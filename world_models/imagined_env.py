@@ -1,0 +1,224 @@
+"""Imagination as an environment: a learned world model behind the batched-env contract
+(policies/env_protocol.py: BatchedEnvProtocol), so the unchanged SAC/DSAC-T trainer explores in it.
+
+The state the model steps is the critic observation of the task (clean frame + privileged terms such as
+the base height); the policy observation is its frame part (through an ObservationBuilder, so a spec's
+history is rebuilt). A model trained on recordings (policy observation only) uses the frame as both.
+
+Step order (one imagined step, all envs at once):
+    1. validate the action                [N, A], finite
+    2. sample the model                   (s', r, terminated) from the last k states + actions, `samples`
+                                          draws: the first is the step, their spread is u [N]
+    3. NaN / exploding predictions        halted (terminated, reward 0, final_obs = last good state), counted
+    4. last_action term                   set from the action (known exactly, not predicted)
+    5. clamp to the data's state range    model.state_lo / state_hi
+    6. safe set                           base height, attitude (projected gravity), joint limits of the spec
+                                          -> terminated (a fall: bootstrap 0), as LIFT's threshold termination
+    7. uncertainty gate                   u > u_max -> truncated (the model does not know: cut the rollout
+                                          without claiming a fall), as MOReL's halt
+    8. reward                             r - lambda u
+    9. finished envs                      info["final_obs"]; restart from a new real start window
+
+Start states are real: windows of k steps drawn from the data the env is given (held-out or new target
+data), never from the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from s2r.control.observations import ObservationBuilder
+from s2r.control.spec import RobotSpec
+from s2r.world_models.data import Transitions, windows
+from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelError
+
+
+@dataclass
+class ImaginedEnvConfig:
+    horizon: int = 20  # imagined steps before truncation (LIFT ramps 1 -> 20)
+    sampling_steps: int = 3  # sampler steps per prediction (DIAMOND: 3)
+    solver: str = "euler"
+    samples: int = 4  # draws per step for u; 1: u = 0 (no penalty, no gate)
+    penalty: float = 1.0  # lambda in r - lambda u (MOPO: 0.5-5)
+    u_max: float = 1.0  # u above this halts the rollout (units: std of the data's delta)
+    explode_z: float = 50.0  # a predicted state this many data stds from the mean counts as exploding
+    min_base_height: float | None = 0.45  # m; None: no height gate (humanoid-walk's fall height)
+    max_tilt_cos: float | None = -0.5  # projected gravity z above this is a fall; None: no attitude gate
+    joint_limit_margin: float = 0.0  # rad beyond the spec's joint range still counted safe
+
+
+class ImaginedEnv:
+    """BatchedEnvProtocol over a DiffusionWorldModel; see the module docstring for the step order."""
+
+    def __init__(self, model: DiffusionWorldModel, starts: Transitions, num_envs: int, cfg: ImaginedEnvConfig,
+                 spec: RobotSpec | None = None, seed: int = 0):
+        if starts.state.shape[1] != model.cfg.state_dim:
+            raise WorldModelError(f"start data has states of width {starts.state.shape[1]}, the model "
+                                  f"{model.cfg.state_dim}: they come from different observation layouts")
+        spec = spec if spec is not None else starts.spec
+        if spec is not None and starts.spec is not None and spec.hash() != starts.spec.hash():
+            from s2r.control.spec import check_spec_hash
+
+            check_spec_hash(starts.spec.hash(), spec, "the imagined env's start data")
+        self.model, self.cfg, self.spec = model, cfg, spec
+        k = model.cfg.history
+        self.k = k
+        s, a, *_ = windows(starts, k)
+        if len(s) == 0:
+            raise WorldModelError(f"no start window: the data has no episode with {k} steps of history")
+        self._start_s, self._start_a = s, a[:, :-1]  # [M, k, S], [M, k-1, A]: the policy picks the k-th action
+        self.num_envs, self.action_dim = num_envs, model.cfg.action_dim
+        self.critic_obs_dim = model.cfg.state_dim
+        self.max_episode_steps: int | None = cfg.horizon
+        self.layout = starts.layout or {}
+        self.gen = torch.Generator().manual_seed(seed)
+        self.frame_dim = spec.observation.frame_dim if spec is not None and starts.obs_key == "critic" \
+            else model.cfg.state_dim
+        self.builder = (ObservationBuilder(spec.observation, num_envs, xp="torch")
+                        if spec is not None and starts.obs_key == "critic" else None)
+        self.obs_dim = self.builder.dim if self.builder is not None else model.cfg.state_dim
+        self._safe_set()
+        self.hist_s = torch.zeros(num_envs, k, self.critic_obs_dim)  # [N, k, S]
+        self.hist_a = torch.zeros(num_envs, k - 1, self.action_dim)  # [N, k-1, A]
+        self.episode_step = torch.zeros(num_envs, dtype=torch.long)
+        self.episode_return = torch.zeros(num_envs)
+        self.counts = {"steps": 0, "halted_nan": 0, "halted_uncertain": 0, "unsafe": 0, "model_terminated": 0,
+                       "clamped": 0}
+
+    # ---- the safe set, from the state layout and the spec -----------------------------------
+    def _safe_set(self) -> None:
+        lay, spec = self.layout, self.spec
+        self._height = lay.get("critic.base_height")
+        self._gravity = lay.get("projected_gravity")
+        self._joints = None
+        if spec is not None and "joint_pos" in lay:
+            term = next(t for t in spec.observation.terms if t.name == "joint_pos")
+            n = term.dim
+            lo = torch.tensor([j.range[0] for j in spec.joints[:n]]) - self.cfg.joint_limit_margin
+            hi = torch.tensor([j.range[1] for j in spec.joints[:n]]) + self.cfg.joint_limit_margin
+            default = torch.tensor(spec.array("default")[:n])
+            self._joints = (lay["joint_pos"][0], n, term.scale, default, lo, hi)
+        self._last_action = None
+        if spec is not None and "last_action" in lay:
+            term = next(t for t in spec.observation.terms if t.name == "last_action")
+            self._last_action = (lay["last_action"][0], term.dim, term.scale, term.clip)
+
+    def unsafe(self, state: Tensor) -> Tensor:
+        """state [N, S] -> [N] bool: outside the safe set (height, attitude, joint limits)."""
+        bad = torch.zeros(state.shape[0], dtype=torch.bool)
+        c = self.cfg
+        if self._height is not None and c.min_base_height is not None:
+            bad |= state[:, self._height[0]] < c.min_base_height
+        if self._gravity is not None and c.max_tilt_cos is not None:
+            bad |= state[:, self._gravity[0] + 2] > c.max_tilt_cos
+        if self._joints is not None:
+            at, n, scale, default, lo, hi = self._joints
+            q = state[:, at:at + n] / scale + default  # joint_pos = (q - default) * scale
+            bad |= ((q < lo) | (q > hi)).any(1)
+        return bad
+
+    # ---- the env contract -----------------------------------------------------------------
+    def _observe(self, ids: Tensor | None = None) -> dict[str, Tensor]:
+        s = self.hist_s[:, -1]  # [N, S]
+        if self.builder is None:
+            return {"policy": s.clone(), "critic": s.clone()}
+        return {"policy": self.builder.push(s[:, : self.frame_dim]), "critic": s.clone()}
+
+    def _restart(self, ids: Tensor) -> None:
+        pick = torch.randint(0, len(self._start_s), (len(ids),), generator=self.gen)
+        self.hist_s[ids] = self._start_s[pick]
+        self.hist_a[ids] = self._start_a[pick]
+        self.episode_step[ids] = 0
+        self.episode_return[ids] = 0
+        if self.builder is not None:
+            self.builder.reset(ids)
+
+    def reset(self, seed: int | None = None) -> dict[str, Tensor]:
+        if seed is not None:
+            self.gen.manual_seed(seed)
+        self._restart(torch.arange(self.num_envs))
+        return self._observe()
+
+    def set_horizon(self, horizon: int) -> None:
+        """Change the imagined rollout length (a horizon ramp); running rollouts keep their step count."""
+        if horizon < 1:
+            raise ValueError(f"imagined horizon must be >= 1, got {horizon}")
+        self.cfg.horizon = self.max_episode_steps = int(horizon)
+
+    @torch.no_grad()
+    def step(self, action: Tensor) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor, dict[str, Any]]:
+        N, c = self.num_envs, self.cfg
+        action = torch.as_tensor(action, dtype=torch.float32).cpu()
+        if action.shape != (N, self.action_dim):
+            raise WorldModelError(f"action has shape {tuple(action.shape)}, expected [num_envs={N}, "
+                                  f"action_dim={self.action_dim}]")
+        if not torch.isfinite(action).all():
+            raise WorldModelError("action contains NaN/Inf")
+        action = action.clamp(-1, 1)
+        acts = torch.cat([self.hist_a, action[:, None]], 1)  # [N, k, A]
+        # 2
+        p = self.model.predict(self.hist_s, acts, steps=c.sampling_steps, solver=c.solver, samples=c.samples,
+                               generator=self.gen)
+        nxt, reward = p.next_state, p.reward
+        u = p.uncertainty if p.uncertainty is not None else torch.zeros(N)
+        # 3
+        m = self.model
+        z = (nxt - m.state_mean) / m.state_std
+        broken = ~torch.isfinite(nxt).all(1) | ~torch.isfinite(reward) | ~torch.isfinite(u) \
+            | (z.abs() > c.explode_z).any(1)
+        last = self.hist_s[:, -1]
+        nxt = torch.where(broken[:, None], last, nxt)
+        reward = torch.where(broken, torch.zeros_like(reward), reward)
+        u = torch.where(broken, torch.zeros_like(u), u)
+        # 4
+        if self._last_action is not None:
+            at, dim, scale, clip = self._last_action
+            nxt[:, at:at + dim] = (action[:, :dim] * scale).clamp(-clip, clip)
+        # 5
+        clamped = torch.maximum(torch.minimum(nxt, m.state_hi), m.state_lo)
+        n_clamped = int((clamped != nxt).any(1).sum())
+        nxt = clamped
+        # 6-7
+        unsafe = self.unsafe(nxt) & ~broken
+        terminated = broken | unsafe | p.terminated
+        uncertain = (u > c.u_max) & ~terminated if c.samples > 1 else torch.zeros(N, dtype=torch.bool)
+        self.episode_step += 1
+        truncated = (uncertain | (self.episode_step >= c.horizon)) & ~terminated
+        # 8
+        reward = reward - c.penalty * u
+        self.episode_return += reward
+        self.counts["steps"] += N
+        self.counts["halted_nan"] += int(broken.sum())
+        self.counts["unsafe"] += int(unsafe.sum())
+        self.counts["model_terminated"] += int((p.terminated & ~broken & ~unsafe).sum())
+        self.counts["halted_uncertain"] += int(uncertain.sum())
+        self.counts["clamped"] += n_clamped
+        # advance the history
+        self.hist_s = torch.cat([self.hist_s[:, 1:], nxt[:, None]], 1)
+        self.hist_a = acts[:, 1:]  # [N, k-1, A]: the actions before the new state's
+        info: dict[str, Any] = {"uncertainty": u, "unsafe": unsafe, "halted_nan": broken, "uncertain": uncertain,
+                                "counts": dict(self.counts)}
+        done = terminated | truncated
+        if done.any():
+            ids = done.nonzero().squeeze(-1)
+            info["final_obs"] = {"policy": self._peek_policy(nxt), "critic": nxt.clone()}
+            info["episode"] = {"return": self.episode_return[ids].clone(), "length": self.episode_step[ids].clone(),
+                               "env_ids": ids}
+            self._restart(ids)
+        return self._observe(), reward, terminated, truncated, info
+
+    def _peek_policy(self, state: Tensor) -> Tensor:
+        """The policy observation of `state` without advancing the history (for final_obs)."""
+        if self.builder is None:
+            return state.clone()
+        saved = self.builder.history.clone(), self.builder._fresh.clone()
+        out = self.builder.push(state[:, : self.frame_dim])
+        self.builder.history, self.builder._fresh = saved
+        return out
+
+    def close(self) -> None:
+        pass
