@@ -25,6 +25,8 @@ ros_app = typer.Typer(no_args_is_help=True, help="ROS 2 deployment (needs the ro
 app.add_typer(ros_app, name="ros")
 data_app = typer.Typer(no_args_is_help=True, help="Recorded robot sessions (MCAP): inspect, export to a dataset")
 app.add_typer(data_app, name="data")
+from s2r.cli_wm import wm_app  # noqa: E402  (typer only at import: `s2r --help` stays fast)
+app.add_typer(wm_app, name="wm")
 
 
 def _fail(msg: str, code: int = 2) -> None:

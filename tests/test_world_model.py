@@ -394,3 +394,53 @@ def test_start_data_of_another_layout_is_refused(stand):
                         data.episode)
     with pytest.raises(WorldModelError, match="width 50, the model 57"):
         ImaginedEnv(model, other, 4, ImaginedEnvConfig())
+
+
+# ---- the CLI --------------------------------------------------------------------------------
+
+
+def _wm(*args):
+    from typer.testing import CliRunner
+
+    from s2r.cli import app
+
+    return CliRunner().invoke(app, ["wm", *map(str, args)])
+
+
+def test_wm_train_then_eval_from_sim_rollouts(tmp_path):
+    import json
+
+    run = tmp_path / "wm"
+    r = _wm("train", "--out", run, "--task", "arm-reach", "--policy", ROOT / "policies/pretrained/panda_reach.onnx",
+            "--envs", 4, "--rollout-steps", 60, "--steps", 60, "--width", 64, "--blocks", 1,
+            "--checkpoint-every", 30, "--no-progress")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["transitions"] == 240 and math.isfinite(summary["one_step_error"])
+    assert (run / "loss.png").stat().st_size > 1000 and list((run / "tb").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt_000000030.pt", "ckpt_000000060.pt"]
+    _, spec, _ = load_world_model(run / "checkpoints/ckpt_000000060.pt", expected_spec=RobotSpec.load(PANDA))
+    r = _wm("eval", run, "--envs", 2, "--rollout-steps", 40, "--horizon", 10, "--samples", 4, "--json")
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert set(res["h_step_error"]) == {"1", "5", "10"} and -1 <= res["u_error_spearman"] <= 1
+    assert (run / "horizon_error.png").is_file() and (run / "eval.json").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "error: no data: give --task"),
+    (("--task", "humanoid-stand", "--policy", ROOT / "policies/pretrained/panda_reach.onnx"),
+     "error: robot spec mismatch: ONNX policy"),
+    (("--task", "no-such-task"), "unknown task 'no-such-task'"),
+    (("--task", "arm-reach", "--noise", "0.5"), "error: --noise takes 'low,high'"),
+    (("--recording", "/nonexistent.mcap"), "error: recording /nonexistent.mcap not found"),
+])
+def test_wm_train_bad_input_is_one_error_line(tmp_path, args, message):
+    r = _wm("train", "--out", tmp_path / "wm", "--rollout-steps", 5, "--no-progress", *args)
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_wm_eval_refuses_a_corrupt_model(tmp_path):
+    (tmp_path / "wm.pt").write_bytes(b"S2R-CKPT" + b"\0" * 100)
+    r = _wm("eval", tmp_path / "wm.pt")
+    assert r.exit_code == 2 and "error: checkpoint" in r.output and "corrupt" in r.output, r.output

@@ -1,0 +1,267 @@
+"""`s2r wm`: train and evaluate diffusion world models (world_models/).
+
+    s2r wm train --task humanoid-stand --policy policies/pretrained/g1_stand.onnx --out runs/wm_stand
+    s2r wm train --recording session.mcap --out runs/wm_robot
+    s2r wm eval runs/wm_stand [--horizon 50] [--json]
+
+A run dir holds config.json, checkpoints/ckpt_<step>.pt (verified, atomic; the robot spec inside),
+tb/ (TensorBoard), loss.png and, after eval, eval.json and horizon_error.png. Heavy imports happen
+inside the commands so `s2r --help` stays fast. Bad input: one `error:` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+wm_app = typer.Typer(no_args_is_help=True, help="Diffusion world models: train from sim rollouts or recordings, "
+                                                "evaluate fidelity")
+
+
+def _fail(msg: str) -> None:
+    from s2r.cli import _fail as fail
+
+    fail(msg)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (files, specs, layouts), reported as one line."""
+    from s2r.control.onnx_policy import PolicyFileError
+    from s2r.control.recording import RecordingError
+    from s2r.control.spec import SpecError
+    from s2r.policies.checkpoint import CheckpointError
+    from s2r.sim.env import EnvError
+    from s2r.sim.tasks import UnknownTaskError
+    from s2r.world_models.diffusion import WorldModelError
+
+    return (PolicyFileError, RecordingError, SpecError, CheckpointError, EnvError, UnknownTaskError,
+            WorldModelError, FileNotFoundError, ValueError)
+
+
+def _noise(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        _fail(f"--noise takes 'low,high' action-noise stds, e.g. 0.0,0.3 (got {text!r})")
+    if not 0 <= lo <= hi:
+        _fail(f"--noise needs 0 <= low <= high, got {text!r}")
+    return lo, hi
+
+
+def _gather(task: Optional[str], policy: Optional[str], recordings: list[str], envs: int, rollout_steps: int,
+            noise: tuple[float, float], seed: int, progress: bool):
+    """Transitions from sim rollouts (task + policy) and/or recordings, one robot spec."""
+    from s2r.control.spec import check_spec_hash
+    from s2r.world_models.data import cat_transitions, collect_rollouts, from_recordings, load_actor
+
+    if task is None and not recordings:
+        _fail("no data: give --task (with --policy, or random actions) for sim rollouts, and/or --recording FILE.mcap")
+    parts = []
+    if task is not None:
+        from s2r.sim.tasks import make_task
+
+        spec = make_task(task).spec
+        act = load_actor(policy, spec) if policy is not None else None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=rollout_steps, desc=f"rollouts {task}", unit="step", leave=False)
+        parts.append(collect_rollouts(task, act, envs, rollout_steps, noise, seed,
+                                      progress=(lambda t: bar.update(1)) if bar is not None else None))
+        if bar is not None:
+            bar.close()
+    if recordings:
+        rec = from_recordings(recordings, parts[0].spec if parts else None)
+        if parts:
+            check_spec_hash(rec.spec.hash() if rec.spec else None, parts[0].spec, f"recordings {recordings}")
+            if rec.state.shape[1] != parts[0].state.shape[1]:
+                raise ValueError(f"recordings hold the policy observation ({rec.state.shape[1]} wide) but the sim "
+                                 f"rollouts of {task} the critic observation ({parts[0].state.shape[1]}); train "
+                                 f"on one source")
+        parts.append(rec)
+    return cat_transitions(parts) if len(parts) > 1 else parts[0]
+
+
+@wm_app.command("train")
+def train_cmd(
+    out: Path = typer.Option(..., "--out", help="run directory (created)"),
+    task: Optional[str] = typer.Option(None, help="s2r task to collect rollouts in (e.g. humanoid-stand)"),
+    policy: Optional[str] = typer.Option(None, help="ONNX export or training run/checkpoint driving the rollouts "
+                                                    "(default: uniform random actions)"),
+    recording: list[str] = typer.Option([], "--recording", help="MCAP recording(s) to train on (repeatable)"),
+    envs: int = typer.Option(16, help="parallel envs for rollouts"),
+    rollout_steps: int = typer.Option(500, help="vectorised env steps of rollouts"),
+    noise: str = typer.Option("0.0,0.3", help="action-noise std range: each env draws its std uniformly in it"),
+    steps: int = typer.Option(3000, help="gradient steps"),
+    batch_size: int = typer.Option(512),
+    lr: float = typer.Option(1e-3),
+    history: int = typer.Option(2, help="k: states and actions the model conditions on"),
+    width: int = typer.Option(512),
+    blocks: int = typer.Option(4),
+    held_out: float = typer.Option(0.1, help="share of episodes held out for the final one-step error"),
+    checkpoint_every: int = typer.Option(1000, help="gradient steps between checkpoints"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(1, help="torch threads"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Train a diffusion world model; prints a JSON summary (held-out one-step error) as the last line."""
+    for name, v, lo in (("--envs", envs, 1), ("--rollout-steps", rollout_steps, 2), ("--steps", steps, 1),
+                        ("--batch-size", batch_size, 1), ("--history", history, 1), ("--width", width, 8),
+                        ("--blocks", blocks, 1), ("--checkpoint-every", checkpoint_every, 1)):
+        if v < lo:
+            _fail(f"{name} must be >= {lo}, got {v}")
+    if not 0 < held_out < 1:
+        _fail(f"--held-out must be between 0 and 1, got {held_out}")
+    if policy is not None and task is None:
+        _fail("--policy drives sim rollouts: give --task too")
+    lo_hi = _noise(noise)
+    import torch
+
+    torch.set_num_threads(threads)
+    from s2r.io import atomic_write_text
+    from s2r.policies.checkpoint import checkpoint_path, prune_checkpoints
+    from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig, save_world_model
+    from s2r.world_models.train import FitConfig, diffusion_stepper, one_step_error, plot_png, train_diffusion
+
+    try:
+        data = _gather(task, policy, recording, envs, rollout_steps, lo_hi, seed, progress)
+        train, held = data.split_episodes(held_out, seed)
+        torch.manual_seed(seed)
+        cfg = WorldModelConfig(data.state.shape[1], data.action.shape[1], history=history, width=width, blocks=blocks)
+        model = DiffusionWorldModel(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        run_cfg = {"task": task, "policy": policy, "recordings": recording, "envs": envs,
+                   "rollout_steps": rollout_steps, "noise": list(lo_hi), "steps": steps, "batch_size": batch_size,
+                   "lr": lr, "history": history, "width": width, "blocks": blocks, "held_out": held_out,
+                   "seed": seed, "obs_key": data.obs_key, "transitions": len(data)}
+        atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2))
+        writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tb"))
+        except ImportError:
+            pass
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=steps, desc="world model", unit="step", dynamic_ncols=True)
+        extra = {"run": json.dumps(run_cfg), "obs_key": data.obs_key, "layout": json.dumps(data.layout)}
+
+        def log(step: int, loss: float) -> None:
+            if writer is not None:
+                writer.add_scalar("train/loss", loss, step)
+            if bar is not None:
+                bar.update(step - bar.n)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if step % checkpoint_every == 0 and step < steps:
+                save_world_model(checkpoint_path(out, step), model, data.spec, extra)
+                prune_checkpoints(out, keep=3)
+                model.train()
+
+        hist = train_diffusion(model, train, FitConfig(steps, batch_size, lr, seed=seed), log=log,
+                               log_every=math.gcd(50, checkpoint_every))  # every checkpoint step is a log step
+        if bar is not None:
+            bar.close()
+        err = one_step_error(diffusion_stepper(model, 3, generator=torch.Generator().manual_seed(seed)), held,
+                             history)
+        extra["held_out_one_step_error"] = err["one_step_error"]
+        save_world_model(checkpoint_path(out, steps), model, data.spec, extra)
+        prune_checkpoints(out, keep=3)
+        if writer is not None:
+            writer.add_scalar("eval/one_step_error", err["one_step_error"], steps)
+            writer.close()
+        plot_png(out / "loss.png", {"EDM loss": ([s for s, _ in hist], [v for _, v in hist])}, "gradient step",
+                 "loss", f"world model {task or 'recordings'}", logy=True)
+    except _user_errors() as e:
+        _fail(str(e))
+    summary = {"run": str(out), "checkpoint": str(checkpoint_path(out, steps)), "transitions": len(data),
+               "held_out_episodes": int(held.episode.unique().numel()), "final_loss": hist[-1][1],
+               "one_step_error": err["one_step_error"]}
+    typer.echo(json.dumps(summary))
+
+
+@wm_app.command("eval")
+def eval_cmd(
+    run: Path = typer.Argument(..., help="world-model run dir or checkpoint file"),
+    task: Optional[str] = typer.Option(None, help="task for fresh held-out rollouts (default: the run's)"),
+    policy: Optional[str] = typer.Option(None, help="policy for them (default: the run's)"),
+    recording: list[str] = typer.Option([], "--recording", help="evaluate on these recordings instead"),
+    envs: int = typer.Option(8),
+    rollout_steps: int = typer.Option(300),
+    noise: Optional[str] = typer.Option(None, help="action-noise std range (default: the run's)"),
+    horizon: int = typer.Option(50, help="open-loop horizon H"),
+    samples: int = typer.Option(8, help="samples per step for the uncertainty"),
+    sampling_steps: int = typer.Option(3, help="sampler steps (1-10)"),
+    solver: str = typer.Option("euler", help="euler | heun"),
+    seed: int = typer.Option(1000, help="seed of the held-out rollouts (not the training one)"),
+    as_json: bool = typer.Option(False, "--json", help="print the whole result as JSON only"),
+    threads: int = typer.Option(1),
+) -> None:
+    """One-step and H-step errors, failure agreement and uncertainty-error correlation on held-out data."""
+    if horizon < 1 or samples < 2:
+        _fail(f"--horizon must be >= 1 and --samples >= 2 (got {horizon}, {samples})")
+    import torch
+
+    torch.set_num_threads(threads)
+    from s2r.policies.checkpoint import latest_checkpoint
+    from s2r.world_models.diffusion import load_world_model
+    from s2r.world_models.train import (diffusion_stepper, diffusion_uncertainty, failure_agreement, horizon_errors,
+                                        one_step_error, plot_png, uncertainty_calibration)
+
+    try:
+        path = run
+        if run.is_dir():
+            path = latest_checkpoint(run)
+            if path is None:
+                raise FileNotFoundError(f"{run} holds no valid world-model checkpoint (checkpoints/ckpt_*.pt)")
+        model, spec, payload = load_world_model(path)
+        cfg = json.loads(payload.get("run", "{}"))
+        task = task if task is not None else (cfg.get("task") if not recording else None)
+        policy = policy if policy is not None else cfg.get("policy")
+        lo_hi = _noise(noise) if noise is not None else tuple(cfg.get("noise", (0.0, 0.3)))
+        held = _gather(task, policy if task else None, recording, envs, rollout_steps, lo_hi, seed, False)
+        if spec is not None and held.spec is not None and spec.hash() != held.spec.hash():
+            from s2r.control.spec import check_spec_hash
+
+            check_spec_hash(spec.hash(), held.spec, f"world model {path}")
+        if held.state.shape[1] != model.cfg.state_dim:
+            raise ValueError(f"the evaluation data's states are {held.state.shape[1]} wide, the model's "
+                             f"{model.cfg.state_dim}: it was trained on another observation")
+        k = model.cfg.history
+        gen = torch.Generator().manual_seed(seed)
+        step = diffusion_stepper(model, sampling_steps, solver, gen)
+        H = horizon
+        curve = horizon_errors(step, held, k, H, clamp=(model.state_lo, model.state_hi))
+        fallen = None
+        if held.layout and "critic.base_height" in held.layout:
+            from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+            fallen = ImaginedEnv(model, held, 1, ImaginedEnvConfig(), spec=spec).unsafe
+        result = {"checkpoint": str(path), "task": task, "transitions": len(held), **one_step_error(step, held, k),
+                  "h_step_error": {str(h): float(curve[h - 1]) for h in (1, 5, 10, 20, H) if h <= H},
+                  **uncertainty_calibration(diffusion_uncertainty(model, samples, sampling_steps, solver, gen), held,
+                                            k),
+                  "failures": failure_agreement(step, held, k, fallen=fallen)}
+    except _user_errors() as e:
+        _fail(str(e))
+    out_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    from s2r.io import atomic_write_text
+
+    plot_png(out_dir / "horizon_error.png", {"diffusion": (list(range(1, H + 1)), curve.tolist())},
+             "open-loop horizon H (steps)", "state error (data stds)", f"world model {task or 'recordings'}")
+    atomic_write_text(out_dir / "eval.json", json.dumps(result, indent=2))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"one-step error {result['one_step_error']:.4f} | H-step "
+               + ", ".join(f"H={h}: {v:.3f}" for h, v in result["h_step_error"].items())
+               + f" | u-error correlation (Spearman) {result['u_error_spearman']:.3f}"
+               + f" | falls {result['failures']['real_falls']} real, recall {result['failures']['fall_recall']:.2f}")
+    typer.echo(json.dumps(result))
