@@ -39,6 +39,8 @@ class SessionConfig:
     eval_every_min: float = 5.0
     eval_episodes: int = 16
     seed: int = 0
+    demo_episodes: int = 0  # teleoperated demonstration episodes first (HIL-SERL: about 20), counted
+    # in the interaction budget; they go to the demonstration buffer (hil, hg-dagger) or the online one
     hil: HILConfig = field(default_factory=HILConfig)
     operator_seed: int = 0
 
@@ -90,6 +92,33 @@ def run_session(start: str | Path, cfg: SessionConfig, progress: Callable[[dict]
     t = 0.0
     executed = np.zeros((N, env.action_dim), np.float32)  # [N, A]
     intervened = np.zeros(N, bool)  # [N]
+    if cfg.demo_episodes:  # the operator drives whole episodes first; these ticks count as interaction
+        demo_op = op or ScriptedPickOperator(env, OperatorConfig(control_hz=1.0 / dt, seed=cfg.operator_seed))
+        done_eps = 0
+        while done_eps < cfg.demo_episodes:
+            demo_op.step(teleoperate=True)
+            for i in range(N):
+                arbiters[i].update_joy(*demo_op.joy(i, True), t)
+                executed[i] = arbiters[i].step(np.zeros(env.action_dim), t)[0]
+            next_obs, reward, term, trunc, info = env.step(torch.as_tensor(executed))
+            done = term | trunc  # whole episodes: after success the operator holds the cube at the target
+            real_next = torch.where(done[:, None], info["final_obs"]["policy"], next_obs["policy"]) \
+                if done.any() else next_obs["policy"]
+            args = (obs["policy"], executed.copy(), reward, real_next, term.float())
+            if with_operator:
+                learner.add_demos(*args)
+            else:
+                learner.add(*args, np.zeros(N, bool))
+            obs, steps, t = next_obs, steps + N, t + dt
+            ended = torch.nonzero(done).flatten().tolist()
+            if ended:
+                done_eps += len(ended)
+                demo_op.reset(ended)
+        obs = env.reset(seed=cfg.seed + 1)
+        for a in arbiters:
+            a.end_intervention()
+        if op is not None:
+            op.reset(list(range(N)))
     while steps < budget:
         o = obs["policy"]
         a_pol = learner.act(o, deterministic=cfg.method == "hg-dagger")  # [N, A]

@@ -34,7 +34,8 @@ class OperatorConfig:
     patience_s: float = 1.0  # no progress for this long: the policy drifts, take over
     progress_m: float = 0.01  # what counts as progress: the task potential improves by this much
     min_hold_s: float = 0.5  # once acting, act at least this long
-    handback_m: float = 0.03  # ... and until the potential improved this much since the takeover
+    handback_m: float = 0.03  # ... and until the potential improved this much since the takeover,
+    # and not in the middle of a grasp (descending or closing): a person finishes the grasp first
     seed: int = 0
 
 
@@ -118,8 +119,13 @@ class ScriptedPickOperator:
         return 3 if held else 0
 
     # ---- one control tick ---------------------------------------------------------------------
-    def step(self) -> np.ndarray:
-        """Advance every env's operator one tick; -> acting [N] bool (who holds the intervene button)."""
+    def step(self, teleoperate: bool = False) -> np.ndarray:
+        """Advance every env's operator one tick; -> acting [N] bool (who holds the intervene button).
+        teleoperate: drive every env all the time (recording demonstrations before a session)."""
+        if teleoperate:
+            self.state[:] = self.ACTING
+            self._expert = self.expert_action()
+            return np.ones(self.env.num_envs, bool)
         pot = self.potential()
         self.ep_step += 1
         better = pot > self.best + self.cfg.progress_m
@@ -140,7 +146,9 @@ class ScriptedPickOperator:
                     self.takeovers += 1
             elif s == self.ACTING:
                 self.timer[i] += 1
-                if (self.timer[i] >= self._min_hold and pot[i] > self.start_pot[i] + self.cfg.handback_m) \
+                # hand back after real progress, never in the middle of a grasp (descend, close)
+                steady = self.phase[i] in (0, 3)
+                if (self.timer[i] >= self._min_hold and steady and pot[i] > self.start_pot[i] + self.cfg.handback_m) \
                         or self._done(i):
                     self.state[i], self.timer[i] = self.WAIT_OUT, self._delay()
             elif s == self.WAIT_OUT:
