@@ -33,6 +33,8 @@ demo: $(STAMP)
 	rm -rf $(DEMO_OUT)/stand-run
 	$(VENV)/bin/s2r train --task humanoid-stand --algo sac --steps $(DEMO_STEPS) --eval-every 50000 --out $(DEMO_OUT)/stand-run
 	$(VENV)/bin/s2r export $(DEMO_OUT)/stand-run --out $(DEMO_OUT)/stand.onnx
+	@echo "--- a short corrected session: a scripted operator at a simulated gamepad corrects a weak arm-pick policy, RLPD learns"
+	$(PY) bench/hil.py --quick --out $(DEMO_OUT)/hil
 ifeq ($(HAVE_ROS),yes)
 	@echo "--- ROS 2 sim-to-sim: the policy trained just now ($(DEMO_STEPS) steps) drives the sim bridge over DDS"
 	MUJOCO_GL=egl $(VENV)/bin/s2r ros sim $(DEMO_OUT)/stand.onnx --seconds 10 --video $(DEMO_OUT)/ros_sim_demo_policy.mp4 --out $(DEMO_OUT)/ros_sim_demo_policy.json
