@@ -454,6 +454,125 @@ def data_export(files: list[Path] = typer.Argument(..., metavar="FILE",
     typer.echo(json.dumps(result))
 
 
+def _hidden_widths(text: str) -> tuple[int, ...]:
+    """--hidden '64,64' -> (64, 64); '' or 'none' -> () (logistic regression)."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        widths = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        _fail(f"--hidden must be comma-separated widths such as 64,64 (or none), got '{text}'")
+    if any(w < 1 for w in widths):
+        _fail(f"--hidden widths must be >= 1, got '{text}'")
+    return widths
+
+
+def _classifier_summary(m: dict) -> str:
+    h = m["heldout"]
+    return (f"success classifier: held-out precision {h['precision']:.3f}, recall {h['recall']:.3f} at threshold "
+            f"{m['threshold']:.4g} ({m['threshold_rule']}); {h['episodes']} held-out episodes, {h['ticks']} ticks, "
+            f"{h['positives']} positive")
+
+
+@data_app.command("classifier")
+def data_classifier(files: list[Path] = typer.Argument(..., metavar="FILE",
+                                                     help="recordings (*.mcap) with labelled episodes, or folders"),
+                    out: Path = typer.Option(..., "--out", help="classifier file to write, e.g. success.pt"),
+                    positive_ticks: int = typer.Option(5, help="last ticks of a success-labelled episode that are positives"),
+                    hidden: str = typer.Option("64,64", help="MLP widths, comma-separated; none: logistic regression"),
+                    steps: int = typer.Option(500, help="Adam steps"),
+                    holdout: float = typer.Option(0.3, help="share of the episodes held out to choose the threshold"),
+                    min_precision: float = typer.Option(0.9, help="threshold: highest held-out recall at this precision"),
+                    seed: int = typer.Option(0)):
+    """Train a success classifier (p(success | observation), HIL-SERL's reward) on the labelled
+    episodes of recordings; the threshold is chosen on held-out episodes. Prints its metrics as JSON."""
+    _set_threads(1)
+    from s2r.finetune import FinetuneError, train_classifier
+    from s2r.policies.success import ClassifierConfig, ClassifierError
+
+    try:
+        cfg = ClassifierConfig(positive_ticks=positive_ticks, hidden=_hidden_widths(hidden), steps=steps,
+                               holdout=holdout, min_precision=min_precision, seed=seed)
+        cfg.check()
+        _, report = train_classifier(files, out, cfg)
+    except (FinetuneError, ClassifierError) as e:
+        _fail(str(e))
+    _note(_classifier_summary(report))
+    typer.echo(json.dumps(report))
+
+
+@app.command("finetune", context_settings={"allow_extra_args": True})
+def finetune_cmd(ctx: typer.Context,
+                 run: Path = typer.Option(..., "--from", help="trained run directory (s2r train, or a finetune)"),
+                 data: Optional[list[Path]] = typer.Option(None, "--data", help="recordings (*.mcap) or folders; "
+                                                           "files after the options count as --data too"),
+                 out: Path = typer.Option(..., "--out", help="run directory to write (new)"),
+                 demos: Optional[list[Path]] = typer.Option(None, "--demos", help="teleoperated demonstration "
+                                                            "recordings (repeat --demos per file, or a folder)"),
+                 reward: str = typer.Option("labels", help="recorded | labels | classifier"),
+                 classifier: Optional[Path] = typer.Option(None, help="success classifier file (--reward classifier)"),
+                 train_classifier: bool = typer.Option(False, "--train-classifier", help="train the success "
+                                                       "classifier on the labelled episodes of the recordings"),
+                 positive_ticks: int = typer.Option(5, help="--train-classifier: positive ticks per success episode"),
+                 updates: Optional[int] = typer.Option(None, help="gradient updates (default: utd x transitions)"),
+                 batch_size: int = typer.Option(256),
+                 demo_fraction: float = typer.Option(0.5, help="share of each batch from the demonstration buffer"),
+                 utd: float = typer.Option(1.0, help="updates per transition, for the default --updates"),
+                 init_alpha: float = typer.Option(1e-2, help="initial SAC temperature"),
+                 critic_actor_ratio: int = typer.Option(2, help="critic updates per actor update"),
+                 critic_warmup: int = typer.Option(500, help="critic-only updates before the actor moves"),
+                 seed: int = typer.Option(0),
+                 export: Optional[Path] = typer.Option(None, help="also write the verified ONNX policy here"),
+                 device: str = typer.Option("cpu", help="cpu | cuda"),
+                 progress: bool = typer.Option(True, "--progress/--no-progress")):
+    """Finetune a trained run offline on recorded sessions with operator corrections (RLPD: intervened
+    ticks also go to the demonstration buffer); writes a new run and, with --export, the ONNX policy."""
+    _set_threads(1)
+    from s2r.finetune import FinetuneError, finetune
+    from s2r.policies.hil import HILConfig
+    from s2r.policies.success import ClassifierConfig
+    from s2r.policies.trainer import check_device
+
+    extra = [Path(a) for a in ctx.args]
+    if any(a.startswith("-") for a in ctx.args):
+        _fail(f"unknown option(s) {[a for a in ctx.args if a.startswith('-')]} (s2r finetune --help)")
+    if extra and demos:
+        _fail(f"files after the options ({', '.join(map(str, extra))}) are ambiguous next to --demos: put --data "
+              f"before each recording and --demos before each demonstration (or name folders)")
+    files = list(data or []) + extra
+    if not files:
+        _fail("no recordings given: --data FILE... (or folders of *.mcap)")
+    try:
+        check_device(device)
+    except ValueError as e:
+        _fail(f"--device: {e}")
+    cfg = HILConfig(batch_size=batch_size, demo_fraction=demo_fraction, utd=utd, init_alpha=init_alpha,
+                    critic_actor_ratio=critic_actor_ratio, critic_warmup=critic_warmup, seed=seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        def show(done: int, total: int) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = tqdm(total=total, unit="update", dynamic_ncols=True, desc="finetune")
+            bar.update(1)
+    try:
+        report = finetune(run, files, out, cfg, demos=demos or (), reward=reward, classifier=classifier,
+                          train_classifier_cfg=ClassifierConfig(positive_ticks=positive_ticks, seed=seed)
+                          if train_classifier else None,
+                          updates=updates, export=export, device=device, progress=show if progress else None,
+                          note=_note)
+    except FinetuneError as e:
+        _fail(str(e))
+    finally:
+        if bar is not None:
+            bar.close()
+    if report["classifier"] is not None:
+        _note(_classifier_summary(report["classifier"]))
+    typer.echo(json.dumps(report))
+
+
 TRAINING_MODULES = ("torch", "mujoco", "gymnasium", "matplotlib", "imageio", "tensorboard", "onnx", "tqdm")
 
 
