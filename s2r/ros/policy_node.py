@@ -111,6 +111,16 @@ or a ~/start that ends the episode), never mid-episode. Each swap is logged and 
 closes the file (an episode in progress ends unlabelled, reason "policy swap") and opens a new one
 whose metadata names the new policy.
 
+Transition stream (`stream_transitions:=true`; control/transitions.py has the layout): every tick that is
+recorded (the policy acted) and every episode end is also published, in order, on ~/transitions
+(std_msgs/Float64MultiArray, one flat record: kind, session, seq, stamp, episode, step, intervened, source,
+label, obs, policy action, executed action; layout.dim[0].label names the format and the robot spec hash),
+with the layout as JSON on the latched ~/transition_layout (std_msgs/String; republished at each policy
+swap with the running policy's id and path). The online learner (s2r/ros/learner_node.py) reads it. The
+publisher is reliable keep-last TRANSITION_QUEUE: a slow or stopped reader loses the oldest records, the
+tick never waits for it; nothing in the node depends on a reader. ~/diagnostics `transitions`: streaming,
+published, episode_ends.
+
 Timing: the node runs on whatever executor spins it (`spin_node`: a SingleThreadedExecutor).
 All objects that exist once the node is built are moved out of the garbage collector's view
 (gc.freeze). `realtime:=true` additionally asks for SCHED_FIFO (priority REALTIME_PRIORITY) for
@@ -134,6 +144,7 @@ import rclpy
 from geometry_msgs.msg import PoseStamped, Twist
 from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
 from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.timer import TimerInfo
 from sensor_msgs.msg import Imu, JointState, Joy
 from std_msgs.msg import Bool, Float64MultiArray, MultiArrayDimension, String
@@ -148,12 +159,14 @@ from s2r.control.rotations import projected_gravity
 from s2r.control.safety import Guard, Mode, SafetyConfig, SafetyFilter, Transition
 from s2r.control.spec import RobotSpec, SpecError
 from s2r.control.terms import RobotState, required_inputs
+from s2r.control.transitions import TransitionLayout
 
 DEFAULT_SPEC = "g1/g1.yaml"  # relative to sim/robots/ (or any path)
 REALTIME_PRIORITY = 50  # SCHED_FIFO priority with realtime:=true (ros2_control's default control thread priority)
 COMMAND_MODES = ("position", "impedance")
 TRIGGERS = ("timer", "sensor")
 IMPEDANCE_FIELDS = ("position", "velocity", "stiffness", "damping", "effort")
+TRANSITION_QUEUE = 100  # ~/transitions: records a slow reader may lag behind (2 s at 50 Hz) before the oldest go
 _WINDUP_GUARDS = Guard.POSITION_CLIP | Guard.RATE_LIMIT | Guard.NAN_GUARD  # filter changes the sim never makes
 # RobotState fields and where the node gets them; a spec whose terms need any other is refused
 SOURCES = {"q": "/joint_states", "qd": "/joint_states", "base_quat": "/imu/data", "base_ang_vel": "/imu/data",
@@ -246,6 +259,7 @@ class PolicyNode(Node):
         self.declare_parameter("twist_deadband", twist_d.deadband)
         self.declare_parameter("record_dir", "")  # TickRecorder files go here; "" = no recording
         self.declare_parameter("operator_id", "")  # who operates, written into each recording's metadata
+        self.declare_parameter("stream_transitions", False)  # publish recorded ticks on ~/transitions (learner)
         p = lambda name: self.get_parameter(name).value  # noqa: E731
 
         self.spec = resolve_spec(p("robot_spec"))
@@ -402,6 +416,7 @@ class PolicyNode(Node):
         self.pub_source = self.create_publisher(String, "~/action_source", 10)
         self.pub_episode = self.create_publisher(String, "~/episode", 10)
         self._source_msgs: dict[str, String] = {}  # one message per source name, reused every tick
+        self._open_stream(bool(p("stream_transitions")))
         self._cmd_msg = Float64MultiArray()
         if self.command_mode == "impedance":
             self._cmd_msg.layout.dim = [MultiArrayDimension(label="joint", size=nj, stride=5 * nj),
@@ -545,6 +560,61 @@ class PolicyNode(Node):
         self._close_recorder()
         return super().destroy_node()
 
+    # ---- transition stream (control/transitions.py) -----------------------------------------------
+    def _open_stream(self, on: bool) -> None:
+        """~/transitions (reliable, keep-last TRANSITION_QUEUE: never waits for a reader) and its latched layout."""
+        self.pub_transitions = self.pub_transition_layout = None
+        self.transitions_published = self.transition_ends = 0
+        if not on:
+            return
+        spec = self.spec
+        self.transition_layout = TransitionLayout(self.obs.dim, spec.action_dim, spec.hash())
+        self._stream_session = time.time()  # tells a reader that a (re)started node's steps begin anew
+        self._stream_seq = 0
+        self._stream_msg = Float64MultiArray()
+        size = self.transition_layout.size
+        self._stream_msg.layout.dim = [MultiArrayDimension(label=self.transition_layout.label, size=size,
+                                                           stride=size)]
+        self._stream_buf = np.zeros(size)
+        self.pub_transitions = self.create_publisher(
+            Float64MultiArray, "~/transitions",
+            QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=TRANSITION_QUEUE, reliability=ReliabilityPolicy.RELIABLE))
+        self.pub_transition_layout = self.create_publisher(
+            String, "~/transition_layout",
+            QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                       durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self._publish_transition_layout()
+        self.get_logger().info(f"streaming transitions on {self.pub_transitions.topic_name} "
+                               f"({self.transition_layout.label}, {size} float64 per record)")
+
+    def _publish_transition_layout(self) -> None:
+        doc = self.transition_layout.describe(self.spec.to_dict(), spec_name=self.spec.name,
+                                              session=self._stream_session, node=self.get_fully_qualified_name(),
+                                              policy_id=self.policy_id(),
+                                              policy_path="" if self.policy is None else self.policy.path,
+                                              rate_hz=self.rate_hz)
+        self.pub_transition_layout.publish(String(data=json.dumps(doc)))
+
+    def _stream_publish(self) -> None:
+        self._stream_msg.data = array("d", self._stream_buf.tobytes())  # (skips per-element checks)
+        self.pub_transitions.publish(self._stream_msg)
+
+    def _stream_tick(self) -> None:
+        """The tick just recorded (the policy acted): obs, the policy's and the executed action, who acted."""
+        self._stream_seq += 1
+        self.transition_layout.tick(self._stream_buf, self._stream_session, self._stream_seq, time.time(),
+                                    self.episode, self.policy_steps, self.intervened, self.action_source,
+                                    self.last_obs, self.policy_action, self.last_action)
+        self._stream_publish()
+        self.transitions_published += 1
+
+    def _stream_episode_end(self, success: bool | None) -> None:
+        self._stream_seq += 1
+        self.transition_layout.episode_end(self._stream_buf, self._stream_session, self._stream_seq, time.time(),
+                                           self.episode, self.policy_steps, success)
+        self._stream_publish()
+        self.transition_ends += 1
+
     # ---- policy swap -------------------------------------------------------------------------
     def _on_set_parameters(self, params) -> SetParametersResult:
         """policy_path set at run time: load and check it now (refused with the reason), stage it, swap when safe."""
@@ -588,6 +658,8 @@ class PolicyNode(Node):
             self._close_recorder()
             if self.recording_errors == 0:
                 self._open_recorder()
+        if self.pub_transitions is not None:
+            self._publish_transition_layout()  # the latched layout names the running policy
 
     # ---- inputs -----------------------------------------------------------------------------
     def _on_joint_state(self, msg: JointState, info: dict) -> None:
@@ -750,6 +822,8 @@ class PolicyNode(Node):
         self.get_logger().info(f"episode {event['episode']} ended: success {success} ({reason}), "
                                f"{event['steps']} steps, {event['interventions']} with the operator acting")
         self._record_episode_end(success, reason)
+        if self.pub_transitions is not None:
+            self._stream_episode_end(success)
         if self.staged_policy is not None:  # an episode boundary: a staged policy takes over here
             self._swap_policy()
         return event
@@ -910,6 +984,8 @@ class PolicyNode(Node):
             self.arbiter.expire(now)  # (step() does it in POLICY) a silent device is still noticed
         if self.recorder is not None and targets is not None:  # the policy acted this tick
             self._record_tick(now, cmd)
+        if self.pub_transitions is not None and targets is not None:
+            self._stream_tick()
         if self.staged_policy is not None and cmd.mode is not Mode.POLICY:
             self._swap_when_safe()
         if self.arbiter.has_labels or self.arbiter.has_notices:
@@ -985,10 +1061,13 @@ class PolicyNode(Node):
                 "last_reject_reason": self.last_reject_reason,
                 "policy_loaded": self.policy is not None, "policy_error": self.policy_error[:500],
                 "policy_id": self.policy_id(), "policy_swaps": self.policy_swaps,
+                "policy_path": "" if self.policy is None else self.policy.path,
                 "staged_policy": "" if self.staged_policy is None else self.staged_policy.path,
                 "recording": {"path": "" if self.recorder is None else str(self.recorder.path),
                               "ticks": self.recorded_ticks, "files": len(self.recording_files),
                               "errors": self.recording_errors, "error": self.recording_error[:300]},
+                "transitions": {"streaming": self.pub_transitions is not None,
+                                "published": self.transitions_published, "episode_ends": self.transition_ends},
                 "tick_late_s": self.tick_late, "ticks_skipped": self.ticks_skipped, "sensor_age_s": self.sensor_age,
                 "joint_state_sent_ns": self.joint_state_sent_ns, "watchdog_checks": self.watchdog_checks,
                 "joint_states_received": self.joint_states_received, "realtime": self.realtime,
