@@ -43,6 +43,9 @@ NODE_SOURCES = sorted((ROOT / "s2r" / "ros").glob("*.py"))
 # launch arguments each launch file must offer (README, DEPLOY.md), its own or an included file's
 REQUIRED_ARGS = {"deploy.launch.py": {"policy_path", "robot_spec", "rate_hz", "controller_name"},
                  "sim.launch.py": {"policy_path", "robot_spec", "rate_hz", "controller_name", "gantry"}}
+# console script -> the s2r.ros module whose main it runs (`ros2 run s2r_ros learner` runs s2r.ros.learner_node)
+NODE_MODULES = {"policy_node": "policy_node", "sim_bridge": "sim_bridge", "teleop_keyboard": "teleop_keyboard",
+                "learner": "learner_node"}
 DOMAIN_ID = 215 + os.getpid() % 17  # 215..231: apart from test_ros_nodes' domains, one per process
 HAVE_COLCON = all(importlib.util.find_spec(m) is not None for m in ("colcon_core", "colcon_ros"))
 
@@ -221,14 +224,14 @@ def test_setup_cfg_puts_the_scripts_where_ros2_run_looks():
 def test_console_scripts_are_the_s2r_node_mains(monkeypatch):
     needs_ros()
     scripts = console_scripts()
-    assert set(scripts) == {"policy_node", "sim_bridge", "teleop_keyboard"}
+    assert set(scripts) == set(NODE_MODULES)
     monkeypatch.syspath_prepend(str(PKG))
     for script, target in scripts.items():
         assert target == f"{NAME}.{script}:main", f"console script {script} -> {target}"
         module, func = target.split(":")
         glue = importlib.import_module(module)
         assert Path(glue.__file__).resolve().is_relative_to(PKG), f"{module} imported from {glue.__file__}"
-        node_module = importlib.import_module(f"s2r.ros.{module.rsplit('.', 1)[-1]}")
+        node_module = importlib.import_module(f"s2r.ros.{NODE_MODULES[script]}")
         assert getattr(glue, func) is node_module.main, f"console script {script} -> {target}"
 
 
@@ -292,7 +295,7 @@ def node_class(executable: str) -> type:
     """The rclpy Node subclass that a console script spins (the one defined in its s2r.ros module)."""
     from rclpy.node import Node
 
-    module = importlib.import_module(f"s2r.ros.{console_scripts()[executable].split(':')[0].rsplit('.', 1)[-1]}")
+    module = importlib.import_module(f"s2r.ros.{NODE_MODULES[executable]}")
     classes = [c for c in vars(module).values()
                if isinstance(c, type) and issubclass(c, Node) and c.__module__ == module.__name__]
     assert len(classes) == 1, f"{module.__name__} defines node classes {classes}"

@@ -1,7 +1,8 @@
 """Build script for the s2r_ros ament_python package (run by colcon, never by hand).
 
-Installs the console scripts (policy_node, sim_bridge, teleop_keyboard) into lib/s2r_ros (setup.cfg) where `ros2 run` finds them, and
-the ament index marker, package.xml, launch files and parameter files into share/.
+Installs the console scripts (policy_node, sim_bridge, teleop_keyboard, learner) into lib/s2r_ros
+(setup.cfg) where `ros2 run` finds them, and the ament index marker, package.xml, launch files and
+parameter files into share/.
 """
 
 from glob import glob
@@ -32,6 +33,7 @@ setup(
             "policy_node = s2r_ros.policy_node:main",
             "sim_bridge = s2r_ros.sim_bridge:main",
             "teleop_keyboard = s2r_ros.teleop_keyboard:main",
+            "learner = s2r_ros.learner:main",
         ],
     },
 )

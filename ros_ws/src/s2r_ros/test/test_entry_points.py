@@ -10,8 +10,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["policy_node", "sim_bridge"])
-def test_entry_point_is_the_s2r_node_main(module):
+@pytest.mark.parametrize("module, node_module", [("policy_node", "policy_node"), ("sim_bridge", "sim_bridge"),
+                                                ("learner", "learner_node")])
+def test_entry_point_is_the_s2r_node_main(module, node_module):
     glue = importlib.import_module(f"s2r_ros.{module}")
-    node = importlib.import_module(f"s2r.ros.{module}")
+    node = importlib.import_module(f"s2r.ros.{node_module}")
     assert glue.main is node.main
