@@ -42,7 +42,8 @@ def evaluate_policy(env: BatchedEnvProtocol, act: Callable[[Tensor], Tensor], se
     has ended (or max_episode_steps + 5 steps). film(), if given, is called after each step while
     env 0's episode runs. Rewards are the env's raw rewards.
 
-    -> {"return_mean", "return_std", "length_mean" (env steps)} and, where the env reports
+    -> {"return_mean", "return_std", "length_mean" (env steps), "terminated_rate" (share of episodes
+    that ended by termination, e.g. a fall, rather than the time limit)} and, where the env reports
     info["success"], "success_rate" (an episode succeeds if it reports success at any step).
     """
     n = env.num_envs
@@ -51,6 +52,7 @@ def evaluate_policy(env: BatchedEnvProtocol, act: Callable[[Tensor], Tensor], se
     lengths = torch.zeros(n, dtype=torch.long)
     done = torch.zeros(n, dtype=torch.bool)
     success = torch.zeros(n, dtype=torch.bool)
+    fell = torch.zeros(n, dtype=torch.bool)
     reports_success = False
     for _ in range((env.max_episode_steps or 10_000) + 5):
         obs, reward, terminated, truncated, info = env.step(act(obs["policy"]))
@@ -61,11 +63,12 @@ def evaluate_policy(env: BatchedEnvProtocol, act: Callable[[Tensor], Tensor], se
             success |= info["success"].cpu() & ~done
         if film is not None and not done[0]:
             film()
+        fell |= terminated.cpu() & ~done
         done |= (terminated | truncated).cpu()
         if done.all():
             break
     out = {"return_mean": float(returns.mean()), "return_std": float(returns.std(unbiased=False)),
-           "length_mean": float(lengths.float().mean())}
+           "length_mean": float(lengths.float().mean()), "terminated_rate": float(fell.float().mean())}
     if reports_success:
         out["success_rate"] = float(success.float().mean())
     return out

@@ -501,9 +501,13 @@ def data_classifier(files: list[Path] = typer.Argument(..., metavar="FILE",
     typer.echo(json.dumps(report))
 
 
-@app.command("finetune", context_settings={"allow_extra_args": True})
+@app.command("finetune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def finetune_cmd(ctx: typer.Context,
                  run: Path = typer.Option(..., "--from", help="trained run directory (s2r train, or a finetune)"),
+                 world_model: Optional[Path] = typer.Option(None, "--world-model", help="finetune on the run's task "
+                                                            "through this world model instead of recordings: "
+                                                            "`s2r wm finetune` (its options, e.g. --rounds, "
+                                                            "--env-override, may follow)"),
                  data: Optional[list[Path]] = typer.Option(None, "--data", help="recordings (*.mcap) or folders; "
                                                            "files after the options count as --data too"),
                  out: Path = typer.Option(..., "--out", help="run directory to write (new)"),
@@ -533,6 +537,15 @@ def finetune_cmd(ctx: typer.Context,
     from s2r.policies.success import ClassifierConfig
     from s2r.policies.trainer import check_device
 
+    if world_model is not None:  # LIFT-style finetuning through a world model: `s2r wm finetune`
+        if data:
+            _fail("--world-model finetunes on a target system through the model; --data recordings are for offline "
+                  "finetuning: give one or the other")
+        args = ["--from", str(run), "--world-model", str(world_model), "--out", str(out), "--seed", str(seed),
+                "--batch-size", str(batch_size),
+                *(["--export", str(export)] if export is not None else []), *([] if progress else ["--no-progress"]),
+                *ctx.args]
+        typer.main.get_command(wm_app).commands["finetune"].main(args, prog_name="s2r finetune --world-model")
     extra = [Path(a) for a in ctx.args]
     if any(a.startswith("-") for a in ctx.args):
         _fail(f"unknown option(s) {[a for a in ctx.args if a.startswith('-')]} (s2r finetune --help)")

@@ -265,3 +265,78 @@ def eval_cmd(
                + f" | u-error correlation (Spearman) {result['u_error_spearman']:.3f}"
                + f" | falls {result['failures']['real_falls']} real, recall {result['failures']['fall_recall']:.2f}")
     typer.echo(json.dumps(result))
+
+
+@wm_app.command("finetune")
+def finetune_cmd(
+    run: Path = typer.Option(..., "--from", help="pretrained run directory (s2r train) or checkpoint"),
+    world_model: Path = typer.Option(..., "--world-model", help="world-model run dir or checkpoint (s2r wm train "
+                                                                "--task: a model of the critic observation)"),
+    out: Path = typer.Option(..., "--out", help="run directory to write (new)"),
+    task: Optional[str] = typer.Option(None, help="target task (default: the run's)"),
+    env_override: list[str] = typer.Option([], "--env-override", help="shift the target: KEY=VALUE, e.g. "
+                                           "randomization.friction=0.4, randomization.motor_strength=0.8, "
+                                           "randomization.latency_steps=[4,4], episode_length_s=10 (repeatable)"),
+    rounds: int = typer.Option(10, help="collect -> model -> imagine -> update rounds"),
+    real_steps: int = typer.Option(50, help="K: vectorised deterministic steps on the target per round"),
+    target_envs: int = typer.Option(4, help="parallel target instances"),
+    imagined_envs: int = typer.Option(256, help="parallel imagined rollouts"),
+    imagined_steps: int = typer.Option(50, help="vectorised imagined steps per round"),
+    utd: float = typer.Option(1.0, help="SAC/DSAC-T updates per imagined step"),
+    real_ratio: float = typer.Option(0.06, help="share of real target transitions per batch (LIFT 0.06)"),
+    batch_size: int = typer.Option(256),
+    tau: float = typer.Option(0.001, help="critic target Polyak factor (LIFT 0.001)"),
+    horizon: str = typer.Option("1,20", help="imagined horizon ramp 'first,last' over the rounds (LIFT 1,20)"),
+    model_updates: int = typer.Option(200, help="world-model gradient steps on the target data per round"),
+    model_lr: float = typer.Option(3e-4),
+    penalty: float = typer.Option(1.0, help="lambda in r - lambda u"),
+    u_max: float = typer.Option(1.0, help="u above this halts an imagined rollout"),
+    samples: int = typer.Option(4, help="model samples per imagined step (their spread is u; 1: no u)"),
+    eval_envs: int = typer.Option(8, help="deterministic evaluation episodes on the target per round (0: none)"),
+    seed: int = typer.Option(0),
+    export: Optional[Path] = typer.Option(None, help="also write the verified ONNX policy here"),
+    threads: int = typer.Option(1, help="torch threads"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="one line per round on stderr"),
+) -> None:
+    """Safe finetuning (LIFT): the target runs only the deterministic policy; SAC/DSAC-T explore in the world
+    model from real target states. Writes a run dir for s2r export / s2r eval; JSON report as the last line."""
+    try:
+        h0, h1 = (int(v) for v in horizon.split(","))
+    except ValueError:
+        _fail(f"--horizon takes 'first,last' whole numbers, e.g. 1,20 (got {horizon!r})")
+    import torch
+
+    torch.set_num_threads(threads)
+    from s2r.world_models.finetune import WMFinetuneConfig, finetune_with_world_model, parse_env_overrides
+    from s2r.world_models.imagined_env import ImaginedEnvConfig
+
+    def show(row: dict) -> None:
+        typer.echo(f"round {row['round']}: target steps {row['target_steps']}, falls {row['target_falls']} | "
+                   f"imagined {row['imagined_steps']} (H={row['horizon']}), halted nan {row['halted_nan']} / "
+                   f"u {row['halted_uncertain']} / safe set {row['unsafe']} | updates {row['updates']} | eval "
+                   f"return {row.get('eval_return_mean', float('nan')):.1f}, fell "
+                   f"{row.get('eval_terminated_rate', float('nan')):.2f}", err=True)
+
+    try:
+        if samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {samples}")
+        cfg = WMFinetuneConfig(rounds=rounds, real_steps=real_steps, target_envs=target_envs,
+                               imagined_envs=imagined_envs, imagined_steps=imagined_steps, utd=utd,
+                               real_ratio=real_ratio, batch_size=batch_size, tau=tau, horizon_start=h0,
+                               horizon_end=h1, model_updates=model_updates, model_lr=model_lr,
+                               imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
+                               eval_envs=eval_envs, seed=seed)
+        cfg.check()
+        overrides = None
+        if env_override:
+            if task is None:
+                from s2r.policies.evaluate import load_run
+
+                task = load_run(run)[0].task
+            overrides = parse_env_overrides(env_override, task)
+        report = finetune_with_world_model(run, world_model, out, cfg, env_overrides=overrides, task=task,
+                                           export=export, progress=show if progress else None)
+    except _user_errors() as e:
+        _fail(str(e))
+    report.pop("rounds")
+    typer.echo(json.dumps(report))

@@ -51,6 +51,14 @@ def task_config(name: str, overrides: dict[str, Any] | None = None) -> TaskConfi
     for key, value in (overrides or {}).items():
         if key not in {f.name for f in dataclasses.fields(cfg)}:
             raise UnknownTaskError(f"task '{name}' has no config field '{key}'")
+        current = getattr(cfg, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            # a mapping for a nested config (e.g. randomization) replaces the fields it names, so a run's
+            # config.yaml (plain data) can shift one parameter of the robot
+            unknown = set(value) - {f.name for f in dataclasses.fields(current)}
+            if unknown:
+                raise UnknownTaskError(f"task '{name}' config '{key}' has no field(s) {sorted(unknown)}")
+            value = dataclasses.replace(current, **value)
         setattr(cfg, key, value)
     return cfg
 

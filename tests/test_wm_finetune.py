@@ -1,0 +1,224 @@
+"""Safe finetuning with a world model (world_models/finetune.py, `s2r wm finetune`, `s2r finetune
+--world-model`): the target only ever receives the deterministic action, exploration happens in imagined
+rollouts, robot specs must agree, the result is a run directory that exports, and the round counters add up."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from s2r.control.spec import RobotSpec, SpecError
+from s2r.sim.gym import make_env
+from s2r.world_models.finetune import (WMFinetuneConfig, WorldModelFinetuner, finetune_with_world_model,
+                                       parse_env_overrides)
+from s2r.world_models.imagined_env import ImaginedEnvConfig
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+PANDA = ROOT / "sim/robots/panda/panda.yaml"
+SHORT = {"episode_length_s": 0.4}  # 20 control steps: episodes end inside a round
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from s2r.cli import app
+
+    return CliRunner().invoke(app, list(map(str, args)))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny humanoid-stand run (s2r's trainer) and a small world model of the task (`s2r wm train`)."""
+    from s2r.policies.recipes import recipe
+    from s2r.policies.trainer import Trainer
+
+    d = tmp_path_factory.mktemp("wmft")
+    cfg = recipe("humanoid-stand", "sac", "gaussian", num_envs=2, total_steps=40, learning_starts=20, batch_size=16,
+                 checkpoint_every=40, eval_every=10**9, eval_episodes=1, progress=False, device="cpu",
+                 env_overrides=dict(SHORT))
+    cfg.agent.bf16 = False
+    Trainer(cfg, d / "run").train()
+    r = _cli("wm", "train", "--out", d / "wm", "--task", "humanoid-stand", "--policy", d / "run", "--envs", 4,
+             "--rollout-steps", 40, "--noise", "0.0,0.5", "--steps", 60, "--width", 64, "--blocks", 1,
+             "--checkpoint-every", 60, "--no-progress")
+    assert r.exit_code == 0, r.output
+    return d / "run", d / "wm"
+
+
+def small(**kw) -> WMFinetuneConfig:
+    base = dict(rounds=3, real_steps=12, target_envs=2, imagined_envs=16, imagined_steps=4, utd=2.0, batch_size=32,
+                horizon_start=1, horizon_end=4, model_updates=10, model_batch_size=64, eval_envs=2,
+                imagined=ImaginedEnvConfig(samples=2), real_capacity=10_000, imagined_capacity=10_000)
+    base.update(kw)
+    return WMFinetuneConfig(**base)
+
+
+class MeanActionTarget:
+    """A real target env whose step checks that the action is the policy's mean action tanh(mu(s)) at the
+    observation the env last returned, computed here from the finetuner's current actor and normaliser."""
+
+    def __init__(self, env, finetuner_ref: dict):
+        self.env, self.ref = env, finetuner_ref
+        for k in ("num_envs", "obs_dim", "critic_obs_dim", "action_dim", "max_episode_steps", "spec"):
+            setattr(self, k, getattr(env, k))
+        self.checked = 0
+        self._obs = None
+
+    def reset(self, seed=None):
+        self._obs = self.env.reset(seed=seed)
+        return self._obs
+
+    def step(self, action):
+        ft = self.ref["ft"]
+        with torch.no_grad():
+            mu, _ = ft.agent.actor(ft.obs_norm.normalize(self._obs["policy"]))
+        if not torch.allclose(action, torch.tanh(mu), atol=1e-6):
+            raise AssertionError(f"the target received an action that is not the policy's mean: max deviation "
+                                 f"{(action - torch.tanh(mu)).abs().max():.3g}")
+        self.checked += action.shape[0]
+        self._obs, *rest = self.env.step(action)
+        return (self._obs, *rest)
+
+    def close(self):
+        self.env.close()
+
+
+def checked_targets(ref: dict, made: list):
+    def make(n, seed):
+        env = MeanActionTarget(make_env("humanoid-stand", n, seed=seed, **SHORT), ref)
+        made.append(env)
+        return env
+
+    return make
+
+
+def test_the_target_only_ever_receives_the_deterministic_action(pretrained):
+    run, wm = pretrained
+    ref, made = {}, []
+    ft = WorldModelFinetuner(run, wm, small(rounds=2), make_target=checked_targets(ref, made))
+    ref["ft"] = ft
+    try:
+        report = ft.run()
+    finally:
+        ft.close()
+    target, evaluation = made
+    assert target.checked == report["target_steps"] == 2 * 12 * 2
+    assert evaluation.checked == report["eval_steps"] > 0
+    assert report["updates"] > 0  # the actor changed between checks, and each check used the current one
+
+
+def test_the_instrumented_target_catches_a_sampled_action(pretrained):
+    run, wm = pretrained
+    ref, made = {}, []
+    ft = WorldModelFinetuner(run, wm, small(eval_envs=0), make_target=checked_targets(ref, made))
+    ref["ft"] = ft
+    try:
+        obs = made[0].reset(seed=0)
+        sampled = ft.agent.act(ft.obs_norm.normalize(obs["policy"]), deterministic=False)
+        with pytest.raises(AssertionError, match="not the policy's mean"):
+            made[0].step(sampled)
+    finally:
+        ft.close()
+
+
+def test_learning_comes_from_imagined_rollouts(pretrained):
+    run, wm = pretrained
+    ft = WorldModelFinetuner(run, wm, small(rounds=2, real_ratio=0.0, eval_envs=0),
+                             make_target=lambda n, seed: make_env("humanoid-stand", n, seed=seed, **SHORT))
+    actor0 = {k: v.clone() for k, v in ft.agent.actor.state_dict().items()}
+    try:
+        report = ft.run()
+    finally:
+        ft.close()
+    assert report["real_samples"] == 0 and report["imagined_samples"] == report["updates"] * 32 > 0
+    assert report["imagined_steps"] == 2 * 4 * 16 and report["imagined_rollouts"] > 0
+    assert any(not torch.equal(v, ft.agent.actor.state_dict()[k]) for k, v in actor0.items())
+    assert len(ft.imagined) == report["imagined_steps"]
+
+
+def test_rounds_run_with_consistent_counters_and_the_run_exports(pretrained, tmp_path):
+    from s2r.control.onnx_policy import OnnxPolicy
+    from s2r.policies.evaluate import evaluate_run
+
+    run, wm = pretrained
+    cfg = small(rounds=3, utd=1.5)
+    report = finetune_with_world_model(run, wm, tmp_path / "ft", cfg, env_overrides=dict(SHORT),
+                                       export=tmp_path / "ft.onnx")
+    rows = report["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3] and [r["horizon"] for r in rows] == [1, 2, 4]
+    assert [r["target_steps"] for r in rows] == [24, 48, 72]  # K x target envs per round
+    assert [r["imagined_steps"] for r in rows] == [64, 128, 192]
+    assert [r["updates"] for r in rows] == [6, 12, 18]  # floor(1.5 x imagined steps so far)
+    assert report["real_samples"] + report["imagined_samples"] == 18 * 32
+    assert report["real_samples"] == 18 * 2  # round(0.06 x 32) real rows per batch
+    # 36 steps per target env and 20-step episodes: each env ended at least one episode
+    assert report["target_falls"] <= report["target_episodes"] and report["target_episodes"] >= 2
+    halted = report["halted_nan"] + report["halted_uncertain"] + report["unsafe"] + report["model_terminated"]
+    assert halted <= report["imagined_rollouts"]
+    assert report["model_updates"] == 30 and all(math.isfinite(r["model_loss"]) for r in rows)
+    assert all(0 <= r["eval_terminated_rate"] <= 1 and math.isfinite(r["eval_return_mean"]) for r in rows)
+    out = tmp_path / "ft"
+    assert json.loads((out / "report.json").read_text())["target_steps"] == 72
+    assert len((out / "rounds.csv").read_text().strip().splitlines()) == 4
+    policy = OnnxPolicy(tmp_path / "ft.onnx", expected_spec=RobotSpec.load(ROOT / "sim/robots/g1/g1.yaml"))
+    assert policy(torch.zeros(policy.obs_dim).numpy()).shape == (13,)
+    assert report["export_max_abs_err"] < 1e-4
+    ev = evaluate_run(out, episodes=2)  # `s2r eval` reads it, on the target it was finetuned for
+    assert ev["env_steps"] == 72 and ev["length_mean"] <= 20
+
+
+def test_a_world_model_for_another_robot_is_refused(pretrained, tmp_path):
+    from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig, save_world_model
+
+    run, _ = pretrained
+    arm = DiffusionWorldModel(WorldModelConfig(57, 13, width=8, blocks=1))
+    save_world_model(tmp_path / "arm_wm.pt", arm, RobotSpec.load(PANDA), {"obs_key": "critic", "layout": "null"})
+    with pytest.raises(SpecError, match="robot spec mismatch: world model"):
+        WorldModelFinetuner(run, tmp_path / "arm_wm.pt", small())
+
+
+def test_a_target_with_another_robot_spec_is_refused(pretrained):
+    run, wm = pretrained
+    with pytest.raises(SpecError, match=r"robot spec mismatch: checkpoint .* \(driving the target system\) .* "
+                                        r"joint set differs"):
+        WorldModelFinetuner(run, wm, small(eval_envs=0), make_target=lambda n, seed: make_env("arm-reach", n))
+
+
+def test_env_overrides_shift_the_target_robot():
+    o = parse_env_overrides(["randomization.friction=0.4", "randomization.latency_steps=[4, 4]",
+                             "episode_length_s=5", "min_base_height=0.5"], "humanoid-stand")
+    assert o == {"task_overrides": {"randomization": {"friction": [0.4, 0.4], "latency_steps": [4, 4]},
+                                    "min_base_height": 0.5}, "episode_length_s": 5}
+    env = make_env("humanoid-stand", 3, seed=0, **o)
+    try:
+        env.reset(seed=0)
+        assert torch.allclose(env.dr_summary["friction"], torch.full((3,), 0.4))
+        assert (env.latency == 4).all() and env.max_episode_steps == 250
+    finally:
+        env.close()
+    with pytest.raises(ValueError, match="no such field"):
+        parse_env_overrides(["randomization.gravity=2"], "humanoid-stand")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_env_overrides(["friction"], "humanoid-stand")
+
+
+def test_cli_wm_finetune_and_the_finetune_alias(pretrained, tmp_path):
+    run, wm = pretrained
+    common = ("--rounds", 1, "--real-steps", 6, "--target-envs", 2, "--imagined-envs", 8, "--imagined-steps", 2,
+              "--batch-size", 16, "--model-updates", 2, "--eval-envs", 1, "--samples", 2, "--no-progress")
+    r = _cli("wm", "finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "a",
+             "--env-override", "episode_length_s=0.3", "--env-override", "randomization.motor_strength=0.8", *common)
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["target_steps"] == 12 and rep["env_overrides"]["task_overrides"]["randomization"] == {
+        "motor_strength": [0.8, 0.8]}
+    r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "b", *common)  # forwarded
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["world_model"].endswith(".pt")
+    r = _cli("finetune", "--from", run, "--world-model", wm, "--data", tmp_path / "x.mcap", "--out", tmp_path / "c")
+    assert r.exit_code == 2 and "error:" in r.output and "--data" in r.output, r.output
