@@ -389,6 +389,44 @@ def ros_sim(policy: Path = typer.Argument(..., help="exported ONNX policy (s2r e
         raise typer.Exit(1)
 
 
+@ros_app.command("hil-session")
+def ros_hil_session(run: Path = typer.Argument(..., help="trained arm run directory (s2r train --task arm-reach)"),
+                    out: Path = typer.Option(..., help="folder for policy versions, the learner's run/, recordings"),
+                    seconds: float = typer.Option(60.0, help="wall-clock seconds of the session in POLICY mode"),
+                    spec: str = typer.Option("panda/panda.yaml", help="robot spec (path, or relative to sim/robots/)"),
+                    utd: float = typer.Option(1.0, help="learner updates per transition"),
+                    publish_every: int = typer.Option(400, help="learner updates between published versions"),
+                    seed: int = typer.Option(0, help="goals and the operator's noise"),
+                    strict: bool = typer.Option(False, help="exit 1 unless the session ran to its end in POLICY")):
+    """A live correction session over ROS 2: sim bridge, policy node streaming transitions, a scripted operator
+    on /joy (takeovers, labels), the online learner publishing versions that the node swaps in at episode ends;
+    then a report (s2r/ros/hil_loop.py)."""
+    _set_threads(1)
+    if seconds <= 0:
+        _fail(f"--seconds must be > 0, got {seconds}")
+    try:
+        from s2r.ros.hil_loop import HilLoopConfig, run_hil_loop
+    except ImportError as e:
+        _fail(f"ROS 2 Python packages are missing ({e}); install them with: pip install 's2r[ros]'")
+    from s2r.control.spec import SpecError
+    from s2r.policies.checkpoint import CheckpointError
+    from s2r.policies.export import ExportError
+
+    try:
+        report = run_hil_loop(HilLoopConfig(run=str(run), out_dir=str(out), seconds=seconds, robot_spec=spec,
+                                            seed=seed, learner={"utd": utd, "publish_every_updates": publish_every}))
+    except (SpecError, CheckpointError, ExportError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(report.summary())
+    doc = report.to_json()
+    from s2r.io import atomic_write_text
+
+    atomic_write_text(out / "session.json", json.dumps(doc, indent=2))
+    typer.echo(f"report: {out / 'session.json'}")
+    if strict and not report.ok:
+        raise typer.Exit(1)
+
+
 def _check_policy(policy: Path, spec: str) -> None:
     """Load the policy as the robot's node will (OnnxPolicy against --spec); fail with one line if it cannot."""
     from s2r.control.onnx_policy import OnnxPolicy, PolicyFileError

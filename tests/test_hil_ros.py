@@ -364,3 +364,34 @@ def test_transitions_and_versions_for_another_robot_spec_are_refused(ctx, arm_ru
         assert "refused version" in err and "robot spec mismatch" in err and "panda_joint4" in err, err
         assert misdirected.swap["acks"] == 0 and other.policy_swaps == 0 and other.staged_policy is None
         assert other.policy.path == other_policy and other.safety.mode.name == "POLICY"
+
+
+# ---- an end-to-end correction session ---------------------------------------------------------------------
+
+def test_a_scripted_correction_session_over_ros_learns_swaps_and_records(arm_run, tmp_path):
+    """s2r ros hil-session: the sim bridge and the learner in their own processes, the policy node and the
+    scripted operator (sensor_msgs/Joy on /joy) here. The operator corrects and labels, the learner learns
+    from the stream and publishes, the node swaps versions in at episode ends, one recording per policy."""
+    from s2r.ros.hil_loop import HilLoopConfig, run_hil_loop
+
+    out = tmp_path / "session"
+    r = run_hil_loop(HilLoopConfig(
+        run=str(arm_run[0]), out_dir=str(out), seconds=24.0, episode_s=6.0, domain_id=90 + (os.getpid() + 3) % 6,
+        learner={**SMALL, "learning_starts": 32, "publish_every_updates": 100}))
+    print(r.summary())
+    assert r.ok, r.problem
+    assert r.episodes >= 3 and r.labels["success"] + r.labels["failure"] >= 3, r.episode_log  # the operator's
+    assert "joy" in r.episode_log[0]["reason"] and 0 < r.interventions < r.policy_steps and r.takeovers >= 1
+    lrn = r.learner
+    assert lrn["actor_sessions"] == 1 and lrn["dropped"]["spec"] == 0 and lrn["transitions"] > 500
+    assert lrn["intervened"] > 0 and lrn["demo"] == lrn["intervened"] and lrn["updates"] > 300
+    assert lrn["published"] >= 2 and lrn["swap"]["acks"] >= 2 and lrn["swap"]["refused"] == 0
+    assert r.policy_swaps >= 2 and len(set(r.policies)) == len(r.policies) >= 3  # live swaps, each a new version
+    assert len(r.recordings) == r.policy_swaps + 1  # one file per policy
+    recs = [read_recording(p) for p in r.recordings]
+    assert [rec.policy_id for rec in recs[:len(r.policies)]] == r.policies
+    assert sum(len(rec) for rec in recs) == r.policy_steps == r.transitions_published
+    assert sum(int(rec.intervened.sum()) for rec in recs) == r.interventions
+    labelled = [e.success for rec in recs for e in rec.episodes if e.ended and e.success is not None]
+    assert labelled == [e["success"] for e in r.episode_log if e["success"] is not None]
+    assert all(rec.operator_id == "scripted" for rec in recs)

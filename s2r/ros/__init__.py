@@ -10,6 +10,10 @@
   s2r.ros.sim_loop        `s2r ros sim`: both over DDS (bridge in its own process); humanoid: gantry -> ramp ->
                           start -> release -> hold /cmd_vel; arm: ramp -> start -> goal after goal; report, video
   s2r.ros.teleop_keyboard terminal keyboard teleop (SSH-friendly): Twist + Joy for operator corrections
+  s2r.ros.learner_node    LearnerNode: the online learner: the node's ~/transitions -> RLPD -> versioned ONNX ->
+                          the node's policy_path (HIL-SERL's actor/learner split)
+  s2r.ros.scripted_operator  a scripted person at a gamepad (sim/operator.py's) publishing /joy
+  s2r.ros.hil_loop        `s2r ros hil-session`: bridge + node + scripted operator + learner, a live correction session
 
 They need rclpy and the std/sensor/geometry message packages: on a machine without ROS,
 `pip install s2r[ros]` (ROS 2 Kilted wheels); on a ROS install, plain `pip install s2r` into a venv
