@@ -286,6 +286,7 @@ def finetune_cmd(
     real_ratio: float = typer.Option(0.06, help="share of real target transitions per batch (LIFT 0.06)"),
     batch_size: int = typer.Option(256),
     tau: float = typer.Option(0.001, help="critic target Polyak factor (LIFT 0.001)"),
+    critic_warmup: int = typer.Option(0, help="critic-only updates before the actor moves"),
     horizon: str = typer.Option("1,20", help="imagined horizon ramp 'first,last' over the rounds (LIFT 1,20)"),
     model_updates: int = typer.Option(200, help="world-model gradient steps on the target data per round"),
     model_lr: float = typer.Option(3e-4),
@@ -322,7 +323,8 @@ def finetune_cmd(
             raise ValueError(f"--samples must be >= 1, got {samples}")
         cfg = WMFinetuneConfig(rounds=rounds, real_steps=real_steps, target_envs=target_envs,
                                imagined_envs=imagined_envs, imagined_steps=imagined_steps, utd=utd,
-                               real_ratio=real_ratio, batch_size=batch_size, tau=tau, horizon_start=h0,
+                               real_ratio=real_ratio, batch_size=batch_size, tau=tau, critic_warmup=critic_warmup,
+                               horizon_start=h0,
                                horizon_end=h1, model_updates=model_updates, model_lr=model_lr,
                                imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
                                eval_envs=eval_envs, seed=seed)

@@ -141,6 +141,21 @@ def test_learning_comes_from_imagined_rollouts(pretrained):
     assert len(ft.imagined) == report["imagined_steps"]
 
 
+def test_during_the_critic_warmup_only_the_critics_learn(pretrained):
+    run, wm = pretrained
+    ft = WorldModelFinetuner(run, wm, small(rounds=1, critic_warmup=100, eval_envs=0),
+                             make_target=lambda n, seed: make_env("humanoid-stand", n, seed=seed, **SHORT))
+    actor0 = {k: v.clone() for k, v in ft.agent.actor.state_dict().items()}
+    critic0 = {k: v.clone() for k, v in ft.agent.critic.state_dict().items()}
+    try:
+        report = ft.run()
+    finally:
+        ft.close()
+    assert 0 < report["updates"] < 100
+    assert all(torch.equal(v, ft.agent.actor.state_dict()[k]) for k, v in actor0.items())
+    assert any(not torch.equal(v, ft.agent.critic.state_dict()[k]) for k, v in critic0.items())
+
+
 def test_rounds_run_with_consistent_counters_and_the_run_exports(pretrained, tmp_path):
     from s2r.control.onnx_policy import OnnxPolicy
     from s2r.policies.evaluate import evaluate_run

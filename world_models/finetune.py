@@ -78,6 +78,7 @@ class WMFinetuneConfig:
     real_ratio: float = 0.06  # share of real target transitions in each batch (LIFT: 0.06)
     batch_size: int = 256  # LIFT: 256
     tau: float = 0.001  # Polyak factor of the critic targets during finetuning (LIFT: 0.001)
+    critic_warmup: int = 0  # critic-only updates before the actor moves (the critics meet new data first)
     horizon_start: int = 1  # imagined horizon of the first round ...
     horizon_end: int = 20  # ... ramped linearly to this in the last (LIFT: 1 -> 20)
     model_updates: int = 200  # EDM gradient steps on the target data per round (0: the model stays fixed)
@@ -96,7 +97,7 @@ class WMFinetuneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"world-model finetuning setting {name} must be a whole number >= 1, got {v!r}")
-        for name in ("model_updates", "eval_envs"):
+        for name in ("model_updates", "eval_envs", "critic_warmup"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"world-model finetuning setting {name} must be a whole number >= 0, got {v!r}")
@@ -359,7 +360,8 @@ class WorldModelFinetuner:
             n = int(self._update_debt)
             self._update_debt -= n
             for _ in range(n):
-                stats = self.agent.update(self._batch())
+                warm = self.counts["updates"] < cfg.critic_warmup
+                stats = agent_update(self.agent, self._batch(), critic_only=warm)
                 self.counts["updates"] += 1
                 for k, v in stats.items():
                     if isinstance(v, Tensor) and not torch.isfinite(v).all():
@@ -454,6 +456,19 @@ class WorldModelFinetuner:
         self.target.close()
         if self.eval_env is not None:
             self.eval_env.close()
+
+
+def agent_update(agent, batch: dict[str, Tensor], critic_only: bool = False) -> dict:
+    """agent.update(batch); critic_only: the actor, temperature and targets stay (policy_delay pushed out,
+    as policies/hil.py's critic warm-up)."""
+    if not critic_only:
+        return agent.update(batch)
+    delay = agent.cfg.policy_delay
+    agent.cfg.policy_delay = 1 << 62
+    try:
+        return agent.update(batch)
+    finally:
+        agent.cfg.policy_delay = delay
 
 
 def _jsonable(cfg) -> dict:
