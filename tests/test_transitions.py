@@ -48,7 +48,7 @@ def test_consecutive_ticks_link_an_ended_episode_is_terminal_and_gaps_break_the_
                a.tick(2, 4)]
     a.seq += 1  # one record lost in transport (tick 5)
     records += [a.tick(2, 6), a.tick(2, 7), a.end(2, 7, None),  # 4 -> (5 lost): unlinked; 6 -> 7; 7 done
-X
+                b.tick(1, 1), b.tick(1, 2)]  # the node restarted: nothing links across; b's last tick waits
     asm = TransitionAssembler(LAYOUT)
     rows = asm.feed(records[:4]), asm.feed(records[4:])  # (in two deliveries)
     obs = np.concatenate([r.obs for r in rows])
