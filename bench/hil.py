@@ -85,6 +85,7 @@ def main() -> None:
     p.add_argument("--envs", type=int, default=8)
     p.add_argument("--eval-episodes", type=int, default=16)
     p.add_argument("--utd", type=float, default=0.25, help="gradient updates per transition")
+    p.add_argument("--bc-weight", type=float, default=1.0, help="Q-filtered BC weight in hil's actor loss (0: pure RLPD)")
     p.add_argument("--demos", type=int, default=16, help="teleoperated demonstration episodes first (counted)")
     p.add_argument("--methods", default="hil,no-intervention,hg-dagger")
     p.add_argument("--seed", type=int, default=0)
@@ -115,14 +116,15 @@ def main() -> None:
     for m in methods:
         cfg = SessionConfig(method=m, minutes=args.minutes, num_envs=args.envs, eval_every_min=args.eval_every,
                             eval_episodes=args.eval_episodes, seed=args.seed, demo_episodes=args.demos,
-                            hil=HILConfig(utd=args.utd, seed=args.seed, critic_warmup=50 if args.quick else 500))
+                            hil=HILConfig(utd=args.utd, seed=args.seed, critic_warmup=50 if args.quick else 500,
+                                          bc_weight=args.bc_weight))
         r = run_session(start, cfg, progress=lambda row, m=m: print(f"{m}: {json.dumps(row)}", flush=True))
         results[m] = {"curve": r["curve"], "takeovers": r["takeovers"], "wall_s": r["wall_s"]}
     plot(results, args.out / "hil_curves.png")
     hil = results.get("hil")
     summary = {
         "bench": "hil", "quick": args.quick, "task": "arm-pick", "start": str(start), "minutes": args.minutes,
-        "envs": args.envs, "utd": args.utd, "demo_episodes": args.demos, "eval_episodes": args.eval_episodes,
+        "envs": args.envs, "utd": args.utd, "demo_episodes": args.demos, "bc_weight": args.bc_weight, "eval_episodes": args.eval_episodes,
         "pretrain_curve": pre_curve,
         **({"success_start": hil["curve"][0]["success"], "success_end": hil["curve"][-1]["success"],
             "intervention_rate_end": hil["curve"][-1]["intervention_rate"],

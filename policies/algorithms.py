@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_loss, pmoe_actor_loss,
-                                 sac_actor_loss, sac_critic_loss, update_b)
+                                 q_filtered_bc_loss, sac_actor_loss, sac_critic_loss, update_b)
 from s2r.policies.networks import CriticEnsemble, PMOEActor, TanhGaussianActor, tanh_gaussian_sample
 
 POLICY_HEADS = ("gaussian", "pmoe")
@@ -58,6 +58,9 @@ class AgentConfig:
     bf16: bool = False  # autocast the forward passes to bfloat16
     compile: bool = False  # torch.compile the networks
     grad_clip: float | None = None
+    # learning from corrections: Q-filtered BC on batch rows marked batch["demo"], weighted by
+    # bc_weight * mean |Q| so the weight does not depend on the reward scale (0: off, plain SAC)
+    bc_weight: float = 0.0
 
 
 def algo_defaults(algo: str) -> dict:
@@ -157,8 +160,9 @@ class OffPolicyAgent(nn.Module):
     def _polyak(self, net: nn.Module, target: nn.Module) -> None:
         torch._foreach_lerp_(list(target.parameters()), list(net.parameters()), self.cfg.tau)
 
-    def _actor_and_alpha(self, obs: Tensor, critic_obs: Tensor, q_fn) -> dict:
-        """Actor (Gaussian or PMOE) and temperature update; q_fn(critic_obs, action) -> [n, ...]."""
+    def _actor_and_alpha(self, obs: Tensor, critic_obs: Tensor, q_fn, bc: tuple | None = None) -> dict:
+        """Actor (Gaussian or PMOE) and temperature update; q_fn(critic_obs, action) -> [n, ...].
+        bc: (demo [B] bool, demo_action [B, A], q_demo [B]) adds the Q-filtered BC term on demo rows."""
         alpha = self.alpha
         # frozen before the forward: autograd records at forward time which weights need gradients,
         # so freezing after it would still spend a backward matmul per critic layer on unused grads
@@ -178,6 +182,14 @@ class OffPolicyAgent(nn.Module):
                     loss, stats = (sac_actor_loss if not self.distributional else dsac_t_actor_loss)(
                         q_pi, log_prob.float(), alpha)
                     log_prob = log_prob.detach().float()
+                if bc is not None and self.cfg.bc_weight > 0:
+                    demo, demo_action, q_demo = bc
+                    mean_action = self.actor.deterministic(obs)  # [B, A]
+                    with torch.no_grad():
+                        q_mean = q_fn(critic_obs, mean_action).float().min(0).values  # [B]
+                    b_loss, b_stats = q_filtered_bc_loss(mean_action.float(), demo_action, demo, q_demo, q_mean)
+                    loss = loss + self.cfg.bc_weight * q_mean.abs().mean() * b_loss
+                    stats.update(b_stats)
             self._step(self.actor_opt, loss, list(self.actor.parameters()))
         finally:
             self.critic.requires_grad_(True)
@@ -204,7 +216,8 @@ class SAC(OffPolicyAgent):
         self.n_updates += 1
         # actor, temperature, targets (every policy_delay critic updates)
         if int(self.n_updates) % self.cfg.policy_delay == 0:
-            stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a)))
+            bc = (batch["demo"], act, q.detach().min(0).values) if "demo" in batch else None
+            stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a), bc))
             self._polyak(self.critic, self.critic_target)
         stats["q_mean"] = q.detach().mean()
         return stats
@@ -237,7 +250,8 @@ class DSACT(OffPolicyAgent):
         self._step(self.critic_opt, c_loss, list(self.critic.parameters()))
         self.n_updates += 1
         if int(self.n_updates) % self.cfg.policy_delay == 0:
-            stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a)[0]))
+            bc = (batch["demo"], act, mu.detach().min(0).values) if "demo" in batch else None
+            stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a)[0], bc))
             self._polyak(self.critic, self.critic_target)
             self._polyak(self.actor, self.actor_target)
         stats.update({"q_mean": mu.detach().mean(), "sigma_mean": sigma.detach().mean(),

@@ -57,6 +57,7 @@ class HILConfig:
     target_entropy_scale: float = 0.5  # target entropy -|A| * scale (HIL-SERL: -|A|/2)
     layer_norm: bool = True  # LayerNorm in the critics
     critic_hidden: tuple[int, ...] | None = (256, 256)  # fresh critics' widths (HIL-SERL: 256x256); None: the run's
+    bc_weight: float = 0.0  # Q-filtered BC on the demonstration half (losses.q_filtered_bc_loss); 0: pure RLPD
     gamma: float | None = None  # None: the pretrained run's
     lr: float | None = None  # actor and critic learning rate; None: the pretrained run's
     online_capacity: int = 200_000
@@ -77,6 +78,8 @@ class HILConfig:
             raise ValueError(f"HIL setting demo_fraction must be in [0, 1], got {self.demo_fraction}")
         if not (math.isfinite(self.utd) and self.utd >= 0):
             raise ValueError(f"HIL setting utd must be a finite number >= 0, got {self.utd}")
+        if not (math.isfinite(self.bc_weight) and self.bc_weight >= 0):
+            raise ValueError(f"HIL setting bc_weight must be a finite number >= 0, got {self.bc_weight}")
         if not (math.isfinite(self.init_alpha) and self.init_alpha > 0):
             raise ValueError(f"HIL setting init_alpha must be > 0, got {self.init_alpha}")
 
@@ -95,6 +98,7 @@ class RLPDLearner:
             base.agent, init_alpha=cfg.init_alpha, policy_delay=cfg.critic_actor_ratio, layer_norm=cfg.layer_norm,
             target_entropy=None, target_entropy_scale=cfg.target_entropy_scale, compile=False, bf16=False,
             critic_hidden=tuple(cfg.critic_hidden) if cfg.critic_hidden else base.agent.critic_hidden,
+            bc_weight=cfg.bc_weight,
             gamma=cfg.gamma if cfg.gamma is not None else base.agent.gamma,
             lr_actor=cfg.lr or base.agent.lr_actor, lr_critic=cfg.lr or base.agent.lr_critic)
         self.base = dataclasses.replace(base, agent=agent_cfg, device=str(self.device), normalize_obs=True)
@@ -174,9 +178,10 @@ class RLPDLearner:
             parts.append(self.online.sample(B - n_demo, self.gen))
         batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # [B, ...]
         obs, next_obs = self.obs_norm.normalize(batch["obs"]), self.obs_norm.normalize(batch["next_obs"])
+        demo = torch.arange(B, device=obs.device) < n_demo  # [B] the first n_demo rows are demonstrations
         return {"obs": obs, "critic_obs": obs, "next_obs": next_obs, "next_critic_obs": next_obs,
                 "action": batch["action"], "reward": batch["reward"], "done": batch["done"],
-                "discount": torch.full_like(batch["reward"], self.agent.cfg.gamma)}
+                "discount": torch.full_like(batch["reward"], self.agent.cfg.gamma), "demo": demo}
 
     @property
     def ready(self) -> bool:

@@ -189,3 +189,23 @@ def pmoe_actor_loss(q_all: Tensor, log_probs: Tensor, router_probs: Tensor,
         "expert_usage": router_probs.detach().mean(0),  # [K] the router's mean weight per expert
     }
     return actor_loss, router_loss, stats, log_prob_best.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning from corrections: Q-filtered behaviour cloning (Nair et al. 2018) on demonstration rows
+# ---------------------------------------------------------------------------------------------
+
+
+def q_filtered_bc_loss(mean_action: Tensor, demo_action: Tensor, demo: Tensor, q_demo: Tensor,
+                       q_pi: Tensor) -> tuple[Tensor, dict]:
+    """Pull the policy's mean action toward the operator's, only where the critic rates the operator's
+    action above the policy's own: corrections teach fast, and a worse correction is not copied.
+
+    L = sum_B [demo & (Q(s, a_demo) > Q(s, pi(s)))] ||mu(s) - a_demo||^2 / max(1, sum_B demo)
+    mean_action: [B, A] tanh of the actor's mean (differentiable); demo_action: [B, A];
+    demo: [B] bool, the row came from the demonstration buffer; q_demo, q_pi: [B] min over critics.
+    """
+    keep = (demo & (q_demo > q_pi)).to(mean_action.dtype)  # [B]
+    sq = (mean_action - demo_action.clamp(-1, 1)).pow(2).sum(-1)  # [B]
+    loss = (keep * sq).sum() / demo.sum().clamp(min=1)
+    return loss, {"bc_loss": loss.detach(), "bc_kept": keep.sum() / demo.sum().clamp(min=1)}
