@@ -56,11 +56,11 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for m, r in results.items():
+    for k, (m, r) in enumerate(results.items()):  # one colour per method in both panels
         x = [row["minutes"] for row in r["curve"]]
-        a1.plot(x, [row["success"] for row in r["curve"]], marker="o", label=m)
+        a1.plot(x, [row["success"] for row in r["curve"]], marker="o", label=m, color=f"C{k}")
         if m != "no-intervention":
-            a2.plot(x[1:], [row["intervention_rate"] for row in r["curve"][1:]], marker="o", label=m)
+            a2.plot(x[1:], [row["intervention_rate"] for row in r["curve"][1:]], marker="o", label=m, color=f"C{k}")
     a1.set_xlabel("simulated interaction (min)")
     a1.set_ylabel("success (deterministic, no operator)")
     a1.set_ylim(-0.02, 1.02)
@@ -103,7 +103,7 @@ def main() -> None:
         p.error(f"unknown method(s) {bad}; choose from {list(METHODS)}")
     if args.quick:
         args.minutes, args.eval_every, args.envs, args.eval_episodes = 0.5, 0.25, 4, 4
-        args.pretrain_steps, args.demos = 1_000, 4
+        args.pretrain_steps, args.demos = 1_000, 0
         methods = ["hil", "no-intervention"]
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
