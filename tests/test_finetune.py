@@ -40,12 +40,8 @@ def last_json(r):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def assert_one_error_line(r, message):
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert "Traceback" not in r.stderr + r.stdout
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, r.stderr[-2000:]
-    assert message in errors[0], errors[0]
+sys.path.insert(0, os.path.dirname(__file__))
+from test_cli import assert_one_error_line  # noqa: E402  (one error line, the last one, exit 2)
 
 
 def record_arm_session(run_dir, out_dir, num_envs=4, episodes=12, seed=0):

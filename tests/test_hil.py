@@ -29,6 +29,18 @@ def pick_run(tmp_path_factory):
     return d
 
 
+def _add_corrections(learner, n=256):
+    """n corrected states around the normaliser's mean, all with the same operator action (reward 1,
+    terminal): -> (obs [n, O], the operator's action [n, A])."""
+    O, A = learner.obs_dim, learner.act_dim
+    rng = np.random.default_rng(0)
+    obs = (learner.obs_norm.mean.numpy() + rng.standard_normal((n, O)) * learner.obs_norm.var.sqrt().numpy()
+           ).astype(np.float32)
+    target = np.tile(np.array([[0.6, -0.4, 0.3, -0.8]], np.float32), (n, 1))[:, :A]
+    learner.add(obs, target, np.ones(n, np.float32), obs, np.ones(n, np.float32), np.ones(n, bool))
+    return obs, target
+
+
 def test_transition_buffer_wraps_and_refuses_nan():
     buf = TransitionBuffer(5, obs_dim=2, act_dim=1)
     for k in range(3):  # 9 rows into 5 slots: the newest 5 (rewards 4..8) remain
@@ -75,13 +87,7 @@ def test_learner_follows_corrections_then_exports(pick_run, tmp_path):
     cfg = HILConfig(batch_size=128, learning_starts=1, demo_fraction=1.0, critic_warmup=0, critic_actor_ratio=1,
                     init_alpha=1e-4, lr=1e-3)
     learner = RLPDLearner.from_run(pick_run, cfg)
-    O, A = learner.obs_dim, learner.act_dim
-    rng = np.random.default_rng(0)
-    obs = (learner.obs_norm.mean.numpy() + rng.standard_normal((256, O)) * learner.obs_norm.var.sqrt().numpy()
-           ).astype(np.float32)
-    target = np.tile(np.array([[0.6, -0.4, 0.3, -0.8]], np.float32), (256, 1))[:, :A]
-    # the operator's action earns reward 1, anything else 0: Q rises toward it
-    learner.add(obs, target, np.ones(256, np.float32), obs, np.ones(256, np.float32), np.ones(256, bool))
+    obs, target = _add_corrections(learner)  # the operator's action earns reward 1
     before = np.abs(learner.act(obs) - target).mean()
     bc = learner  # the same buffers drive the BC baseline
     bc_update(bc, 300)
@@ -188,12 +194,7 @@ def test_bc_weight_pulls_the_rl_actor_toward_corrections(pick_run):
     for w in (0.0, 2.0):
         cfg = HILConfig(batch_size=128, learning_starts=1, critic_warmup=0, critic_actor_ratio=1, bc_weight=w, lr=1e-3)
         learner = RLPDLearner.from_run(pick_run, cfg)
-        O, A = learner.obs_dim, learner.act_dim
-        rng = np.random.default_rng(0)
-        obs = (learner.obs_norm.mean.numpy() + rng.standard_normal((256, O)) * learner.obs_norm.var.sqrt().numpy()
-               ).astype(np.float32)
-        target = np.tile(np.array([[0.6, -0.4, 0.3, -0.8]], np.float32), (256, 1))[:, :A]
-        learner.add(obs, target, np.ones(256, np.float32), obs, np.ones(256, np.float32), np.ones(256, bool))
+        obs, target = _add_corrections(learner)
         before = np.abs(learner.act(obs) - target).mean()
         learner.update(150)
         gaps[w] = np.abs(learner.act(obs) - target).mean() / before

@@ -187,12 +187,10 @@ def run_hil_loop(cfg: HilLoopConfig) -> HilLoopReport:
         th = threading.Thread(target=ex.spin, daemon=True)
         th.start()
 
-        def goal_msg(g) -> PoseStamped:
-            m = PoseStamped()
-            m.header.frame_id = spec.base_body or ""
-            m.pose.position.x, m.pose.position.y, m.pose.position.z = (float(v) for v in g)
-            m.pose.orientation.w = 1.0
-            return m
+        def goal_msg(g):
+            from s2r.ros.sim_loop import goal_pose_msg
+
+            return goal_pose_msg(g, spec.base_body or "")
 
         t_end = time.monotonic() + cfg.startup_s
         while not (np.isfinite(node.q).all() and len(learner_diag) > 1):

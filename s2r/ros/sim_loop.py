@@ -104,6 +104,17 @@ class SimLoopReport:
         return d
 
 
+def goal_pose_msg(goal, frame: str):
+    """geometry_msgs/PoseStamped at goal [3] (metres) in `frame`, identity orientation: an arm goal."""
+    from geometry_msgs.msg import PoseStamped
+
+    m = PoseStamped()
+    m.header.frame_id = frame
+    m.pose.position.x, m.pose.position.y, m.pose.position.z = (float(v) for v in goal)
+    m.pose.orientation.w = 1.0
+    return m
+
+
 def _yaw(quat: np.ndarray) -> np.ndarray:
     """quat [T, 4] (w, x, y, z) -> yaw [T]."""
     w, x, y, z = quat.T
@@ -199,12 +210,8 @@ def run_sim_loop(cfg: SimLoopConfig) -> SimLoopReport:
         pub_cmd = driver.create_publisher(Twist, "/cmd_vel", 10)
         pub_goal = driver.create_publisher(PoseStamped, "/goal_pose", 10)
 
-        def goal_msg(g) -> PoseStamped:
-            m = PoseStamped()
-            m.header.frame_id = spec.base_body or ""
-            m.pose.position.x, m.pose.position.y, m.pose.position.z = (float(v) for v in g)
-            m.pose.orientation.w = 1.0
-            return m
+        def goal_msg(g):
+            return goal_pose_msg(g, spec.base_body or "")
 
         joint_states = [0]
 
