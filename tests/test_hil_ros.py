@@ -274,22 +274,29 @@ def test_the_learner_outlives_an_actor_restart_and_its_next_version_reaches_the_
     proc = LearnerProcess(run, tmp_path / "out", learning_starts=32, publish_every_updates=40, swap_timeout_s=1.0)
     ex = SingleThreadedExecutor(context=ctx)
     th = threading.Thread(target=ex.spin, daemon=True)
-    nodes = []
+    ex_first = SingleThreadedExecutor(context=ctx)
+    nodes, first = [], None
     try:
         sim = SimBridgeNode(context=ctx, parameter_overrides=[Parameter("task", value="arm-reach")])
         first = arm_node(ctx, policy)
         rig = hil_rig(ctx)
-        nodes += [sim, first, rig]
+        nodes += [sim, rig]
         for n in nodes:
             ex.add_node(n)
+        # The first actor spins in an executor of its own: shutting that down waits for a running tick, so the
+        # node is never destroyed under its own timer callback (which would kill the shared spin thread).
+        ex_first.add_node(first)
+        th_first = threading.Thread(target=ex_first.spin, daemon=True)
         th.start()
+        th_first.start()
         learner_diag(rig, "the learner process to come up", lambda d: True, 60.0, proc)  # (a busy start)
         start_arm(rig, first)
         d = learner_diag(rig, "a first version accepted by the first actor", lambda d: d["swap"]["acks"] >= 1, 60.0,
                          proc)
-        ex.remove_node(first)  # the actor goes away (a crash, a relaunch) ...
+        ex_first.shutdown(timeout_sec=2.0)  # the actor goes away (a crash, a relaunch) ...
+        th_first.join(timeout=2.0)
         first.destroy_node()
-        nodes.remove(first)
+        first = None
         version_at_restart = d["published"]
         time.sleep(1.0)
         second = arm_node(ctx, policy)  # ... and comes back with the policy file it was launched with
@@ -311,6 +318,9 @@ def test_the_learner_outlives_an_actor_restart_and_its_next_version_reaches_the_
     finally:
         ex.shutdown(timeout_sec=2.0)
         th.join(timeout=2.0)
+        ex_first.shutdown(timeout_sec=2.0)
+        if first is not None:
+            first.destroy_node()
         for n in nodes:
             n.destroy_node()
         proc.close()
