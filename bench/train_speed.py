@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from s2r.bench_util import machine_info, sb3_eval_return
+from s2r.bench_util import fake_batch, machine_info, sb3_eval_return, updates_per_s
 from s2r.policies.algorithms import AgentConfig, make_agent
 
 OBS, ACT = 17, 6  # HalfCheetah-v5 sizes (SB3 builds its nets from that env)
@@ -38,26 +38,10 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def fake_batch(B: int, obs: int = OBS, act: int = ACT) -> dict:
-    g = torch.Generator().manual_seed(0)
-    b = {k: torch.randn(B, d, generator=g) for k, d in
-         (("obs", obs), ("critic_obs", obs), ("action", act), ("next_obs", obs), ("next_critic_obs", obs))}
-    b["action"] = b["action"].clamp(-1, 1)
-    b.update(reward=torch.randn(B, generator=g), done=torch.zeros(B), discount=torch.full((B,), 0.99))
-    return b
-
-
 def s2r_updates_per_s(B: int, seconds: float, algo: str = "sac", bf16: bool = False) -> float:
-    ag = make_agent(AgentConfig(algo=algo, actor_hidden=(256, 256), critic_hidden=(256, 256),
-                                activation="relu", policy_delay=1, bf16=bf16), OBS, OBS, ACT)
-    batch = fake_batch(B)
-    for _ in range(5):
-        ag.update(batch)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 3:
-        ag.update(batch)
-        n += 1
-    return n / (time.perf_counter() - t0)
+    cfg = AgentConfig(algo=algo, actor_hidden=(256, 256), critic_hidden=(256, 256), activation="relu",
+                      policy_delay=1, bf16=bf16)
+    return updates_per_s(cfg, OBS, OBS, ACT, B, seconds)
 
 
 def sb3_model(buffer_size: int = 10_000):
@@ -91,7 +75,7 @@ def flops_per_update(B: int) -> float:
 
     ag = make_agent(AgentConfig(algo="sac", actor_hidden=(256, 256), critic_hidden=(256, 256), policy_delay=1),
                     OBS, OBS, ACT)
-    batch = fake_batch(B)
+    batch = fake_batch(B, OBS, ACT)
     ag.update(batch)
     with FlopCounterMode(display=False) as fc:
         ag.update(batch)

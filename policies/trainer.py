@@ -60,6 +60,7 @@ class TrainConfig:
     normalize_obs: bool = True
     reward_scale: float = 1.0  # multiplies rewards stored for learning (evaluation reports raw returns)
     eval_every: int = 5_000  # env steps
+    eval_every_s: float | None = None  # also evaluate after this many wall seconds (return curves over time)
     eval_episodes: int = 5
     checkpoint_every: int = 10_000
     keep_checkpoints: int = 3
@@ -69,6 +70,7 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 1  # torch intra-op threads (2-core machine: 1 leaves a core for MuJoCo)
     progress: bool = True
+    max_wall_s: float | None = None  # stop after this many seconds of train() (a fixed wall-clock budget)
     agent: AgentConfig = field(default_factory=AgentConfig)
     env_overrides: dict[str, Any] = field(default_factory=dict)  # EnvConfig fields for s2r tasks
 
@@ -131,6 +133,10 @@ def check_config(cfg: TrainConfig) -> None:
     if not (isinstance(cfg.updates_per_step, (int, float)) and 0 <= cfg.updates_per_step < math.inf):
         raise ValueError(f"training setting updates_per_step must be a finite number >= 0, "
                          f"got {cfg.updates_per_step!r}")
+    for name in ("eval_every_s", "max_wall_s"):
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+            raise ValueError(f"training setting {name} must be a number of seconds > 0 (or unset), got {v!r}")
     check_device(cfg.device)
 
 
@@ -341,7 +347,8 @@ class Trainer:
         next_ckpt = (self.env_steps // cfg.checkpoint_every + 1) * cfg.checkpoint_every
         next_log = self.env_steps + cfg.log_every
         stats: dict = {}
-        while self.env_steps < cfg.total_steps:
+        last_eval = t0
+        while self.env_steps < cfg.total_steps and not self._out_of_time(t0):
             action = self._act(obs)
             next_obs, reward, term, trunc, info = self.env.step(action)
             done = term | trunc
@@ -374,8 +381,11 @@ class Trainer:
                            "perf/updates_per_s": ups, "train/episode_return": recent})
                 if bar is not None:
                     bar.set_postfix(sps=f"{sps:.0f}", ups=f"{ups:.0f}", ret=f"{recent:.1f}")
-            if self.env_steps >= next_eval:
-                next_eval += cfg.eval_every
+            step_due = self.env_steps >= next_eval
+            if step_due or (cfg.eval_every_s is not None and time.perf_counter() - last_eval >= cfg.eval_every_s):
+                if step_due:
+                    next_eval += cfg.eval_every
+                last_eval = time.perf_counter()
                 if _is_main():
                     ev = self.evaluate()
                     ev["wall_s"] = time.perf_counter() - t0
@@ -397,6 +407,17 @@ class Trainer:
                 self.writer.close()
         self.env.close()
         return final
+
+    def _out_of_time(self, t0: float) -> bool:
+        """max_wall_s reached. With several ranks rank 0's clock decides, so all stop on the same step."""
+        if self.cfg.max_wall_s is None:
+            return False
+        up = time.perf_counter() - t0 >= self.cfg.max_wall_s
+        if self.world > 1:
+            flag = torch.tensor(float(up), device=self.device)
+            dist.broadcast(flag, 0)
+            up = bool(flag.item())
+        return up
 
     def _log(self, scalars: dict) -> None:
         if self.writer is None:

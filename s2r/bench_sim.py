@@ -38,23 +38,35 @@ class _Recorder:
         return self._step(ctrl)
 
 
-def _s2r(task: str, spec: str | None, n: int, seconds: float, record: bool):
+def s2r_physics_steps_per_s(task: str, spec: str | None, n: int, seconds: float, record: bool = False,
+                            backend: str = "mujoco", device: str = "cpu", randomize: bool | None = None):
+    """Physics steps/s (env steps/s x decimation) of `n` envs through BatchedEnv.step under random
+    actions, after 5 warm-up steps, for at least `seconds` and 10 steps. -> (rate, env, recorder);
+    the env is left open (the ceiling replay reads its backend). bench/gpu_check.py runs it on `warp`."""
     from s2r.sim import BatchedEnv, EnvConfig
 
-    env = BatchedEnv(EnvConfig(task=task, spec=spec, num_envs=n, seed=0))
+    env = BatchedEnv(EnvConfig(task=task, spec=spec, num_envs=n, seed=0, backend=backend, device=device,
+                               randomize=randomize))
     env.reset()
     gen = torch.Generator().manual_seed(0)
-    acts = [torch.rand(n, env.action_dim, generator=gen) * 2 - 1 for _ in range(64)]
-    for k in range(5):  # warm-up
+    acts = [(torch.rand(n, env.action_dim, generator=gen) * 2 - 1).to(env.device) for _ in range(64)]
+    for k in range(5):  # warm-up (the warp backend captures its step graph here)
         env.step(acts[k])
     rec = _Recorder(env.backend) if record else None
+    _sync(env.device)
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or steps < 10:
         env.step(acts[steps % 64])
         steps += 1
+    _sync(env.device)
     wall = time.perf_counter() - t0
     pps = steps * n * env.decimation / wall
     return pps, env, rec
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _ceiling(env, rec: _Recorder) -> float:
@@ -100,11 +112,12 @@ def run(counts: list[int], quick: bool = False) -> dict:
     rows = []
     for n in counts:
         row: dict = {"num_envs": n}
-        pps, env, rec = _s2r("mjcf-locomotion", "gym_humanoid/humanoid.yaml", n, seconds, record=True)
+        pps, env, rec = s2r_physics_steps_per_s("mjcf-locomotion", "gym_humanoid/humanoid.yaml", n, seconds,
+                                                record=True)
         row["s2r_gym_humanoid"] = pps
         row["ceiling_gym_humanoid"] = _ceiling(env, rec)
         env.close()
-        pps, env, rec = _s2r("humanoid-walk", None, n, seconds, record=True)
+        pps, env, rec = s2r_physics_steps_per_s("humanoid-walk", None, n, seconds, record=True)
         row["s2r_humanoid_walk"] = pps
         row["ceiling_humanoid_walk"] = _ceiling(env, rec)
         env.close()

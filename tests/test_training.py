@@ -16,7 +16,7 @@ from s2r.control.spec import RobotSpec
 from s2r.policies.algorithms import AgentConfig, make_agent
 from s2r.policies.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from s2r.policies.recipes import recipe
-from s2r.policies.trainer import Trainer, TrainingError
+from s2r.policies.trainer import Trainer, TrainingError, check_config
 
 S2R = [sys.executable, "-m", "s2r.cli"]
 
@@ -115,6 +115,22 @@ def test_kill_9_then_resume_loses_at_most_one_checkpoint_interval(tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["env_steps"] == 3000
     steps = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("ckpt_*.pt"))
     assert steps[-1] == 3000 and all(b - a <= 500 for a, b in zip(steps, steps[1:]))
+
+
+def test_a_wall_clock_budget_stops_training_and_evaluates_on_the_clock(tmp_path):
+    tr = Trainer(small(total_steps=10**9, max_wall_s=3.0, eval_every_s=1.0), tmp_path)
+    t0 = time.perf_counter()
+    tr.train()
+    assert time.perf_counter() - t0 < 3.0 + 20  # the clock stopped it (then one final evaluation and checkpoint)
+    assert 0 < tr.env_steps < 10**9 and latest_checkpoint(tmp_path) is not None
+    walls = [e["wall_s"] for e in tr.eval_history]
+    assert len(walls) >= 2 and walls == sorted(walls)  # on the clock, not every 10**9 steps, then the final one
+
+
+def test_wall_clock_settings_must_be_positive_seconds():
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="max_wall_s must be a number of seconds"):
+            check_config(small(max_wall_s=bad))
 
 
 def test_resume_refuses_a_directory_without_a_run(tmp_path):

@@ -41,6 +41,7 @@ wp.config.quiet = True  # no banner and module-load lines in -s output
 from s2r.sim import BatchedEnv, EnvConfig  # noqa: E402
 from s2r.sim.backends.mujoco_cpu import MujocoBackend  # noqa: E402
 from s2r.sim.backends.warp_gpu import WarpBackend  # noqa: E402
+from s2r.sim.parity import compare_envs  # noqa: E402
 
 N = 4
 
@@ -63,34 +64,13 @@ def arm():
     yield from _pair("arm-reach")
 
 
-def _err(w, m):
-    """max |warp - mujoco| of qpos, qvel (CPU backend's float64 as reference)."""
-    return ((w.backend.qpos.double() - m.backend.qpos).abs().max().item(),
-            (w.backend.qvel.double() - m.backend.qvel).abs().max().item())
-
-
 def _run(w, m, seed, steps, action="random", teacher_forced=False):
     """Step both envs with the same actions; returns max qpos/qvel/sensordata/obs deviations
-    (sensordata relative to 1 + |value|: touch sensors read hundreds of newtons)."""
-    w.reset(seed=seed)
-    m.reset(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    mq = mv = ms = mo = 0.0
-    for _ in range(steps):
-        if teacher_forced:  # start this step from the CPU backend's state
-            w.backend.reset_envs(torch.arange(N), m.backend.qpos.clone(), m.backend.qvel.clone())
-        a = (torch.rand(N, w.action_dim, generator=g) * 2 - 1) if action == "random" else torch.zeros(N, w.action_dim)
-        ow, _, tw, uw, _ = w.step(a)
-        om, _, tm, um, _ = m.step(a)
-        assert torch.equal(tw, tm) and torch.equal(uw, um)  # same falls, same resets
-        q, v = _err(w, m)
-        sd = m.backend.sensordata
-        # (arm-reach declares no sensors: its kinematics come from qpos, control/kinematics.py)
-        s = ((w.backend.sensordata.double() - sd).abs() / (1 + sd.abs())).max().item() if sd.numel() else 0.0
-        o = (ow["policy"] - om["policy"]).abs().max().item()
-        mq, mv, ms, mo = max(mq, q), max(mv, v), max(ms, s), max(mo, o)
-    print(f"\nmax deviation: qpos {mq:.2e} qvel {mv:.2e} sensordata(rel) {ms:.2e} obs {mo:.2e}")
-    return mq, mv, ms, mo
+    (sim/parity.py: compare_envs; sensordata relative to 1 + |value|)."""
+    d = compare_envs(w, m, steps, seed=seed, action=action, one_step=teacher_forced)
+    assert d.done_mismatch_step is None  # same falls, same resets
+    print(f"\nmax deviation: qpos {d.qpos:.2e} qvel {d.qvel:.2e} sensordata(rel) {d.sensordata:.2e} obs {d.obs:.2e}")
+    return d.qpos, d.qvel, d.sensordata, d.obs
 
 
 # ---- parity with the CPU backend ------------------------------------------------------
