@@ -32,7 +32,8 @@ from s2r.policies.replay import ReplayBuffer
 from s2r.sim.gym import make_env
 from s2r.world_models.data import collect_rollouts
 from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig, save_world_model
-from s2r.world_models.finetune import WMFinetuneConfig, WorldModelFinetuner, agent_update, merge_overrides
+from s2r.world_models.finetune import (NominalSimTerms, WMFinetuneConfig, WorldModelFinetuner, agent_update,
+                                       merge_overrides, set_actor_lr)
 from s2r.world_models.imagined_env import ImaginedEnvConfig
 from s2r.world_models.train import FitConfig, train_diffusion
 
@@ -91,12 +92,15 @@ def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int) -> di
     """SAC finetuning directly on the target: stochastic actions there, the same target steps and updates."""
     cfg, agent, norm, ck, _ = load_run(run)
     agent.train()
+    agent.load_optim_state_dict(ck["optim"])  # as the world-model arm: the Adam moments it trained with
+    set_actor_lr(agent, ft.get("lr_actor"))
     agent.cfg.tau = WMFinetuneConfig.tau
     cnorm = RunningNorm(int(ck["critic_obs_dim"]))
     cnorm.load_state_dict(ck["critic_norm"])
     cnorm.freeze()
     n, steps = ft["target_envs"], ft["rounds"] * ft["real_steps"]
     env = make_env(cfg.task, n, seed=seed, **target)
+    nominal = NominalSimTerms.for_target(env, env.spec, cnorm)  # as the world-model arm's critics see them
     buf = ReplayBuffer(n * steps, n, env.obs_dim, env.critic_obs_dim, env.action_dim, "cpu", gamma=agent.cfg.gamma)
     gen = torch.Generator().manual_seed(seed + 7)
     falls = episodes = done_updates = 0
@@ -107,7 +111,8 @@ def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int) -> di
             nxt, r, term, trunc, info = env.step(a)
             d = term | trunc
             real = {k: torch.where(d[:, None], info["final_obs"][k], nxt[k]) for k in nxt} if d.any() else nxt
-            buf.add(obs["policy"], obs["critic"], a, r * cfg.reward_scale, real["policy"], real["critic"], term, trunc)
+            s, s_next = (nominal(obs["critic"]), nominal(real["critic"])) if nominal is not None else (obs["critic"], real["critic"])
+            buf.add(obs["policy"], s, a, r * cfg.reward_scale, real["policy"], s_next, term, trunc)
             falls, episodes = falls + int(term.sum()), episodes + int(d.sum())
             obs = nxt
             # spread evenly once a batch's worth of data (or a quarter of the run's) is in: the wm arm's total
@@ -130,12 +135,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--critic-warmup", type=int, default=None, help="critic-only updates first (both arms)")
+    ap.add_argument("--lr-actor", type=float, default=None, help="actor learning rate while finetuning (both arms)")
+    ap.add_argument("--arms", default="none,wm,sac", help="which of none, wm, sac to run (comma-separated)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/s2r_bench_wm_finetune"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     s = settings(args.quick)
     if args.critic_warmup is not None:
         s["ft"]["critic_warmup"] = args.critic_warmup
+    if args.lr_actor is not None:
+        s["ft"]["lr_actor"] = args.lr_actor
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or set(arms) - {"none", "wm", "sac"}:
+        ap.error(f"--arms takes a comma-separated subset of none, wm, sac; got {args.arms!r}")
+    if "sac" in arms and "wm" not in arms:
+        ap.error("--arms: the sac arm makes as many updates as the wm arm; run it together with wm")
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     run = args.run
@@ -145,31 +159,34 @@ def main() -> None:
         run = tiny_run(args.work / f"tiny_run_{int(time.time())}", args.seed)
     task = load_run(run)[0].task
     target = {"episode_length_s": s["episode_s"], "task_overrides": {"randomization": SHIFT}}
-    wm_path, t_wm = world_model(run, args.work / "wm_nominal.pt", s, args.seed)
+    wm_path, t_wm = world_model(run, args.work / "wm_nominal.pt", s, args.seed) if "wm" in arms else (None, 0.0)
     eval_seed = 2000 + args.seed
-    out: dict = {"none": {}, "wm": {}, "sac": {}}
+    out: dict = {}
 
-    cfg0, agent0, norm0, *_ = load_run(run)
-    out["none"] = {"target_steps": 0, "target_falls": 0,
-                   **evaluate((agent0, norm0), target, task, s["eval_envs"], eval_seed)}
+    if "none" in arms:
+        cfg0, agent0, norm0, *_ = load_run(run)
+        out["none"] = {"target_steps": 0, "target_falls": 0,
+                       **evaluate((agent0, norm0), target, task, s["eval_envs"], eval_seed)}
 
-    t = time.perf_counter()
-    ft = WorldModelFinetuner(run, wm_path, WMFinetuneConfig(seed=args.seed, **s["ft"]), env_overrides=target)
-    try:
-        rep = ft.run()
-    finally:
-        ft.close()
-    out["wm"] = {**{k: rep[k] for k in ("target_steps", "target_falls", "target_episodes", "updates",
-                                        "imagined_steps", "imagined_rollouts", "halted_nan", "halted_uncertain",
-                                        "unsafe", "model_terminated")},
-                 **evaluate((ft.agent, ft.obs_norm), target, task, s["eval_envs"], eval_seed),
-                 "wall_s": round(time.perf_counter() - t, 1)}
+    if "wm" in arms:
+        t = time.perf_counter()
+        ft = WorldModelFinetuner(run, wm_path, WMFinetuneConfig(seed=args.seed, **s["ft"]), env_overrides=target)
+        try:
+            rep = ft.run()
+        finally:
+            ft.close()
+        out["wm"] = {**{k: rep[k] for k in ("target_steps", "target_falls", "target_episodes", "updates",
+                                            "imagined_steps", "imagined_rollouts", "halted_nan", "halted_uncertain",
+                                            "unsafe", "model_terminated")},
+                     **evaluate((ft.agent, ft.obs_norm), target, task, s["eval_envs"], eval_seed),
+                     "wall_s": round(time.perf_counter() - t, 1)}
 
-    t = time.perf_counter()
-    mf = model_free(run, target, s["ft"], rep["updates"], args.seed)
-    out["sac"] = {**{k: v for k, v in mf.items() if k != "agent"},
-                  **evaluate(mf["agent"], target, task, s["eval_envs"], eval_seed),
-                  "wall_s": round(time.perf_counter() - t, 1)}
+    if "sac" in arms:
+        t = time.perf_counter()
+        mf = model_free(run, target, s["ft"], out["wm"]["updates"], args.seed)
+        out["sac"] = {**{k: v for k, v in mf.items() if k != "agent"},
+                      **evaluate(mf["agent"], target, task, s["eval_envs"], eval_seed),
+                      "wall_s": round(time.perf_counter() - t, 1)}
 
     for name, r in out.items():
         print(f"{name:5s} target steps {r['target_steps']:5d}  falls while finetuning {r['target_falls']:3d}  "

@@ -141,6 +141,18 @@ class OffPolicyAgent(nn.Module):
     def alpha(self) -> Tensor:
         return self.log_alpha.detach().exp()
 
+    def optim_state_dict(self) -> dict:
+        """The three Adam states, for checkpoints: a run that resumes or is finetuned continues with the
+        moments it had; fresh moments make the first Adam steps about lr per weight whatever the gradient,
+        large enough to undo a trained policy."""
+        return {"actor": self.actor_opt.state_dict(), "critic": self.critic_opt.state_dict(),
+                "alpha": self.alpha_opt.state_dict()}
+
+    def load_optim_state_dict(self, state: dict) -> None:
+        self.actor_opt.load_state_dict(state["actor"])
+        self.critic_opt.load_state_dict(state["critic"])
+        self.alpha_opt.load_state_dict(state["alpha"])
+
     @torch.no_grad()
     def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:
         """obs: [N, obs_dim] normalised -> action [N, act_dim] in (-1, 1)."""

@@ -228,8 +228,7 @@ class Trainer:
             "algo": self.cfg.algo, "policy": self.cfg.policy, "config": config_to_dict(self.cfg),
             "env_steps": self.env_steps, "n_updates": self.n_updates,
             "agent": self.agent.state_dict(),
-            "optim": {"actor": self.agent.actor_opt.state_dict(), "critic": self.agent.critic_opt.state_dict(),
-                      "alpha": self.agent.alpha_opt.state_dict()},
+            "optim": self.agent.optim_state_dict(),
             "obs_norm": self.obs_norm.state_dict(), "critic_norm": self.critic_norm.state_dict(),
             "rng": rng_state(), "gen": self.gen.get_state(),
             "eval_history": json.dumps(self.eval_history),
@@ -266,9 +265,7 @@ class Trainer:
                 raise CheckpointError(f"checkpoint {k} = {int(ck[k])} but the env has {getattr(self.env, k)}: "
                                       f"it was trained for another observation/action layout")
         self.agent.load_state_dict(ck["agent"])
-        self.agent.actor_opt.load_state_dict(ck["optim"]["actor"])
-        self.agent.critic_opt.load_state_dict(ck["optim"]["critic"])
-        self.agent.alpha_opt.load_state_dict(ck["optim"]["alpha"])
+        self.agent.load_optim_state_dict(ck["optim"])
         self.obs_norm.load_state_dict(ck["obs_norm"])
         self.critic_norm.load_state_dict(ck["critic_norm"])
         set_rng_state(ck["rng"])

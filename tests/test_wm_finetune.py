@@ -204,6 +204,62 @@ def test_a_target_with_another_robot_spec_is_refused(pretrained):
         WorldModelFinetuner(run, wm, small(eval_envs=0), make_target=lambda n, seed: make_env("arm-reach", n))
 
 
+def test_the_critics_read_sim_only_terms_at_their_pretraining_mean(pretrained):
+    """A target with 20 % weaker motors and heavier links: its randomised-physics terms reach the buffers, the
+    model's data and imagination as the pretraining mean, the rest of the critic observation untouched."""
+    run, wm = pretrained
+    shift = {"task_overrides": {"randomization": {"motor_strength": [0.8, 0.8], "mass_scale": [1.1, 1.1]}}}
+    ft = WorldModelFinetuner(run, wm, small(rounds=1, eval_envs=0), env_overrides={**SHORT, **shift})
+    try:
+        env = ft.target
+        names = list(env.critic_dims)
+        start = env.critic_obs_dim - sum(env.critic_dims.values())  # privileged terms last, in this order
+        cols = {n: start + sum(env.critic_dims[m] for m in names[:names.index(n)]) for n in names}
+        strength, mass = cols["strength"], cols["mass_scale"]
+        raw = env.reset(seed=0)["critic"]  # [N, S]
+        assert torch.allclose(raw[:, strength], torch.full((2,), 0.8))  # the target itself is shifted
+        ft.collect()
+        s = ft.target_data.state
+        mean = ft.critic_norm.mean.float()
+        for c in (strength, mass, cols["friction"]):
+            assert torch.equal(s[:, c], mean[c].expand(len(s))), c
+            assert torch.equal(ft.target_data.next_state[:, c], mean[c].expand(len(s)))
+        assert abs(float((0.8 - mean[strength]) / ft.critic_norm.var[strength].sqrt())) > 3  # far outside
+        others = [c for c in range(env.critic_obs_dim) if c not in (strength, mass, cols["friction"])]
+        assert s[:, others].std(0).gt(0).sum() > 10  # the real terms still vary
+        assert torch.equal(ft.real.sample(8, torch.Generator().manual_seed(0))["critic_obs"][:, strength],
+                           mean[strength].expand(8))
+    finally:
+        ft.close()
+    off = WorldModelFinetuner(run, wm, small(rounds=1, eval_envs=0, nominal_sim_terms=False),
+                              env_overrides={**SHORT, **shift})
+    try:
+        off.collect()
+        assert torch.allclose(off.target_data.state[:, strength], torch.full((len(off.target_data),), 0.8))
+    finally:
+        off.close()
+
+
+def test_finetuning_continues_with_the_runs_adam_moments_and_the_actor_rate_it_is_given(pretrained):
+    from s2r.policies.evaluate import load_run
+
+    run, wm = pretrained
+    ck = load_run(run)[3]
+    ft = WorldModelFinetuner(run, wm, small(rounds=1, eval_envs=0, lr_actor=1e-5),
+                             make_target=lambda n, seed: make_env("humanoid-stand", n, seed=seed, **SHORT))
+    try:
+        got, saved = ft.agent.actor_opt.state_dict(), ck["optim"]["actor"]
+        assert saved["state"] and set(got["state"]) == set(saved["state"])
+        for i, st in saved["state"].items():
+            assert torch.equal(got["state"][i]["exp_avg_sq"], st["exp_avg_sq"])
+        assert [g["lr"] for g in got["param_groups"]] == [1e-5]
+        assert ft.agent.critic_opt.state_dict()["param_groups"][0]["lr"] == ck["config"]["agent"]["lr_critic"]
+    finally:
+        ft.close()
+    with pytest.raises(ValueError, match="lr_actor"):
+        small(lr_actor=float("nan")).check()
+
+
 def test_env_overrides_shift_the_target_robot():
     o = parse_env_overrides(["randomization.friction=0.4", "randomization.latency_steps=[4, 4]",
                              "episode_length_s=5", "min_base_height=0.5"], "humanoid-stand")

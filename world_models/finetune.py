@@ -57,7 +57,7 @@ from s2r.policies.evaluate import evaluate_policy, load_run
 from s2r.policies.normalizer import RunningNorm
 from s2r.policies.replay import ReplayBuffer
 from s2r.policies.trainer import config_to_dict
-from s2r.world_models.data import Transitions, cat_transitions
+from s2r.world_models.data import Transitions, cat_transitions, state_layout
 from s2r.world_models.diffusion import WorldModelError, load_world_model
 from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
 from s2r.world_models.train import FitConfig, train_diffusion
@@ -79,6 +79,8 @@ class WMFinetuneConfig:
     batch_size: int = 256  # LIFT: 256
     tau: float = 0.001  # Polyak factor of the critic targets during finetuning (LIFT: 0.001)
     critic_warmup: int = 0  # critic-only updates before the actor moves (the critics meet new data first)
+    nominal_sim_terms: bool = True  # the critics read the task's sim-only terms at their pretraining mean
+    lr_actor: float | None = None  # the actor's learning rate while finetuning (None: the run's)
     horizon_start: int = 1  # imagined horizon of the first round ...
     horizon_end: int = 20  # ... ramped linearly to this in the last (LIFT: 1 -> 20)
     model_updates: int = 200  # EDM gradient steps on the target data per round (0: the model stays fixed)
@@ -105,6 +107,8 @@ class WMFinetuneConfig:
             raise ValueError(f"real_ratio must be in [0, 1], got {self.real_ratio}")
         if not (math.isfinite(self.utd) and self.utd >= 0):
             raise ValueError(f"utd (updates per imagined step) must be a finite number >= 0, got {self.utd}")
+        if self.lr_actor is not None and not (math.isfinite(self.lr_actor) and self.lr_actor >= 0):
+            raise ValueError(f"lr_actor must be a finite number >= 0, got {self.lr_actor}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
         if self.real_capacity < self.rounds * self.real_steps * self.target_envs:
@@ -180,6 +184,8 @@ class WorldModelFinetuner:
         self.base, self.agent, self.obs_norm, ck, self.ckpt_path = load_run(run)
         self.run_path = Path(run)
         self.agent.train()
+        self.agent.load_optim_state_dict(ck["optim"])  # the Adam moments it trained with
+        set_actor_lr(self.agent, cfg.lr_actor)
         self.agent.cfg.tau = cfg.tau
         self.critic_norm = RunningNorm(int(ck["critic_obs_dim"]))
         self.critic_norm.load_state_dict(ck["critic_norm"])
@@ -236,6 +242,8 @@ class WorldModelFinetuner:
             have = {"obs_dim": env.obs_dim, "critic_obs_dim": env.critic_obs_dim, "action_dim": env.action_dim}
             if have != self.dims:
                 raise CheckpointError(f"checkpoint {self.ckpt_path} expects {self.dims}, the {what} has {have}")
+        self.nominal = NominalSimTerms.for_target(self.target, self.spec, self.critic_norm) \
+            if cfg.nominal_sim_terms else None
         # ---- memory
         A, O, S = self.dims["action_dim"], self.dims["obs_dim"], self.dims["critic_obs_dim"]
         self.real = ReplayBuffer(cfg.real_capacity, cfg.target_envs, O, S, A, "cpu", gamma=self.agent.cfg.gamma)
@@ -279,9 +287,11 @@ class WorldModelFinetuner:
             done = term | trunc
             real_next = ({k: torch.where(done[:, None], info["final_obs"][k], nxt[k]) for k in nxt} if done.any()
                          else nxt)
-            self.real.add(obs["policy"], obs["critic"], a, r * self.base.reward_scale, real_next["policy"],
-                          real_next["critic"], term, trunc)
-            for k, v in (("state", obs["critic"]), ("action", a), ("reward", r), ("next_state", real_next["critic"]),
+            s, s_next = obs["critic"], real_next["critic"]  # [N, S]
+            if self.nominal is not None:
+                s, s_next = self.nominal(s), self.nominal(s_next)
+            self.real.add(obs["policy"], s, a, r * self.base.reward_scale, real_next["policy"], s_next, term, trunc)
+            for k, v in (("state", s), ("action", a), ("reward", r), ("next_state", s_next),
                          ("terminated", term), ("episode", self._episode.clone())):
                 cols[k].append(v.cpu())
             self.counts["target_steps"] += env.num_envs
@@ -424,8 +434,7 @@ class WorldModelFinetuner:
             "algo": base.algo, "policy": base.policy, "config": config_to_dict(base),
             "env_steps": self.counts["target_steps"], "n_updates": self.counts["updates"],
             "agent": self.agent.state_dict(),
-            "optim": {"actor": self.agent.actor_opt.state_dict(), "critic": self.agent.critic_opt.state_dict(),
-                      "alpha": self.agent.alpha_opt.state_dict()},
+            "optim": self.agent.optim_state_dict(),
             "obs_norm": self.obs_norm.state_dict(), "critic_norm": self.critic_norm.state_dict(),
             "rng": rng_state(), "gen": self.gen.get_state(), "eval_history": "[]",
             **self.dims,
@@ -456,6 +465,40 @@ class WorldModelFinetuner:
         self.target.close()
         if self.eval_env is not None:
             self.eval_env.close()
+
+
+@dataclass
+class NominalSimTerms:
+    """critic obs [N, S] -> a copy whose sim-only columns (Task.sim_only_critic_terms: randomised physics)
+    hold the pretraining mean, as they would on a robot that cannot measure them. Without it a shifted
+    target feeds the critics values many stds outside what they were trained on."""
+
+    columns: Tensor  # [k] long
+    value: Tensor  # [k] raw units (the critic normaliser's mean)
+
+    @classmethod
+    def for_target(cls, env: BatchedEnvProtocol, spec: RobotSpec, critic_norm: RunningNorm) -> "NominalSimTerms | None":
+        """None for a target without sim-only terms (a task that declares none, a robot, a gymnasium env)."""
+        names = getattr(getattr(env, "task", None), "sim_only_critic_terms", ())
+        dims = getattr(env, "critic_dims", None)
+        if not names or dims is None:
+            return None
+        lay = state_layout(spec, dims)
+        cols = torch.cat([torch.arange(lay[f"critic.{n}"][0], sum(lay[f"critic.{n}"])) for n in names])
+        return cls(cols, critic_norm.mean[cols].float().clone())
+
+    def __call__(self, critic_obs: Tensor) -> Tensor:
+        out = critic_obs.clone()
+        out[:, self.columns] = self.value.to(out.dtype)
+        return out
+
+
+def set_actor_lr(agent, lr: float | None) -> None:
+    """The actor's Adam learning rate (None: leave it). A few target samples support smaller actor steps
+    than the pretraining's large buffer did."""
+    if lr is not None:
+        for group in agent.actor_opt.param_groups:
+            group["lr"] = lr
 
 
 def agent_update(agent, batch: dict[str, Tensor], critic_only: bool = False) -> dict:

@@ -57,6 +57,11 @@ class Task:
         """Privileged terms appended (unscaled) to the policy frame for the critic."""
         return {}
 
+    # Critic terms only a simulator knows (its randomised physics). A robot cannot measure them, and a
+    # shifted target puts them outside the pretraining range (10 stds for 20 % weaker motors), where the
+    # critics extrapolate: finetuning on a target feeds them their pretraining mean instead.
+    sim_only_critic_terms: tuple[str, ...] = ()
+
     # RobotState fields this task fills (robot_state); the spec's terms may need no others
     state_fields: tuple[str, ...] = ("q", "qd", "last_action")
     needs_floating_base: bool = False

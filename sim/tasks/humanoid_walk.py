@@ -70,6 +70,7 @@ class HumanoidWalk(Task):
         return {"base_lin_vel": 3, "base_height": 1, "feet_contact": len(self.cfg.feet_sites),
                 "friction": 1, "mass_scale": 1, "strength": 1}
 
+    sim_only_critic_terms = ("friction", "mass_scale", "strength")
     state_fields = ("q", "qd", "base_quat", "base_ang_vel", "base_lin_vel", "base_height", "velocity_command",
                     "last_action")
     needs_floating_base = True
