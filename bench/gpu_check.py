@@ -1,6 +1,6 @@
 """GPU check: one run, on one data-centre GPU (H100/H200), of what s2r's GPU path promises, in <= 8 minutes.
 
-    python bench/gpu_check.py [--device cuda] [--out bench_out/gpu_check] [--sections parity,throughput,updates,train]
+    python bench/gpu_check.py [--device cuda] [--out out/gpu_check] [--sections parity,throughput,updates,train]
                               [--train-seconds 150] [--budget-s 480] [--quick] [--dry-run]
 
 Sections (each on its own: an error is recorded in the JSON under its section and the others go on):
@@ -303,7 +303,7 @@ def main() -> int:
     t_start = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="torch and Warp device (cuda, cuda:N; cpu: slow)")
-    p.add_argument("--out", default="bench_out/gpu_check", help="folder for gpu_check.json and gpu_check.md")
+    p.add_argument("--out", default="out/gpu_check", help="folder for gpu_check.json and gpu_check.md")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--train-seconds", type=float, default=None,
                    help=f"training wall-clock budget (default {FULL.train_seconds:g}; {SMALL.train_seconds:g} "
