@@ -33,7 +33,7 @@ from s2r.sim.gym import make_env
 from s2r.world_models.data import collect_rollouts
 from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig, save_world_model
 from s2r.world_models.finetune import (NominalSimTerms, WMFinetuneConfig, WorldModelFinetuner, agent_update,
-                                       merge_overrides, set_actor_lr)
+                                       merge_overrides)
 from s2r.world_models.imagined_env import ImaginedEnvConfig
 from s2r.world_models.train import FitConfig, train_diffusion
 
@@ -93,7 +93,8 @@ def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int) -> di
     cfg, agent, norm, ck, _ = load_run(run)
     agent.train()
     agent.load_optim_state_dict(ck["optim"])  # as the world-model arm: the Adam moments it trained with
-    set_actor_lr(agent, ft.get("lr_actor"))
+    if ft.get("lr_actor") is not None:
+        agent.set_actor_lr(ft["lr_actor"])
     agent.cfg.tau = WMFinetuneConfig.tau
     cnorm = RunningNorm(int(ck["critic_obs_dim"]))
     cnorm.load_state_dict(ck["critic_norm"])

@@ -148,10 +148,14 @@ class OffPolicyAgent(nn.Module):
         return {"actor": self.actor_opt.state_dict(), "critic": self.critic_opt.state_dict(),
                 "alpha": self.alpha_opt.state_dict()}
 
-    def load_optim_state_dict(self, state: dict) -> None:
-        self.actor_opt.load_state_dict(state["actor"])
-        self.critic_opt.load_state_dict(state["critic"])
-        self.alpha_opt.load_state_dict(state["alpha"])
+    def load_optim_state_dict(self, state: dict, parts: tuple[str, ...] = ("actor", "critic", "alpha")) -> None:
+        for part in parts:
+            getattr(self, f"{part}_opt").load_state_dict(state[part])
+
+    def set_actor_lr(self, lr: float) -> None:
+        """A finetune's actor step size: a few new samples support smaller steps than a large buffer did."""
+        for group in self.actor_opt.param_groups:
+            group["lr"] = lr
 
     @torch.no_grad()
     def act(self, obs: Tensor, deterministic: bool = False) -> Tensor:

@@ -107,6 +107,9 @@ class RLPDLearner:
         # the actor (and, DSAC-T, its target) from the pretrained run; critics only where they fit
         actor_sd = {k[len("actor."):]: v for k, v in ck["agent"].items() if k.startswith("actor.")}
         self.agent.actor.load_state_dict(actor_sd)
+        if "optim" in ck:  # the Adam moments the actor trained with: fresh ones take lr-sized steps at first
+            self.agent.load_optim_state_dict(ck["optim"], parts=("actor",))
+            self.agent.set_actor_lr(agent_cfg.lr_actor)
         if hasattr(self.agent, "actor_target"):
             self.agent.actor_target.load_state_dict(actor_sd)
         self.reused_critics = self._try_load_critics(ck, base)

@@ -199,3 +199,15 @@ def test_bc_weight_pulls_the_rl_actor_toward_corrections(pick_run):
         learner.update(150)
         gaps[w] = np.abs(learner.act(obs) - target).mean() / before
     assert gaps[2.0] < 0.6 and gaps[2.0] < gaps[0.0], gaps
+
+
+def test_the_learner_keeps_the_actors_adam_moments_at_its_own_rate(pick_run):
+    from s2r.policies.checkpoint import latest_checkpoint, load_checkpoint
+
+    saved = load_checkpoint(latest_checkpoint(pick_run))["optim"]["actor"]
+    learner = RLPDLearner.from_run(pick_run, HILConfig(lr=1e-5))
+    got = learner.agent.actor_opt.state_dict()
+    assert saved["state"] and set(got["state"]) == set(saved["state"])
+    assert all(torch.equal(got["state"][i]["exp_avg"], st["exp_avg"]) for i, st in saved["state"].items())
+    assert [g["lr"] for g in got["param_groups"]] == [1e-5]
+    assert not learner.agent.critic_opt.state_dict()["state"]  # the critics start fresh on policy obs

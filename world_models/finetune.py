@@ -185,7 +185,8 @@ class WorldModelFinetuner:
         self.run_path = Path(run)
         self.agent.train()
         self.agent.load_optim_state_dict(ck["optim"])  # the Adam moments it trained with
-        set_actor_lr(self.agent, cfg.lr_actor)
+        if cfg.lr_actor is not None:
+            self.agent.set_actor_lr(cfg.lr_actor)
         self.agent.cfg.tau = cfg.tau
         self.critic_norm = RunningNorm(int(ck["critic_obs_dim"]))
         self.critic_norm.load_state_dict(ck["critic_norm"])
@@ -491,14 +492,6 @@ class NominalSimTerms:
         out = critic_obs.clone()
         out[:, self.columns] = self.value.to(out.dtype)
         return out
-
-
-def set_actor_lr(agent, lr: float | None) -> None:
-    """The actor's Adam learning rate (None: leave it). A few target samples support smaller actor steps
-    than the pretraining's large buffer did."""
-    if lr is not None:
-        for group in agent.actor_opt.param_groups:
-            group["lr"] = lr
 
 
 def agent_update(agent, batch: dict[str, Tensor], critic_only: bool = False) -> dict:
