@@ -112,7 +112,9 @@ def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int) -> di
             nxt, r, term, trunc, info = env.step(a)
             d = term | trunc
             real = {k: torch.where(d[:, None], info["final_obs"][k], nxt[k]) for k in nxt} if d.any() else nxt
-            s, s_next = (nominal(obs["critic"]), nominal(real["critic"])) if nominal is not None else (obs["critic"], real["critic"])
+            s, s_next = obs["critic"], real["critic"]  # [n, S]
+            if nominal is not None:
+                s, s_next = nominal(s), nominal(s_next)
             buf.add(obs["policy"], s, a, r * cfg.reward_scale, real["policy"], s_next, term, trunc)
             falls, episodes = falls + int(term.sum()), episodes + int(d.sum())
             obs = nxt

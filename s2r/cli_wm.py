@@ -287,6 +287,11 @@ def finetune_cmd(
     batch_size: int = typer.Option(256),
     tau: float = typer.Option(0.001, help="critic target Polyak factor (LIFT 0.001)"),
     critic_warmup: int = typer.Option(0, help="critic-only updates before the actor moves"),
+    lr_actor: Optional[float] = typer.Option(None, help="the actor's learning rate while finetuning (default: "
+                                                        "the run's)"),
+    nominal_sim_terms: bool = typer.Option(True, "--nominal-sim-terms/--measured-sim-terms",
+                                           help="critics read the task's randomised-physics terms at their pretraining "
+                                                "mean (unknown on a robot) or as the target reports them"),
     horizon: str = typer.Option("1,20", help="imagined horizon ramp 'first,last' over the rounds (LIFT 1,20)"),
     model_updates: int = typer.Option(200, help="world-model gradient steps on the target data per round"),
     model_lr: float = typer.Option(3e-4),
@@ -324,7 +329,7 @@ def finetune_cmd(
         cfg = WMFinetuneConfig(rounds=rounds, real_steps=real_steps, target_envs=target_envs,
                                imagined_envs=imagined_envs, imagined_steps=imagined_steps, utd=utd,
                                real_ratio=real_ratio, batch_size=batch_size, tau=tau, critic_warmup=critic_warmup,
-                               horizon_start=h0,
+                               lr_actor=lr_actor, nominal_sim_terms=nominal_sim_terms, horizon_start=h0,
                                horizon_end=h1, model_updates=model_updates, model_lr=model_lr,
                                imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
                                eval_envs=eval_envs, seed=seed)
