@@ -1,9 +1,12 @@
-"""Correction benchmark: a weak arm-pick policy finetuned with a scripted operator's corrections.
+"""Correction benchmark: a weak arm policy finetuned with a scripted operator's corrections.
 
-    python bench/hil.py [--quick] [--start RUN] [--minutes 60] [--methods hil,no-intervention,hg-dagger]
+    python bench/hil.py [--quick] [--start RUN | --task arm-pick|arm-reach] [--minutes 60]
+                        [--methods hil,no-intervention,hg-dagger] [--env-override KEY=VALUE ...]
 
-1. Start: a trained arm-pick run (--start), or, without one, a short SAC pretraining written to
-   OUT/pretrain (its eval curve is reported: the start must be below 50 % success).
+1. Start: a trained arm-pick or arm-reach run (--start), or, without one, a short SAC pretraining on
+   --task written to OUT/pretrain (its eval curve is reported: the start must be below 50 % success).
+   --env-override shifts the robot of every session (weaker motors, latency, ...): the policy was
+   trained on one robot and is corrected on another.
 2. The same interaction budget (simulated minutes, summed over the parallel envs) for each method
    of s2r/hil_session.py, from the same start and seeds:
      hil              RLPD with the operator's corrections (the method)
@@ -32,11 +35,11 @@ from pathlib import Path
 import torch
 
 
-def pretrain(out: Path, steps: int, num_envs: int, seed: int) -> tuple[Path, list[dict]]:
+def pretrain(out: Path, task: str, steps: int, num_envs: int, seed: int) -> tuple[Path, list[dict]]:
     from s2r.policies.recipes import recipe
     from s2r.policies.trainer import Trainer
 
-    cfg = recipe("arm-pick", "sac", "gaussian", num_envs=num_envs, total_steps=steps, batch_size=256,
+    cfg = recipe(task, "sac", "gaussian", num_envs=num_envs, total_steps=steps, batch_size=256,
                  learning_starts=min(steps // 2, 50_000), updates_per_step=2.0, eval_every=max(steps // 4, 1),
                  checkpoint_every=steps, eval_episodes=16, seed=seed, progress=False)
     run = out / "pretrain"
@@ -49,7 +52,7 @@ def pretrain(out: Path, steps: int, num_envs: int, seed: int) -> tuple[Path, lis
     return run, hist
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +72,7 @@ def plot(results: dict, path: Path) -> None:
     for a in (a1, a2):
         a.grid(alpha=0.3)
         a.legend()
-    fig.suptitle("arm-pick: corrections from a scripted operator")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -78,14 +81,18 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a reduced setting, at most ~60 s")
-    p.add_argument("--start", type=Path, help="trained arm-pick run to start from (default: pretrain one)")
+    p.add_argument("--start", type=Path, help="trained arm run to start from (default: pretrain one on --task)")
+    p.add_argument("--task", default="arm-pick", choices=("arm-pick", "arm-reach"), help="task to pretrain on")
+    p.add_argument("--env-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="shift the robot of every session, e.g. randomization.motor_strength=0.7 (repeatable)")
     p.add_argument("--pretrain-steps", type=int, default=200_000)
     p.add_argument("--minutes", type=float, default=60.0, help="simulated interaction per method")
     p.add_argument("--eval-every", type=float, default=5.0, help="simulated minutes between evaluations")
     p.add_argument("--envs", type=int, default=8)
     p.add_argument("--eval-episodes", type=int, default=16)
     p.add_argument("--utd", type=float, default=0.25, help="gradient updates per transition")
-    p.add_argument("--bc-weight", type=float, default=1.0, help="Q-filtered BC weight in hil's actor loss (0: pure RLPD)")
+    p.add_argument("--bc-weight", type=float, default=1.0,
+                   help="Q-filtered BC weight in hil's actor loss (0: pure RLPD)")
     p.add_argument("--demos", type=int, default=16, help="teleoperated demonstration episodes first (counted)")
     p.add_argument("--methods", default="hil,no-intervention,hg-dagger")
     p.add_argument("--seed", type=int, default=0)
@@ -110,21 +117,31 @@ def main() -> None:
     pre_curve = None
     start = args.start
     if start is None:
-        start, pre_curve = pretrain(args.out, args.pretrain_steps, 8 if not args.quick else 4, args.seed)
+        start, pre_curve = pretrain(args.out, args.task, args.pretrain_steps, 8 if not args.quick else 4, args.seed)
         print(f"pretrained {start}: {pre_curve}", flush=True)
+    from s2r.policies.evaluate import load_run
+    from s2r.sim.overrides import parse_env_overrides
+
+    task = load_run(start)[0].task
+    try:
+        overrides = parse_env_overrides(args.env_override, task)
+    except ValueError as e:
+        p.error(str(e))
     results = {}
     for m in methods:
         cfg = SessionConfig(method=m, minutes=args.minutes, num_envs=args.envs, eval_every_min=args.eval_every,
                             eval_episodes=args.eval_episodes, seed=args.seed, demo_episodes=args.demos,
                             hil=HILConfig(utd=args.utd, seed=args.seed, critic_warmup=50 if args.quick else 500,
-                                          bc_weight=args.bc_weight))
+                                          bc_weight=args.bc_weight), env_overrides=overrides)
         r = run_session(start, cfg, progress=lambda row, m=m: print(f"{m}: {json.dumps(row)}", flush=True))
         results[m] = {"curve": r["curve"], "takeovers": r["takeovers"], "wall_s": r["wall_s"]}
-    plot(results, args.out / "hil_curves.png")
+    shifted = f" ({', '.join(args.env_override)})" if args.env_override else ""
+    plot(results, args.out / "hil_curves.png", f"{task}{shifted}: corrections from a scripted operator")
     hil = results.get("hil")
     summary = {
-        "bench": "hil", "quick": args.quick, "task": "arm-pick", "start": str(start), "minutes": args.minutes,
-        "envs": args.envs, "utd": args.utd, "demo_episodes": args.demos, "bc_weight": args.bc_weight, "eval_episodes": args.eval_episodes,
+        "bench": "hil", "quick": args.quick, "task": task, "env_overrides": overrides, "start": str(start),
+        "minutes": args.minutes, "envs": args.envs, "utd": args.utd, "demo_episodes": args.demos,
+        "bc_weight": args.bc_weight, "eval_episodes": args.eval_episodes,
         "pretrain_curve": pre_curve,
         **({"success_start": hil["curve"][0]["success"], "success_end": hil["curve"][-1]["success"],
             "intervention_rate_end": hil["curve"][-1]["intervention_rate"],

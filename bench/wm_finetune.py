@@ -30,10 +30,10 @@ from s2r.policies.evaluate import evaluate_policy, load_run, policy_act
 from s2r.policies.normalizer import RunningNorm
 from s2r.policies.replay import ReplayBuffer
 from s2r.sim.gym import make_env
+from s2r.sim.overrides import merge_overrides
 from s2r.world_models.data import collect_rollouts
 from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig, save_world_model
-from s2r.world_models.finetune import (NominalSimTerms, WMFinetuneConfig, WorldModelFinetuner, agent_update,
-                                       merge_overrides)
+from s2r.world_models.finetune import NominalSimTerms, WMFinetuneConfig, WorldModelFinetuner, agent_update
 from s2r.world_models.imagined_env import ImaginedEnvConfig
 from s2r.world_models.train import FitConfig, train_diffusion
 

@@ -313,7 +313,8 @@ def finetune_cmd(
     import torch
 
     torch.set_num_threads(threads)
-    from s2r.world_models.finetune import WMFinetuneConfig, finetune_with_world_model, parse_env_overrides
+    from s2r.sim.overrides import parse_env_overrides
+    from s2r.world_models.finetune import WMFinetuneConfig, finetune_with_world_model
     from s2r.world_models.imagined_env import ImaginedEnvConfig
 
     def show(row: dict) -> None:

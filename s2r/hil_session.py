@@ -27,6 +27,7 @@ import torch
 
 from s2r.control.operator import Arbiter, ArbiterConfig
 from s2r.policies.hil import HILConfig, RLPDLearner, bc_update
+from s2r.sim.overrides import merge_overrides
 
 METHODS = ("hil", "no-intervention", "hg-dagger")
 
@@ -43,6 +44,7 @@ class SessionConfig:
     # in the interaction budget; they go to the demonstration buffer (hil, hg-dagger) or the online one
     hil: HILConfig = field(default_factory=HILConfig)
     operator_seed: int = 0
+    env_overrides: dict = field(default_factory=dict)  # on top of the run's: a shifted robot (dynamics, latency)
 
 
 def run_session(start: str | Path, cfg: SessionConfig, progress: Callable[[dict], None] | None = None,
@@ -60,8 +62,9 @@ def run_session(start: str | Path, cfg: SessionConfig, progress: Callable[[dict]
         raise ValueError(f"unknown session method '{cfg.method}'; choose one of {METHODS}")
     learner = RLPDLearner.from_run(start, cfg.hil)
     task = learner.base.task
-    env = make_env(task, cfg.num_envs, seed=cfg.seed, **learner.base.env_overrides)
-    eval_env = make_env(task, cfg.eval_episodes, seed=10_000 + cfg.seed, **learner.base.env_overrides)
+    overrides = merge_overrides(learner.base.env_overrides, cfg.env_overrides)
+    env = make_env(task, cfg.num_envs, seed=cfg.seed, **overrides)
+    eval_env = make_env(task, cfg.eval_episodes, seed=10_000 + cfg.seed, **overrides)
     if env.spec is not None:
         from s2r.control.spec import check_spec_hash
 

@@ -211,3 +211,16 @@ def test_the_learner_keeps_the_actors_adam_moments_at_its_own_rate(pick_run):
     assert all(torch.equal(got["state"][i]["exp_avg"], st["exp_avg"]) for i, st in saved["state"].items())
     assert [g["lr"] for g in got["param_groups"]] == [1e-5]
     assert not learner.agent.critic_opt.state_dict()["state"]  # the critics start fresh on policy obs
+
+
+def test_a_session_runs_on_a_shifted_robot(pick_run):
+    """env_overrides reach the session's envs: 1 s episodes instead of arm-pick's 8 s end inside the budget."""
+    from s2r.hil_session import SessionConfig, run_session
+
+    def episodes(**over):
+        cfg = SessionConfig(method="no-intervention", minutes=0.15, num_envs=2, eval_every_min=0.15,
+                            eval_episodes=2, hil=HILConfig(critic_warmup=10, learning_starts=64), **over)
+        return run_session(pick_run, cfg)["curve"][-1]["episodes"]
+
+    assert episodes() == 0  # 225 ticks per env, 400 to an episode's end
+    assert episodes(env_overrides={"episode_length_s": 1.0}) == 2 * 4  # 50 ticks each

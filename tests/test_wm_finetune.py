@@ -13,8 +13,8 @@ import torch
 
 from s2r.control.spec import RobotSpec, SpecError
 from s2r.sim.gym import make_env
-from s2r.world_models.finetune import (WMFinetuneConfig, WorldModelFinetuner, finetune_with_world_model,
-                                       parse_env_overrides)
+from s2r.sim.overrides import parse_env_overrides
+from s2r.world_models.finetune import WMFinetuneConfig, WorldModelFinetuner, finetune_with_world_model
 from s2r.world_models.imagined_env import ImaginedEnvConfig
 
 torch.set_num_threads(1)
