@@ -3,14 +3,27 @@
     python bench/learning.py [--quick] [--tasks Hopper-v5,HalfCheetah-v5,humanoid-walk] [--steps 100000]
                              [--seeds 0,1,2] [--methods sac,dsac-t,sac+pmoe,dsac-t+pmoe,sb3-sac]
                              [--reward-scales 1]  [--out out/bench_learning] [--workers 2]
+                             [--variant NAME:key=value,agent.key=value ...]
 
 Every method gets the same env-step budget and the same evaluation (deterministic policy,
 5 episodes, every budget/10 steps). Runs execute in `--workers` parallel processes (one torch
 thread each). Each finished run is written to --out/runs/ (atomically) and reused by a later
 invocation with the same job, so a killed benchmark resumes and methods can be run in separate
 invocations (e.g. `--methods sb3-sac` first) and summarised together. Writes curves.png and
-results.json to --out; the last stdout line is a JSON summary with final return mean +- std per
-(task, method) and, with --reward-scales, DSAC-T's final return at each reward scale relative to 1.
+results.json to --out; the last stdout line is a JSON summary per (task, method) and, with
+--reward-scales, DSAC-T's final return at each reward scale relative to 1.
+
+Scores (mean +- std over seeds, and per seed): `final` (the last evaluation), `last5` (mean of the
+last 5 evaluations: less at the mercy of one evaluation) and `auc` (area under the curve by the
+trapezoid rule divided by the steps it spans: the time-averaged return, which also rewards learning
+early). --quick adds `sac_vs_sb3_last5`, the smallest over the run's tasks of relative_score(s2r SAC
+last5, SB3 SAC last5) = 1 + (s2r - sb3) / |sb3|: s2r / sb3 for positive returns, and for negative
+ones (Pendulum) a gap of the same relative size scores the same (-200 against -150: 0.67).
+
+--variant runs the s2r methods again with TrainConfig / AgentConfig settings changed (values are
+YAML: false, 1.0, -20), reported as `method@NAME`, e.g. an ablation:
+    --variant nonorm:normalize_obs=false --variant logstd20:agent.log_std_min=-20
+A variant's runs are cached under a hash of its settings, so different settings never share a result.
 
 humanoid-walk: SB3 trains on the gymnasium id s2r/HumanoidWalk-v0 (one env, the task's own
 randomisation); the s2r methods use the CPU-sized parallel setting in CPU_PARALLEL below
@@ -20,8 +33,10 @@ randomisation); the s2r methods use the CPU-sized parallel setting in CPU_PARALL
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -41,7 +56,49 @@ CPU_PARALLEL = {
 
 
 def job_path(out: Path, job: dict) -> Path:
-    return out / "runs" / f"{job['task'].replace('/', '_')}__{job['method']}__s{job['seed']}__x{job['scale']:g}__{job['steps']}.json"
+    name = f"{job['task'].replace('/', '_')}__{job['method']}__s{job['seed']}__x{job['scale']:g}__{job['steps']}"
+    over = job.get("overrides") or {}
+    if over:  # the settings themselves (not the variant's name) pick the file
+        name += f"__v{job['variant']}-{hashlib.sha1(json.dumps(over, sort_keys=True).encode()).hexdigest()[:10]}"
+    return out / "runs" / f"{name}.json"
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'nonorm:normalize_obs=false,agent.log_std_min=-20' -> ('nonorm', {...}); values parsed as YAML."""
+    import yaml
+
+    name, sep, body = text.partition(":")
+    if not sep or not name or not body or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"--variant {text!r}: expected NAME:key=value[,key=value...] (NAME letters, digits, - _)")
+    over = {}
+    for item in re.split(r",(?=[A-Za-z_][\w.]*=)", body):  # a comma inside a value ([64,64]) stays
+        key, eq, val = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--variant {text!r}: {item!r} is not key=value")
+        v = yaml.safe_load(val)
+        over[key.strip()] = tuple(v) if isinstance(v, list) else v
+    return name, over
+
+
+def last_k_mean(curve: list, k: int = 5) -> float:
+    """Mean return of the last k evaluations of a curve [(env_steps, return), ...] (all of them if fewer)."""
+    return sum(r for _, r in curve[-k:]) / len(curve[-k:]) if curve else float("nan")
+
+
+def auc(curve: list) -> float:
+    """Area under the return curve (trapezoid rule over env steps) divided by the steps it spans: the
+    time-averaged return between the first and the last evaluation (the return itself for one point)."""
+    if len(curve) < 2:
+        return float(curve[0][1]) if curve else float("nan")
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(curve[:-1], curve[1:]))
+    return area / (curve[-1][0] - curve[0][0])
+
+
+def relative_score(value: float, reference: float) -> float | None:
+    """1 + (value - reference) / |reference|: value / reference when the reference is positive; for
+    negative returns a shortfall of the same relative size scores the same (-200 vs -150 -> 0.67,
+    -100 vs -150 -> 1.33). None when the reference is 0."""
+    return None if reference == 0 else 1 + (value - reference) / abs(reference)
 
 
 def _alive(pid: int) -> bool:
@@ -123,6 +180,11 @@ def run_one(job: dict) -> dict:
 
         algo, _, head = method.partition("+")
         over = dict(CPU_PARALLEL.get(task, {}))
+        for key, v in (job.get("overrides") or {}).items():  # --variant settings
+            if key.startswith("agent."):
+                over["agent"] = {**over.get("agent", {}), key[len("agent."):]: v}
+            else:
+                over[key] = v
         cfg = recipe(task, algo, head or "gaussian", total_steps=steps, seed=seed, progress=False,
                      eval_every=every, checkpoint_every=10**12, eval_episodes=5,
                      learning_starts=min(5000, steps // 10), threads=1, **over)
@@ -134,6 +196,24 @@ def run_one(job: dict) -> dict:
     curve = [c for i, c in enumerate(curve) if i == 0 or c[0] != curve[i - 1][0]]  # one point per step count
     return {**job, "curve": curve, "final": curve[-1][1] if curve else float("nan"),
             "wall_s": time.perf_counter() - t0}
+
+
+def label(r: dict) -> str:
+    """method, or method@variant for a --variant run."""
+    return f"{r['method']}@{r['variant']}" if r.get("variant") else r["method"]
+
+
+def scores(runs: list[dict]) -> dict:
+    """final / last5 / auc of each run, as mean +- std over the runs and per seed (in seed order)."""
+    import numpy as np
+
+    runs = sorted(runs, key=lambda r: r["seed"])
+    out: dict = {"n": len(runs), "seeds": [r["seed"] for r in runs]}
+    for name, fn in (("final", lambda c: c[-1][1] if c else float("nan")), ("last5", last_k_mean), ("auc", auc)):
+        v = [float(fn(r["curve"])) for r in runs]
+        out[name] = {"mean": round(float(np.mean(v)), 1), "std": round(float(np.std(v)), 1),
+                     "per_seed": [round(x, 1) for x in v]}
+    return out
 
 
 def main() -> dict:
@@ -150,7 +230,10 @@ def main() -> dict:
     p.add_argument("--summary-only", action="store_true", help="summarise the stored runs; train nothing")
     p.add_argument("--reverse", action="store_true",
                    help="take the jobs last-first (a second invocation sharing --out meets the first halfway)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME:key=value,agent.key=value: also run the s2r methods with these settings (repeatable)")
     a = p.parse_args()
+    variants = [parse_variant(v) for v in a.variant]
     if a.quick:
         a.tasks, a.methods, a.seeds, a.steps, a.reward_scales = "Pendulum-v1", "sac,sb3-sac", "0", 3000, "1"
     tasks = [t for t in a.tasks.split(",") if t]
@@ -159,6 +242,8 @@ def main() -> dict:
     scales = [float(s) for s in a.reward_scales.split(",") if s]
     scale_methods = [m for m in a.scale_methods.split(",") if m]
     jobs = [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0) for t in tasks for m in methods for s in seeds]
+    jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0, variant=name, overrides=over)
+             for name, over in variants for t in tasks for m in methods if m != "sb3-sac" for s in seeds]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c) for c in scales if c != 1.0
              for t in tasks for m in scale_methods for s in seeds]
     out = Path(a.out)
@@ -173,29 +258,35 @@ def main() -> dict:
     results = [r for r in results if r is not None]
     import numpy as np
 
-    summary: dict = {"bench": "learning", "quick": a.quick, "steps": a.steps, "seeds": seeds, "results": {}}
+    summary: dict = {"bench": "learning", "quick": a.quick, "steps": a.steps, "seeds": seeds,
+                     "variants": {name: over for name, over in variants}, "results": {}}
+    labels = methods + [f"{m}@{name}" for name, _ in variants for m in methods if m != "sb3-sac"]
     for t in tasks:
-        for m in methods:
-            finals = [r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0]
-            if not finals:
-                continue
-            summary["results"][f"{t}/{m}"] = {"mean": round(float(np.mean(finals)), 1),
-                                              "std": round(float(np.std(finals)), 1), "n": len(finals)}
+        for lab in labels:
+            runs = [r for r in results if r["task"] == t and label(r) == lab and r["scale"] == 1.0]
+            if runs:
+                summary["results"][f"{t}/{lab}"] = scores(runs)
         for c in scales:
             if c == 1.0:
                 continue
             for m in scale_methods:
-                if not any(r["task"] == t and r["method"] == m and r["scale"] == c for r in results):
+                if not any(r["task"] == t and label(r) == m and r["scale"] == c for r in results):
                     continue
-                f1 = np.mean([r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0])
-                fc = np.mean([r["final"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == c])
+                f1 = np.mean([r["final"] for r in results if r["task"] == t and label(r) == m and r["scale"] == 1.0])
+                fc = np.mean([r["final"] for r in results if r["task"] == t and label(r) == m and r["scale"] == c])
                 summary["results"][f"{t}/{m}/reward_x{c:g}_relative"] = round(float(fc / f1), 3) if f1 else None
+    ratios = [relative_score(summary["results"][f"{t}/sac"]["last5"]["mean"],
+                             summary["results"][f"{t}/sb3-sac"]["last5"]["mean"])
+              for t in tasks if f"{t}/sac" in summary["results"] and f"{t}/sb3-sac" in summary["results"]]
+    ratios = [r for r in ratios if r is not None]
+    if a.quick or ratios:
+        summary["sac_vs_sb3_last5"] = round(min(ratios), 3) if ratios else None
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     summary["pending_runs"] = pending  # run by another invocation: rerun this one afterwards to summarise all
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps({"summary": summary, "runs": results}, indent=1))
     os.replace(tmp, out / "results.json")
-    _plot(results, tasks, methods, out / "curves.png")
+    _plot(results, tasks, labels, out / "curves.png")
     return summary
 
 
@@ -209,7 +300,7 @@ def _plot(results, tasks, methods, path: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         for m in methods:
-            curves = [r["curve"] for r in results if r["task"] == t and r["method"] == m and r["scale"] == 1.0]
+            curves = [r["curve"] for r in results if r["task"] == t and label(r) == m and r["scale"] == 1.0]
             curves = [c for c in curves if c]
             if not curves:
                 continue

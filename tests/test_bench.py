@@ -28,3 +28,38 @@ def test_learning_bench_reuses_finished_runs_and_skips_runs_claimed_by_a_live_in
     done = {**job, "curve": [[20000, 312.5]], "final": 312.5, "wall_s": 1.0}
     path.write_text(json.dumps(done))
     assert lb.run_cached(job) == done
+
+
+def test_learning_bench_scores_a_curve_by_its_last_five_evaluations_and_its_time_averaged_return():
+    lb = load("learning")
+    # peaks early and collapses: the last evaluations say so, the area remembers the peak
+    curve = [(1000, 0.0), (2000, 600.0), (3000, 600.0), (4000, 100.0), (5000, 100.0), (6000, 100.0),
+             (7000, 100.0), (8000, 100.0)]
+    assert lb.last_k_mean(curve) == 100.0
+    assert lb.last_k_mean(curve[:3], k=5) == 400.0  # fewer than k: all of them
+    # trapezoids 300 + 600 + 350 + 100 * 4 = 1650 (x1000 steps) over 7000 steps
+    assert abs(lb.auc(curve) - 1650 / 7) < 1e-9
+    assert lb.auc([(1000, 42.0)]) == 42.0
+    # uneven spacing weighs by steps: a late extra point does not count as a whole evaluation
+    assert abs(lb.auc([(0, 0.0), (10, 100.0), (11, 100.0)]) - (500 + 100) / 11) < 1e-9
+
+
+def test_learning_bench_relative_score_is_the_ratio_for_positive_returns_and_symmetric_for_negative_ones():
+    lb = load("learning")
+    assert lb.relative_score(180.0, 360.0) == 0.5
+    assert abs(lb.relative_score(-200.0, -150.0) - 2 / 3) < 1e-9  # 33 % more cost than SB3: below 1
+    assert abs(lb.relative_score(-100.0, -150.0) - 4 / 3) < 1e-9  # 33 % less: above 1
+    assert lb.relative_score(5.0, 0.0) is None
+
+
+def test_learning_bench_caches_each_variant_under_its_settings(tmp_path):
+    lb = load("learning")
+    name, over = lb.parse_variant("nonorm:normalize_obs=false,agent.log_std_min=-20,agent.actor_hidden=[64,64]")
+    assert (name, over) == ("nonorm", {"normalize_obs": False, "agent.log_std_min": -20,
+                                       "agent.actor_hidden": (64, 64)})
+    job = dict(task="Walker2d-v5", method="sac", seed=0, steps=15000, scale=1.0)
+    plain = lb.job_path(tmp_path, job)
+    a = lb.job_path(tmp_path, {**job, "variant": "x", "overrides": {"normalize_obs": False}})
+    b = lb.job_path(tmp_path, {**job, "variant": "x", "overrides": {"normalize_obs": True}})
+    assert plain.name == "Walker2d-v5__sac__s0__x1__15000.json"
+    assert len({plain, a, b}) == 3  # same variant name, other settings: another file
