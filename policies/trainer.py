@@ -4,7 +4,8 @@ One loop for every algorithm and env (s2r tasks and gymnasium ids alike):
 
     act (random before learning_starts, else the policy on normalised obs)
     -> env.step over all envs -> store the transition (final_obs where an episode ended)
-    -> update observation normalisers -> `updates_per_step` gradient updates on sampled batches
+    -> update observation normalisers (until learning_starts with freeze_obs_norm)
+    -> `updates_per_step` gradient updates on sampled batches
     -> log, evaluate, checkpoint
 
 Runs are directories: config.yaml, checkpoints/ckpt_<env steps>.pt (atomic; the
@@ -58,6 +59,7 @@ class TrainConfig:
     buffer_size: int = 1_000_000
     n_step: int = 1
     normalize_obs: bool = True
+    freeze_obs_norm: bool = False  # stop updating the normalisers at learning_starts (warm-up statistics kept)
     reward_scale: float = 1.0  # multiplies rewards stored for learning (evaluation reports raw returns)
     eval_every: int = 5_000  # env steps
     eval_every_s: float | None = None  # also evaluate after this many wall seconds (return curves over time)
@@ -167,12 +169,16 @@ def _world() -> tuple[int, int]:
 
 def make_env_for(cfg: TrainConfig, num_envs: int, seed: int, eval_mode: bool = False) -> BatchedEnvProtocol:
     """The run's env (training, or evaluation: same task distribution, its own seed): s2r's
-    BatchedEnv for an s2r task, GymnasiumBatchedEnv for a gymnasium id."""
+    BatchedEnv for an s2r task, IsaacLabBatchedEnv for isaaclab:<task id> (simulated on cfg.device),
+    GymnasiumBatchedEnv for a gymnasium id."""
     from s2r.sim.gym import make_env
+    from s2r.sim.isaaclab import is_isaaclab_task
     from s2r.sim.tasks import TASKS
 
     kw: dict[str, Any] = {"seed": seed}
-    if cfg.task in TASKS:
+    if is_isaaclab_task(cfg.task):
+        kw.update(device=cfg.device, **cfg.env_overrides)  # env_overrides: e.g. physics
+    elif cfg.task in TASKS:
         kw.update(backend=cfg.backend, spec=cfg.spec, device=cfg.device if cfg.backend == "warp" else "cpu",
                   **cfg.env_overrides)
     return make_env(cfg.task, num_envs, **kw)
@@ -191,6 +197,11 @@ class Trainer:
             raise TrainingError(f"num_envs {cfg.num_envs} is not divisible by the {self.world} ranks")
         self.local_envs = cfg.num_envs // self.world
         self.env: BatchedEnvProtocol = make_env_for(cfg, self.local_envs, cfg.seed + 1000 * self.rank)
+        # Isaac Lab allows one simulation per process: evaluation runs in the first envs of the
+        # training env, and the training episodes restart afterwards (_restart_after_eval)
+        from s2r.sim.isaaclab import is_isaaclab_task
+
+        self.eval_in_training_env = is_isaaclab_task(cfg.task)
         self.spec_hash = self.env.spec.hash() if self.env.spec is not None else None
         e = self.env
         self.agent = make_agent(cfg.agent, e.obs_dim, e.critic_obs_dim, e.action_dim, self.device)
@@ -321,7 +332,10 @@ class Trainer:
 
         episodes = episodes or self.cfg.eval_episodes
         seed = 10_000 + self.cfg.seed
-        env = make_env_for(self.cfg, episodes, seed=seed, eval_mode=True)
+        if self.eval_in_training_env:
+            env = self.env.first_envs(episodes)  # min(episodes, num_envs) episodes
+        else:
+            env = make_env_for(self.cfg, episodes, seed=seed, eval_mode=True)
         try:
             act = policy_act(self.agent, self.obs_norm if self.cfg.normalize_obs else None, self.device)
             return {"env_steps": self.env_steps, **evaluate_policy(env, act, seed)}
@@ -364,6 +378,9 @@ class Trainer:
                     self.critic_norm.sync_()
             obs = next_obs
             self.env_steps += cfg.num_envs
+            if cfg.freeze_obs_norm and self.env_steps >= cfg.learning_starts and not self.obs_norm.frozen:
+                self.obs_norm.freeze()  # from here on the same raw observation always maps to the same input
+                self.critic_norm.freeze()
             if bar is not None:
                 bar.update(cfg.num_envs)
             if self.env_steps >= cfg.learning_starts and len(self.buffer) >= cfg.batch_size:
@@ -389,6 +406,8 @@ class Trainer:
                     self.eval_history.append(ev)
                     self._log({f"eval/{k}": v for k, v in ev.items() if k != "env_steps"})
                     self._write_eval()
+                    if self.eval_in_training_env:
+                        obs = self._restart_after_eval()
             if self.env_steps >= next_ckpt:
                 next_ckpt += cfg.checkpoint_every
                 self.save()
@@ -404,6 +423,12 @@ class Trainer:
                 self.writer.close()
         self.env.close()
         return final
+
+    def _restart_after_eval(self) -> dict[str, torch.Tensor]:
+        """The evaluation ran in the training env and reset it: the stored episodes end at their
+        last step (truncated, so they bootstrap) and new ones start."""
+        self.buffer.end_episodes()
+        return self.env.reset()
 
     def _out_of_time(self, t0: float) -> bool:
         """max_wall_s reached. With several ranks rank 0's clock decides, so all stop on the same step."""

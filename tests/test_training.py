@@ -127,6 +127,14 @@ def test_a_wall_clock_budget_stops_training_and_evaluates_on_the_clock(tmp_path)
     assert len(walls) >= 2 and walls == sorted(walls)  # on the clock, not every 10**9 steps, then the final one
 
 
+def test_freeze_obs_norm_keeps_the_warm_up_statistics_for_the_rest_of_the_run(tmp_path):
+    tr = Trainer(small(total_steps=400, learning_starts=200, freeze_obs_norm=True), tmp_path)
+    tr.train()
+    assert tr.obs_norm.frozen and tr.critic_norm.frozen
+    assert int(tr.obs_norm.count) == 200 and int(tr.critic_norm.count) == 200  # the random warm-up's only
+    assert load_checkpoint(latest_checkpoint(tmp_path))["obs_norm"]["frozen"]  # a resumed run stays frozen
+
+
 def test_wall_clock_settings_must_be_positive_seconds():
     for bad in (0, -1.0, float("inf"), True):
         with pytest.raises(ValueError, match="max_wall_s must be a number of seconds"):
