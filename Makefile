@@ -10,7 +10,7 @@ STAMP := $(VENV)/.s2r-installed
 PYTEST_ARGS ?=
 DEMO_OUT ?= out/demo
 
-.PHONY: bootstrap demo test bench clean system-deps
+.PHONY: bootstrap demo test bench clean system-deps isaac test-isaac
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -59,6 +59,31 @@ bench: $(STAMP)
 	$(PY) bench/train_speed.py
 	$(PY) bench/inference_latency.py
 	$(PY) bench/ros_loop.py
+
+# Isaac Lab 3.0 (kit-less: Newton physics, MuJoCo Warp solver) as a simulator for s2r's
+# algorithms (docs/ISAAC.md). Its own venv: isaaclab needs Python 3.12 and pins torch 2.11.0.
+# The first Python 3.12 that runs (a pyenv shim may exist without the version selected).
+PYTHON312 ?= $(shell for c in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python; do $$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v $$c; break; }; done)
+ISAAC_VENV ?= .venv-isaac
+ISAAC_TORCH_SPEC ?= torch==2.11.0
+ISAACLAB_SPEC ?= isaaclab==3.0.0
+ISAAC_PY := $(ISAAC_VENV)/bin/python
+ISAAC_STAMP := $(ISAAC_VENV)/.s2r-installed
+
+$(ISAAC_STAMP): pyproject.toml Makefile
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found; set PYTHON312=/path/to/python3.12 (isaaclab 3.0 needs >=3.12,<3.13)"; exit 1; }
+	@test -x $(ISAAC_PY) || $(PYTHON312) -m venv $(ISAAC_VENV)
+	$(ISAAC_PY) -m pip install -q --upgrade pip
+	$(ISAAC_PY) -m pip install -q $(ISAAC_TORCH_SPEC)
+	$(ISAAC_PY) -m pip install -q $(ISAACLAB_SPEC) $(ISAAC_TORCH_SPEC)
+	$(ISAAC_PY) -m pip install -q -e ".[train]" "pytest>=8" "hypothesis>=6.100" $(ISAAC_TORCH_SPEC)
+	@touch $(ISAAC_STAMP)
+
+isaac: $(ISAAC_STAMP)
+
+# The Isaac Lab tests only (tests/test_isaaclab.py, marker `isaaclab`); offline, on the CPU.
+test-isaac: $(ISAAC_STAMP)
+	$(ISAAC_PY) -m pytest -m isaaclab tests/test_isaaclab.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

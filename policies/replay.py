@@ -82,6 +82,15 @@ class ReplayBuffer:
         self.pos = (self.pos + 1) % self.slots
         self.filled = min(self.filled + 1, self.slots)
 
+    def end_episodes(self) -> None:
+        """Mark the newest stored step of every env as truncated (unless it terminated): the
+        episodes stop there, e.g. because the env was reset outside the trainer's loop. n-step
+        windows then end at that step and bootstrap from its stored next observation."""
+        if self.filled == 0:
+            return
+        newest = (self.pos - 1) % self.slots
+        self.truncated[newest] |= ~self.terminated[newest]
+
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Uniform over written (t, env) pairs; n-step targets y = reward + discount * (1 - done) * V(next_obs)."""
         if self.filled == 0:

@@ -204,7 +204,8 @@ def _plot_rollout(path: Path, rewards: list[float], dt: float, task: str) -> Non
 
 
 @app.command("train")
-def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk, arm-reach, ...) or gymnasium id"),
+def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk, arm-reach, ...), "
+                                           "isaaclab:<Isaac Lab task id> (.venv-isaac) or gymnasium id"),
           algo: str = typer.Option("sac", help="sac | dsac-t"),
           policy: str = typer.Option("gaussian", help="gaussian | pmoe"),
           backend: str = typer.Option("mujoco", help="mujoco | warp (s2r tasks)"),

@@ -496,11 +496,17 @@ class GymnasiumBatchedEnv:
 # =====================================================================================
 def make_env(task_or_gym_id: str, num_envs: int, **kw: Any):
     """An s2r task name (or its s2r/...-v0 gymnasium id) -> BatchedEnv(EnvConfig(...));
-    any other registered gymnasium id -> GymnasiumBatchedEnv. kw: EnvConfig fields for s2r
-    tasks; for gymnasium ids seed, device, vectorization_mode, max_episode_steps and the env's
-    own make() kwargs."""
+    'isaaclab:<Isaac Lab task id>' -> IsaacLabBatchedEnv (sim/isaaclab.py; Isaac Lab imported only
+    then); any other registered gymnasium id -> GymnasiumBatchedEnv. kw: EnvConfig fields for s2r
+    tasks; for Isaac Lab tasks seed, device, physics; for gymnasium ids seed, device,
+    vectorization_mode, max_episode_steps and the env's own make() kwargs."""
+    from s2r.sim.isaaclab import is_isaaclab_task
     from s2r.sim.tasks import TASKS
 
+    if is_isaaclab_task(task_or_gym_id):
+        from s2r.sim.isaaclab import IsaacLabBatchedEnv
+
+        return IsaacLabBatchedEnv(task_or_gym_id, num_envs=num_envs, **kw)
     name = GYM_IDS.get(task_or_gym_id, task_or_gym_id)
     if name in TASKS:
         return BatchedEnv(_env_config(name, num_envs, kw, f"make_env('{task_or_gym_id}')"))
