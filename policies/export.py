@@ -207,7 +207,7 @@ def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random
         META_SPEC_HASH: spec.hash() if spec is not None else NO_SPEC,
         META_SPEC: json.dumps(spec.to_dict()) if spec is not None else NO_SPEC,
         "s2r.spec_note": (f"robot spec '{spec.name}' from {Path(spec.source).name if spec.source else '?'}"
-                          if spec is not None else f"gymnasium task {cfg.task}: no robot spec"),
+                          if spec is not None else f"task {cfg.task} (gymnasium or Isaac Lab): no robot spec"),
         META_ALGO: cfg.algo, META_POLICY_HEAD: cfg.policy, "s2r.task": cfg.task,
         META_RUN_ID: run_id,
         META_OBS_DIM: str(obs_dim), META_ACTION_DIM: str(act_dim),
