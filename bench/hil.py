@@ -91,7 +91,8 @@ def main() -> None:
     p.add_argument("--envs", type=int, default=8)
     p.add_argument("--eval-episodes", type=int, default=16)
     p.add_argument("--utd", type=float, default=0.25, help="gradient updates per transition")
-    p.add_argument("--bc-weight", type=float, default=1.0,
+    # 5: 0.94 at 60 simulated minutes on arm-pick against 0.44 at 30 for weight 1 (docs/BENCHMARKS.md)
+    p.add_argument("--bc-weight", type=float, default=5.0,
                    help="Q-filtered BC weight in hil's actor loss (0: pure RLPD)")
     p.add_argument("--demos", type=int, default=16, help="teleoperated demonstration episodes first (counted)")
     p.add_argument("--methods", default="hil,no-intervention,hg-dagger")
