@@ -2,7 +2,7 @@
 
 One loop for every algorithm and env (s2r tasks and gymnasium ids alike):
 
-    act (random before learning_starts, else the policy on normalised obs)
+    act (random before learning_starts unless init_from, else the policy on normalised obs)
     -> env.step over all envs -> store the transition (final_obs where an episode ended)
     -> update observation normalisers (until learning_starts with freeze_obs_norm)
     -> `updates_per_step` gradient updates on sampled batches
@@ -75,6 +75,9 @@ class TrainConfig:
     max_wall_s: float | None = None  # stop after this many seconds of train() (a fixed wall-clock budget)
     agent: AgentConfig = field(default_factory=AgentConfig)
     env_overrides: dict[str, Any] = field(default_factory=dict)  # EnvConfig fields for s2r tasks
+    # start from this run's newest checkpoint (weights, Adam moments, normalisers; not its step count or
+    # buffer): further training of a policy, e.g. on a shifted robot. The policy acts from the first step.
+    init_from: str | None = None
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
@@ -226,6 +229,8 @@ class Trainer:
                 self.writer = None
         if resume:
             self._resume()
+        elif cfg.init_from is not None:
+            self._init_from(Path(cfg.init_from))
         if _is_main():  # after a resume succeeded: it may have changed total_steps
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
@@ -270,7 +275,19 @@ class Trainer:
                                 f"{self.env_steps} to extend it)")
         self.last_checkpoint = path
 
-    def load_payload(self, ck: dict) -> None:
+    def _init_from(self, run: Path) -> None:
+        """Weights, Adam moments and normalisers of another run's newest checkpoint; this run's own step
+        count, buffer and history start at zero. Spec and layout must match."""
+        path = latest_checkpoint(run)
+        if path is None:
+            raise TrainingError(f"init_from: no valid checkpoint in {run / 'checkpoints'} (not a training run?)")
+        ck = load_checkpoint(path, expected_spec=self.env.spec, map_location=self.device)
+        if (ck.get("algo"), ck.get("policy")) != (self.cfg.algo, self.cfg.policy):
+            raise TrainingError(f"init_from {path}: trained as {ck.get('algo')}/{ck.get('policy')}, this run is "
+                                f"{self.cfg.algo}/{self.cfg.policy}")
+        self._load_weights(ck)
+
+    def _load_weights(self, ck: dict) -> None:
         for k in ("obs_dim", "critic_obs_dim", "action_dim"):
             if int(ck[k]) != getattr(self.env, k):
                 raise CheckpointError(f"checkpoint {k} = {int(ck[k])} but the env has {getattr(self.env, k)}: "
@@ -279,6 +296,9 @@ class Trainer:
         self.agent.load_optim_state_dict(ck["optim"])
         self.obs_norm.load_state_dict(ck["obs_norm"])
         self.critic_norm.load_state_dict(ck["critic_norm"])
+
+    def load_payload(self, ck: dict) -> None:
+        self._load_weights(ck)
         set_rng_state(ck["rng"])
         self.gen.set_state(ck["gen"].cpu())
         self.env_steps = int(ck["env_steps"])
@@ -296,7 +316,7 @@ class Trainer:
         return self.obs_norm.normalize(p), self.critic_norm.normalize(c)
 
     def _act(self, obs) -> torch.Tensor:
-        if self.env_steps < self.cfg.learning_starts:
+        if self.env_steps < self.cfg.learning_starts and self.cfg.init_from is None:
             return torch.rand(self.local_envs, self.env.action_dim, generator=self.gen).to(self.device) * 2 - 1
         return self.agent.act(self._norm(obs)[0])
 

@@ -223,6 +223,11 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
           checkpoint_every: Optional[int] = typer.Option(None, help="env steps between checkpoints"),
           eval_every: Optional[int] = typer.Option(None, help="env steps between evaluations"),
           checkpoint_buffer: bool = typer.Option(False, help="store the replay buffer in checkpoints"),
+          init_from: Optional[Path] = typer.Option(None, help="start from this run's newest checkpoint (weights, "
+                                                   "Adam moments, normalisers): train a policy further, e.g. on a "
+                                                   "shifted robot"),
+          env_override: list[str] = typer.Option([], "--env-override", help="shift the task: KEY=VALUE, e.g. "
+                                                 "randomization.motor_strength=0.8 (repeatable)"),
           progress: bool = typer.Option(True, "--progress/--no-progress")):
     """Train SAC or DSAC-T (Gaussian or PMOE head) on a task; writes a run directory.
     With --resume RUN the run's config.yaml decides everything but --steps, which sets its total."""
@@ -256,7 +261,8 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                                                 ("--device", device), ("--utd", utd), ("--batch-size", batch_size),
                                                 ("--bf16/--no-bf16", bf16), ("--compile/--no-compile", compile),
                                                 ("--checkpoint-every", checkpoint_every),
-                                                ("--eval-every", eval_every)) if value is not None]
+                                                ("--eval-every", eval_every), ("--init-from", init_from),
+                                                ("--env-override", env_override or None)) if value is not None]
             if ignored:
                 _note(f"{', '.join(ignored)} ignored with --resume: the run's {cfg_path} decides")
             if steps is not None and steps != cfg.total_steps:
@@ -275,6 +281,14 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                          backend=backend, device=device, threads=threads, updates_per_step=utd,
                          batch_size=batch_size, checkpoint_buffer=checkpoint_buffer, progress=progress,
                          checkpoint_every=checkpoint_every, eval_every=eval_every)
+            if env_override:
+                from s2r.sim.overrides import merge_overrides, parse_env_overrides
+
+                cfg.env_overrides = merge_overrides(cfg.env_overrides, parse_env_overrides(env_override, task))
+            if init_from is not None:
+                if not (init_from / "config.yaml").is_file():
+                    _fail(f"--init-from {init_from}: no config.yaml there (not a run directory)")
+                cfg.init_from = str(init_from)
             run_dir = out or Path("runs") / f"{task.replace('/', '_')}-{algo}-{policy}-{seed}"
             if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
                 _fail(f"{run_dir} already holds a run; pass --resume {run_dir} or another --out")

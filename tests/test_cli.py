@@ -119,6 +119,24 @@ def test_resume_with_steps_extends_the_run_and_says_so(tmp_path):
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["total_steps"] == 500  # left as it was
 
 
+def test_train_env_override_and_init_from_reach_the_run_config(tmp_path):
+    import yaml
+
+    common = ("--steps", "200", "--checkpoint-every", "200", "--eval-every", "100000", "--no-progress")
+    src = tmp_path / "src"
+    r = run("train", "--task", "Pendulum-v1", "--out", str(src), *common, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("train", "--task", "Pendulum-v1", "--out", str(tmp_path / "dst"), "--init-from", str(src), *common,
+            timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert yaml.safe_load((tmp_path / "dst" / "config.yaml").read_text())["init_from"] == str(src)
+    assert_one_error_line(run("train", "--task", "humanoid-stand", "--out", str(tmp_path / "x"),
+                              "--env-override", "randomization.motor_strenght=0.8", *common),
+                          "--env-override randomization.motor_strenght: no such field")
+    assert_one_error_line(run("train", "--task", "Pendulum-v1", "--out", str(tmp_path / "y"),
+                              "--init-from", str(tmp_path), *common), "not a run directory")
+
+
 def test_ros_sim_of_a_corrupt_policy_is_one_error_line(tmp_path):
     bad = tmp_path / "cut.onnx"
     bad.write_bytes(PRETRAINED.read_bytes()[:5000])

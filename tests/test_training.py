@@ -76,6 +76,39 @@ def test_checkpoint_from_another_robot_spec_is_refused(tmp_path):
         load_checkpoint(latest_checkpoint(tmp_path), expected_spec_hash="0000000000000000")
 
 
+def test_init_from_starts_a_new_run_from_another_runs_weights_on_a_shifted_robot(tmp_path):
+    """Further training of a policy (e.g. on a shifted robot): weights, Adam moments and normalisers come
+    from the source run; steps, buffer and history start at zero; the policy acts from the first step."""
+    kw = dict(num_envs=2, total_steps=40, learning_starts=20, batch_size=16, checkpoint_every=40, eval_episodes=1)
+    src = small("humanoid-stand", env_overrides={"episode_length_s": 0.2}, **kw)
+    src.agent.bf16 = False
+    Trainer(src, tmp_path / "src").train()
+    ck = load_checkpoint(latest_checkpoint(tmp_path / "src"))
+    cfg = small("humanoid-stand", init_from=str(tmp_path / "src"), **kw,
+                env_overrides={"episode_length_s": 0.2, "task_overrides": {"randomization": {"motor_strength": [0.8, 0.8]}}})
+    cfg.agent.bf16 = False
+    tr = Trainer(cfg, tmp_path / "dst")
+    assert tr.env_steps == 0 and len(tr.buffer) == 0 and tr.eval_history == []
+    for k, v in ck["agent"].items():
+        assert torch.equal(tr.agent.state_dict()[k], v), k
+    assert torch.equal(tr.obs_norm.state_dict()["mean"], ck["obs_norm"]["mean"])
+    obs = tr.env.reset(seed=3)
+    torch.manual_seed(0)
+    a = tr._act(obs)  # the policy's sample, not the warm-up's uniform draw
+    torch.manual_seed(0)
+    assert torch.equal(a, tr.agent.act(tr._norm(obs)[0]))
+    tr.train()
+    assert int(load_checkpoint(latest_checkpoint(tmp_path / "dst"))["env_steps"]) == 40
+
+    wrong = small("humanoid-stand", algo="dsac-t", init_from=str(tmp_path / "src"), **kw)
+    with pytest.raises(TrainingError, match="trained as sac/gaussian, this run is dsac-t/gaussian"):
+        Trainer(wrong, tmp_path / "dst2")
+    with pytest.raises(TrainingError, match="no valid checkpoint"):
+        Trainer(small("humanoid-stand", init_from=str(tmp_path / "none"), **kw), tmp_path / "dst3")
+    with pytest.raises(CheckpointError, match="spec"):  # another robot: refused by the spec check
+        Trainer(small("arm-reach", init_from=str(tmp_path / "src"), **kw), tmp_path / "dst4")
+
+
 def test_nan_in_a_loss_stops_with_the_step_and_term_named(tmp_path):
     tr = Trainer(small(total_steps=1000), tmp_path)
     real = tr.agent.update
