@@ -1,17 +1,22 @@
 """Sim-to-"real" on a shifted robot: world-model finetuning vs model-free SAC finetuning vs none, one run.
 
-    python bench/wm_finetune.py --run RUN [--quick] [--threads N] [--seed S]
+    python bench/wm_finetune.py --run RUN [--reference REF] [--shift KEY=VALUE ...] [--sac-budgets 1,5]
+                                [--quick] [--threads N] [--seed S]
 
 RUN: a humanoid-stand training run (`s2r train --task humanoid-stand`). The "real" robot is the same task
-shifted (weaker motors, heavier links: SHIFT below; the usual randomisation and pushes stay on), in 5 s
-episodes. Without --run, --quick trains a tiny run first (a policy that barely stands: a smoke test).
+shifted (weaker motors, heavier links: SHIFT below, or --shift; the usual randomisation and pushes stay on),
+in 5 s episodes. Without --run, --quick trains a tiny run first (a policy that barely stands: a smoke test).
+REF: a policy trained on the target (e.g. `s2r train --init-from RUN --env-override ...`), evaluated like
+the others; it defines the gap that finetuning should recover: (none - arm) / (none - reference).
   0. a world model of the NOMINAL task (the run's own env) from rollouts of the run's policy with action
      noise: what one would have before meeting the robot;
   1. none: the pretrained deterministic policy on the target, E episodes (same seeds for every arm);
   2. wm:   world_models/finetune.py: R rounds of K deterministic target steps -> model update -> imagined
            rollouts (horizon ramp) -> SAC updates with real_ratio real data;
   3. sac:  model-free SAC finetuning on the target: the same pretrained agent acts stochastically there
-           (as a trainer would), the same number of target steps and the same number of updates.
+           (as a trainer would), the same updates per target step; evaluated after each budget of
+           --sac-budgets (multiples of the wm arm's target steps: 1,5 asks whether world-model finetuning
+           needs 5x fewer target steps).
 Per arm: target steps used, falls on the target during finetuning, final fall rate and return over the
 E evaluation episodes. Last line: one JSON object.
 """
@@ -30,7 +35,7 @@ from s2r.policies.evaluate import evaluate_policy, load_run, policy_act
 from s2r.policies.normalizer import RunningNorm
 from s2r.policies.replay import ReplayBuffer
 from s2r.sim.gym import make_env
-from s2r.sim.overrides import merge_overrides
+from s2r.sim.overrides import merge_overrides, parse_env_overrides
 from s2r.world_models.data import collect_rollouts
 from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig, save_world_model
 from s2r.world_models.finetune import NominalSimTerms, WMFinetuneConfig, WorldModelFinetuner, agent_update
@@ -38,6 +43,7 @@ from s2r.world_models.imagined_env import ImaginedEnvConfig
 from s2r.world_models.train import FitConfig, train_diffusion
 
 SHIFT = {"motor_strength": [0.8, 0.8], "mass_scale": [1.1, 1.1]}  # 20 % weaker motors, 10 % heavier links
+SHIFT_ARGS = [f"randomization.{k}={v[0]}" for k, v in SHIFT.items()]
 
 
 def settings(quick: bool) -> dict:
@@ -88,8 +94,10 @@ def evaluate(run_agent, target: dict, task: str, episodes: int, seed: int) -> di
         env.close()
 
 
-def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int) -> dict:
-    """SAC finetuning directly on the target: stochastic actions there, the same target steps and updates."""
+def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int, budgets: list[int], task: str,
+               eval_envs: int, eval_seed: int) -> dict:
+    """SAC finetuning directly on the target: stochastic actions there, the wm arm's updates per target step.
+    budgets: multiples of the wm arm's target steps; the policy is evaluated after each."""
     cfg, agent, norm, ck, _ = load_run(run)
     agent.train()
     agent.load_optim_state_dict(ck["optim"])  # as the world-model arm: the Adam moments it trained with
@@ -99,12 +107,15 @@ def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int) -> di
     cnorm = RunningNorm(int(ck["critic_obs_dim"]))
     cnorm.load_state_dict(ck["critic_norm"])
     cnorm.freeze()
-    n, steps = ft["target_envs"], ft["rounds"] * ft["real_steps"]
+    n, unit = ft["target_envs"], ft["rounds"] * ft["real_steps"]
+    steps = unit * max(budgets)
+    updates *= max(budgets)
     env = make_env(cfg.task, n, seed=seed, **target)
     nominal = NominalSimTerms.for_target(env, env.spec, cnorm)  # as the world-model arm's critics see them
     buf = ReplayBuffer(n * steps, n, env.obs_dim, env.critic_obs_dim, env.action_dim, "cpu", gamma=agent.cfg.gamma)
     gen = torch.Generator().manual_seed(seed + 7)
     falls = episodes = done_updates = 0
+    at: dict = {}
     obs = env.reset(seed=seed)
     try:
         for i in range(steps):
@@ -119,16 +130,19 @@ def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int) -> di
             falls, episodes = falls + int(term.sum()), episodes + int(d.sum())
             obs = nxt
             # spread evenly once a batch's worth of data (or a quarter of the run's) is in: the wm arm's total
-            while done_updates < updates * (i + 1) // steps and len(buf) >= min(ft["batch_size"], n * steps // 4):
+            while done_updates < updates * (i + 1) // steps and len(buf) >= min(ft["batch_size"], n * unit // 4):
                 b = buf.sample(ft["batch_size"], gen)
                 for k, nm in (("obs", norm), ("next_obs", norm), ("critic_obs", cnorm), ("next_critic_obs", cnorm)):
                     b[k] = nm.normalize(b[k])
                 agent_update(agent, b, critic_only=done_updates < ft.get("critic_warmup", 0))
                 done_updates += 1
+            if (i + 1) % unit == 0 and (i + 1) // unit in budgets:  # a budget spent: how good is it now?
+                at[(i + 1) // unit] = {"target_steps": n * (i + 1), "target_falls": falls, "target_episodes": episodes,
+                                       "updates": done_updates,
+                                       **evaluate((agent, norm), target, task, eval_envs, eval_seed)}
     finally:
         env.close()
-    return {"agent": (agent, norm), "target_steps": n * steps, "target_falls": falls, "target_episodes": episodes,
-            "updates": done_updates}
+    return at
 
 
 def main() -> None:
@@ -140,6 +154,12 @@ def main() -> None:
     ap.add_argument("--critic-warmup", type=int, default=None, help="critic-only updates first (both arms)")
     ap.add_argument("--lr-actor", type=float, default=None, help="actor learning rate while finetuning (both arms)")
     ap.add_argument("--arms", default="none,wm,sac", help="which of none, wm, sac to run (comma-separated)")
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="a run trained on the target: the gap finetuning should recover")
+    ap.add_argument("--shift", action="append", default=None, metavar="KEY=VALUE",
+                    help=f"the target robot, as s2r's --env-override (repeatable; default {' '.join(SHIFT_ARGS)})")
+    ap.add_argument("--sac-budgets", default="1", help="model-free arm: evaluate after these multiples of the wm "
+                                                        "arm's target steps (e.g. 1,5)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/s2r_bench_wm_finetune"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -153,6 +173,11 @@ def main() -> None:
         ap.error(f"--arms takes a comma-separated subset of none, wm, sac; got {args.arms!r}")
     if "sac" in arms and "wm" not in arms:
         ap.error("--arms: the sac arm makes as many updates as the wm arm; run it together with wm")
+    try:
+        budgets = sorted({int(b) for b in args.sac_budgets.split(",") if b.strip()})
+        assert budgets and budgets[0] >= 1
+    except (ValueError, AssertionError):
+        ap.error(f"--sac-budgets takes comma-separated whole numbers >= 1, got {args.sac_budgets!r}")
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     run = args.run
@@ -161,7 +186,11 @@ def main() -> None:
             ap.error("--run RUN (a humanoid-stand training run) is needed without --quick")
         run = tiny_run(args.work / f"tiny_run_{int(time.time())}", args.seed)
     task = load_run(run)[0].task
-    target = {"episode_length_s": s["episode_s"], "task_overrides": {"randomization": SHIFT}}
+    try:
+        shift = parse_env_overrides(args.shift or SHIFT_ARGS, task)
+    except ValueError as e:
+        ap.error(str(e).replace("--env-override", "--shift"))
+    target = merge_overrides({"episode_length_s": s["episode_s"]}, shift)
     wm_path, t_wm = world_model(run, args.work / "wm_nominal.pt", s, args.seed) if "wm" in arms else (None, 0.0)
     eval_seed = 2000 + args.seed
     out: dict = {}
@@ -170,6 +199,10 @@ def main() -> None:
         cfg0, agent0, norm0, *_ = load_run(run)
         out["none"] = {"target_steps": 0, "target_falls": 0,
                        **evaluate((agent0, norm0), target, task, s["eval_envs"], eval_seed)}
+    if args.reference is not None:
+        cfg_r, agent_r, norm_r, ck_r, _ = load_run(args.reference)
+        out["reference"] = {"target_steps": int(ck_r["env_steps"]), "target_falls": None,
+                            **evaluate((agent_r, norm_r), target, task, s["eval_envs"], eval_seed)}
 
     if "wm" in arms:
         t = time.perf_counter()
@@ -186,15 +219,26 @@ def main() -> None:
 
     if "sac" in arms:
         t = time.perf_counter()
-        mf = model_free(run, target, s["ft"], out["wm"]["updates"], args.seed)
-        out["sac"] = {**{k: v for k, v in mf.items() if k != "agent"},
-                      **evaluate(mf["agent"], target, task, s["eval_envs"], eval_seed),
-                      "wall_s": round(time.perf_counter() - t, 1)}
+        at = model_free(run, target, s["ft"], out["wm"]["updates"], args.seed, budgets, task, s["eval_envs"],
+                        eval_seed)
+        for b, r in at.items():
+            out["sac" if b == 1 else f"sac_x{b}"] = r
+        out["sac" if 1 in at else f"sac_x{min(at)}"]["wall_s"] = round(time.perf_counter() - t, 1)
 
+    if "none" in out and "reference" in out:
+        for name, r in out.items():  # share of the none -> reference gap that the arm closes
+            gap = out["none"]["terminated_rate"] - out["reference"]["terminated_rate"]
+            r["fall_gap_recovered"] = (round((out["none"]["terminated_rate"] - r["terminated_rate"]) / gap, 3)
+                                       if gap > 0 else None)
+            rgap = out["reference"]["return_mean"] - out["none"]["return_mean"]
+            r["return_gap_recovered"] = (round((r["return_mean"] - out["none"]["return_mean"]) / rgap, 3)
+                                         if rgap > 0 else None)
     for name, r in out.items():
-        print(f"{name:5s} target steps {r['target_steps']:5d}  falls while finetuning {r['target_falls']:3d}  "
-              f"final fall rate {r['terminated_rate']:.3f}  return {r['return_mean']:.1f}")
-    summary = {"bench": "wm_finetune", "quick": args.quick, "run": str(run), "task": task, "shift": SHIFT,
+        falls = "    -" if r["target_falls"] is None else f"{r['target_falls']:5d}"
+        print(f"{name:9s} target steps {r['target_steps']:7d}  falls while finetuning {falls}  "
+              f"final fall rate {r['terminated_rate']:.3f}  return {r['return_mean']:.1f}"
+              + (f"  gap recovered {r['fall_gap_recovered']}" if r.get("fall_gap_recovered") is not None else ""))
+    summary = {"bench": "wm_finetune", "quick": args.quick, "run": str(run), "task": task, "target": target,
                "episode_s": s["episode_s"], "eval_episodes": s["eval_envs"], "world_model_s": round(t_wm, 1),
                "settings": {k: v for k, v in s["ft"].items() if k != "imagined"}, "arms": out,
                "wall_s": round(time.perf_counter() - t0, 1), "threads": args.threads, "machine": machine_info()}
