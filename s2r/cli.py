@@ -370,6 +370,8 @@ def ros_sim(policy: Path = typer.Argument(..., help="exported ONNX policy (s2r e
             yaw_rate: float = typer.Option(0.0, help="/cmd_vel angular z, rad/s"),
             video: Optional[Path] = typer.Option(None, help="write the sim bridge's trajectory as MP4"),
             out: Optional[Path] = typer.Option(None, help="also write the JSON report here"),
+            shift: list[str] = typer.Option([], "--shift", help="the simulated robot differs from the model: "
+                                            "FIELD=SCALE, e.g. motor_strength=0.8 (repeatable)"),
             strict: bool = typer.Option(False, help="exit 1 unless the robot stayed up in POLICY mode")):
     """Sim-to-sim over ROS 2: the policy node drives the MuJoCo sim bridge over DDS (gantry, ramp,
     start, release, hold /cmd_vel), then reports height, tilt and command tracking."""
@@ -379,6 +381,12 @@ def ros_sim(policy: Path = typer.Argument(..., help="exported ONNX policy (s2r e
     if not policy.is_file():
         _fail(f"policy file '{policy}' not found (make one with: s2r export RUN --out policy.onnx)")
     _check_policy(policy, spec)
+    from s2r.sim.randomization import parse_model_shift
+
+    try:
+        model_shift = ",".join(f"{k}={v}" for k, v in parse_model_shift(",".join(shift)).items())
+    except ValueError as e:
+        _fail(f"--shift: {e}")
     try:
         from s2r.ros.sim_loop import SimLoopConfig, render_trajectory, run_sim_loop
     except ImportError as e:
@@ -387,7 +395,7 @@ def ros_sim(policy: Path = typer.Argument(..., help="exported ONNX policy (s2r e
 
     try:
         report = run_sim_loop(SimLoopConfig(policy_path=str(policy), robot_spec=spec, seconds=seconds,
-                                            command=(vx, vy, yaw_rate)))
+                                            command=(vx, vy, yaw_rate), model_shift=model_shift))
     except (SpecError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(report.summary())

@@ -31,6 +31,39 @@ class RandomizationConfig:
     push_velocity: float = 0.0  # m/s, uniform +- on base xy velocity; 0 disables pushes
 
 
+SCALE_FIELDS = ("friction", "mass_scale", "kp_scale", "kd_scale", "motor_strength", "joint_friction", "armature")
+
+
+def parse_model_shift(text: str) -> dict[str, float]:
+    """'motor_strength=0.8, mass_scale=1.1' -> {field: scale}: one robot that differs from the model by
+    fixed scales (the ROS sim bridge's stand-in for a real robot). ValueError naming a bad entry."""
+    out: dict[str, float] = {}
+    for item in (t.strip() for t in text.replace(" ", ",").split(",")):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("randomization.")
+        if not sep or key not in SCALE_FIELDS:
+            raise ValueError(f"model shift {item!r}: expected FIELD=SCALE with FIELD one of {list(SCALE_FIELDS)}")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"model shift {item!r}: the scale is not a number") from None
+        if not (np.isfinite(v) and v > 0):
+            raise ValueError(f"model shift {item!r}: the scale must be a finite number > 0")
+        out[key] = v
+    return out
+
+
+def fixed_shift_overrides(shift: dict[str, float]) -> dict:
+    """Task overrides for a deterministic robot: every randomisation term off (no noise, pushes or delay)
+    except the given scales, fixed at their value for every env and every reset."""
+    r: dict = {f: [1.0, 1.0] for f in SCALE_FIELDS}
+    r.update(com_offset=0.0, latency_steps=[0, 0], obs_noise={}, push_velocity=0.0, enabled=True)
+    r.update({k: [v, v] for k, v in shift.items()})
+    return {"randomization": r}
+
+
 def _u(gen: torch.Generator, lo: float, hi: float, shape) -> np.ndarray:
     return (lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)).numpy()
 

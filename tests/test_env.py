@@ -121,6 +121,32 @@ def test_randomisation_off_keeps_the_nominal_model():
     assert env.backend.env_model(1) is env.model
 
 
+def test_a_fixed_model_shift_is_one_deterministic_robot():
+    """The ROS sim bridge's shifted robot: the given scales exactly, every other term nominal, at every reset."""
+    from s2r.sim.randomization import fixed_shift_overrides, parse_model_shift
+
+    shift = parse_model_shift("motor_strength=0.8, randomization.mass_scale=1.1")
+    assert shift == {"motor_strength": 0.8, "mass_scale": 1.1}
+    env = make(num_envs=2, randomize=True, seed=3, task_overrides=fixed_shift_overrides(shift))
+    nom = env.randomizer.nominal
+    act = env.index.joint_act
+    for _ in range(2):
+        env.reset()
+        for i in range(2):
+            m = env.backend.env_model(i)
+            np.testing.assert_allclose(m.actuator_forcerange[act], 0.8 * nom["actuator_forcerange"][act])
+            np.testing.assert_allclose(m.actuator_gainprm[act, 0], 0.8 * nom["actuator_gainprm"][act, 0])
+            np.testing.assert_allclose(m.body_mass[1:], 1.1 * nom["body_mass"][1:])
+            np.testing.assert_allclose(m.geom_friction, nom["geom_friction"])
+            np.testing.assert_allclose(m.body_ipos, nom["body_ipos"])
+            np.testing.assert_allclose(m.dof_frictionloss, nom["dof_frictionloss"])
+    assert env.latency.max() == 0 and env.rand_cfg.push_velocity == 0.0
+    for bad, message in (("motor_strength", "expected FIELD=SCALE"), ("strength=0.8", "expected FIELD=SCALE"),
+                         ("mass_scale=heavy", "not a number"), ("friction=-1", "finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            parse_model_shift(bad)
+
+
 def test_pushes_kick_the_base_velocity():
     env = make(num_envs=2, randomize=True, seed=0)
     env.rand_cfg = dataclasses.replace(env.rand_cfg, push_velocity=1.0, push_interval_s=(0.02, 0.02),

@@ -353,6 +353,20 @@ def test_policy_drives_the_sim_bridge_at_the_control_rate(ctx, policy_file):
         assert d["mode"] == "POLICY" and d["policy_steps"] > 0 and "interventions" in d
 
 
+def test_the_sim_bridge_simulates_a_shifted_robot_and_names_a_bad_shift(ctx):
+    from s2r.ros.sim_bridge import SimBridgeNode
+
+    sim = SimBridgeNode(context=ctx, parameter_overrides=[Parameter("model_shift", value="motor_strength=0.8")])
+    try:
+        m, nom, act = sim.env.backend.env_model(0), sim.env.randomizer.nominal, sim.env.index.joint_act
+        np.testing.assert_allclose(m.actuator_forcerange[act], 0.8 * nom["actuator_forcerange"][act])
+        np.testing.assert_allclose(m.body_mass, nom["body_mass"])
+    finally:
+        sim.destroy_node()
+    with pytest.raises(ValueError, match="model shift 'motor_strength=x': the scale is not a number"):
+        SimBridgeNode(context=ctx, parameter_overrides=[Parameter("model_shift", value="motor_strength=x")])
+
+
 # ---- (g) timing diagnostics (what bench/ros_loop.py reads; timing targets belong to the bench) --------------
 
 def test_diagnostics_time_each_tick_and_name_the_joint_state_behind_its_command(ctx):

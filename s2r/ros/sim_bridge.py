@@ -49,6 +49,7 @@ from std_msgs.msg import Float64MultiArray
 from std_srvs.srv import Trigger
 
 from s2r.sim.env import BatchedEnv, EnvConfig
+from s2r.sim.randomization import fixed_shift_overrides, parse_model_shift
 
 try:
     from rosgraph_msgs.msg import Clock
@@ -74,14 +75,18 @@ class SimBridgeNode(Node):
         self.declare_parameter("publish_task_poses", True)  # the task's goal/object as /goal_pose, /object_pose
         self.declare_parameter("max_gain_scale", 1.5)  # impedance: kp, kd above this x the spec's are clipped
         self.declare_parameter("record_path", "")  # .npz: every tick's qpos, written at shutdown ("" = off)
+        # a robot that differs from the model by fixed scales, e.g. "motor_strength=0.8,mass_scale=1.1" ("" = none)
+        self.declare_parameter("model_shift", "")
         p = lambda name: self.get_parameter(name).value  # noqa: E731
 
         self.command_mode = str(p("command_mode"))
         if self.command_mode not in COMMAND_MODES:
             raise ValueError(f"command_mode must be one of {COMMAND_MODES}, got '{self.command_mode}'")
+        self.model_shift = parse_model_shift(str(p("model_shift")))
+        overrides = {"init_joint_noise": 0.0, **(fixed_shift_overrides(self.model_shift) if self.model_shift else {})}
         self.env = BatchedEnv(EnvConfig(task=p("task"), num_envs=1, nthread=1, seed=int(p("seed")),
-                                        spec=p("robot_spec") or None, randomize=False, episode_length_s=1e9,
-                                        task_overrides={"init_joint_noise": 0.0}, joint_torque_sensors=True))
+                                        spec=p("robot_spec") or None, randomize=bool(self.model_shift),
+                                        episode_length_s=1e9, task_overrides=overrides, joint_torque_sensors=True))
         self.env.reset()
         self.spec, self.task = self.env.spec, self.env.task
         spec = self.spec

@@ -52,6 +52,8 @@ class SimLoopConfig:
     sensor_timeout: float = 0.25
     goals: tuple = DEFAULT_GOALS  # arm: /goal_pose positions, one after the other
     goal_seconds: float = 4.0  # arm: wall-clock seconds each goal is held
+    # the sim bridge's robot differs from the model by these fixed scales ("motor_strength=0.8,mass_scale=1.1")
+    model_shift: str = ""
     goal_tolerance: float = 0.03  # m: an arm goal counts as reached when the end effector ends this close
 
 
@@ -142,6 +144,8 @@ class _Bridge:
                 "-p", f"record_path:={record_path}", "-p", f"task:={task}", "-p", f"command_mode:={cfg.command_mode}",
                 "-p", f"robot_spec:={cfg.robot_spec}", "-p", f"seed:={cfg.seed}",
                 "-p", "publish_task_poses:=false"]  # goals come from this loop, as from an operator
+        if cfg.model_shift:
+            args += ["-p", f"model_shift:={cfg.model_shift}"]
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def output(self) -> str:
