@@ -11,7 +11,10 @@ in --noise) and measured on held-out rollouts from another seed:
   2. failure agreement: from held-out states, open-loop for 25 steps with the real actions; does the
      model (termination or leaving the safe set) predict the falls the rollouts show?
   3. uncertainty-error correlation (Spearman; diffusion: spread of 8 samples; ensemble: MOPO max std);
-  4. imagined transitions/s at batch 4096 with 3 Euler steps, against the measured matmul ceiling: the
+  4. imagined-vs-real return of fixed policies (the shipped policy, deterministic and with action noise std
+     0.3): rollouts of each policy held out; from their states the policy acts on each model's predictions
+     for H_ret steps (closed loop, as in imagination); relative gap of the mean returns and their correlation;
+  5. imagined transitions/s at batch 4096 with 3 Euler steps, against the measured matmul ceiling: the
      same denoiser's matmuls at the same shapes as a raw torch.mm chain.
 Last line: one JSON object (h10_error_ratio_vs_ensemble: diffusion H=10 error / the better ensemble mode's,
 humanoid-stand; imagined_per_s; ...).
@@ -33,7 +36,8 @@ from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig
 from s2r.world_models.ensemble import EnsembleConfig, ProbabilisticEnsemble, train_ensemble
 from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
 from s2r.world_models.train import (FitConfig, diffusion_stepper, diffusion_uncertainty, failure_agreement,
-                                    horizon_errors, one_step_error, train_diffusion, uncertainty_calibration)
+                                    horizon_errors, one_step_error, return_gap, train_diffusion,
+                                    uncertainty_calibration)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = (("humanoid-stand", "policies/pretrained/g1_stand.onnx"), ("arm-reach", "policies/pretrained/panda_reach.onnx"))
@@ -42,9 +46,9 @@ TASKS = (("humanoid-stand", "policies/pretrained/g1_stand.onnx"), ("arm-reach", 
 def settings(quick: bool) -> dict:
     if quick:
         return dict(envs=12, steps=120, held_envs=6, held_steps=100, width=128, blocks=2, fit_steps=300,
-                    ens_steps=300, H=20, batch=256)
+                    ens_steps=300, H=20, batch=256, H_ret=10, ret_envs=4, ret_steps=60)
     return dict(envs=32, steps=400, held_envs=16, held_steps=250, width=256, blocks=4, fit_steps=2500,
-                ens_steps=2500, H=50, batch=256)
+                ens_steps=2500, H=50, batch=256, H_ret=25, ret_envs=16, ret_steps=250)
 
 
 def bench_task(task: str, policy: str, s: dict, noise: tuple[float, float], seed: int = 0) -> dict:
@@ -90,6 +94,15 @@ def bench_task(task: str, policy: str, s: dict, noise: tuple[float, float], seed
         lambda st, a: (lambda r: (r[3], r[0]))(ens.predict(st, a, sample=True, generator=g)), held, k))
     best_ens = min(float(curves["ensemble_sample"][9]), float(curves["ensemble_mean"][9]))
     out["h10_error_ratio_vs_ensemble"] = float(curves["diffusion"][9]) / best_ens
+    sigma, gn = 0.3, torch.Generator().manual_seed(seed + 5)
+    fixed = {"deterministic": (act, (0.0, 0.0)),
+             f"noise_{sigma}": (lambda o: (act(o) + sigma * torch.randn(o.shape[0], spec.action_dim,
+                                                                      generator=gn)).clamp(-1, 1), (sigma, sigma))}
+    out["return_gap"] = {}
+    for pname, (pol, pnoise) in fixed.items():
+        real = collect_rollouts(task, act, s["ret_envs"], s["ret_steps"], pnoise, seed + 2000)
+        out["return_gap"][pname] = {name: return_gap(step, pol, real, k, s["H_ret"], clamp=clamp, fallen=fallen)
+                                    for name, step in steppers.items()}
     out["curves"] = {n: [round(float(v), 4) for v in c] for n, c in curves.items()}
     out["_model"] = dm
     return out
@@ -154,12 +167,19 @@ def main() -> None:
         print(f"u-error Spearman: diffusion {r['diffusion']['u_error_spearman']:.3f}, "
               f"ensemble (MOPO) {r['ensemble_sample']['u_error_spearman']:.3f}; "
               f"H=10 error ratio diffusion/ensemble {r['h10_error_ratio_vs_ensemble']:.3f}")
+        for pname, per in r["return_gap"].items():
+            g0 = next(iter(per.values()))
+            print(f"return over {g0['horizon']} steps, policy {pname} ({g0['windows']} windows, real mean "
+                  f"{g0['real_return_mean']:.2f}, real falls {g0['real_fall_share']:.2f}): " + "; ".join(
+                      f"{n} gap {g['relative_gap']:+.3f} r={g['return_pearson']:.2f} falls {g['imagined_fall_share']:.2f}"
+                      for n, g in per.items()))
     print(f"\nimagined transitions/s at batch {speed['batch']}, {speed['sampling_steps']} Euler steps "
           f"({speed['network']}): {speed['imagined_per_s']:.0f}; matmul ceiling {speed['matmul_ceiling_per_s']:.0f} "
           f"({speed['matmul_gflops']:.1f} GFLOP/s) -> {100 * speed['share_of_ceiling']:.0f} %")
     summary = {"bench": "world_model", "quick": args.quick, "threads": args.threads, "machine": machine_info(),
                "h10_error_ratio_vs_ensemble": results[0]["h10_error_ratio_vs_ensemble"],
                "h10_error_ratio_vs_ensemble_arm": results[1]["h10_error_ratio_vs_ensemble"],
+               "return_gap_diffusion": results[0]["return_gap"]["deterministic"]["diffusion"]["relative_gap"],
                "imagined_per_s": speed["imagined_per_s"], "matmul_ceiling_per_s": speed["matmul_ceiling_per_s"],
                "share_of_matmul_ceiling": speed["share_of_ceiling"],
                "tasks": {r["task"]: {k: v for k, v in r.items() if k != "curves"} for r in results},

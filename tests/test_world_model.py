@@ -444,3 +444,41 @@ def test_wm_eval_refuses_a_corrupt_model(tmp_path):
     (tmp_path / "wm.pt").write_bytes(b"S2R-CKPT" + b"\0" * 100)
     r = _wm("eval", tmp_path / "wm.pt")
     assert r.exit_code == 2 and "error: checkpoint" in r.output and "corrupt" in r.output, r.output
+
+
+def _linear_rollouts(episodes: int = 6, T: int = 30, fall_at: float = 3.0):
+    """s' = s + a with the policy a = 0.1 + 0.02 s, reward 1 - |s| / 4, a fall when s > fall_at; 1-d."""
+    rows = {k: [] for k in ("state", "action", "reward", "next_state", "terminated", "episode")}
+    for e in range(episodes):
+        s = torch.tensor([0.5 * e])
+        for _ in range(T):
+            a = 0.1 + 0.02 * s
+            n = s + a
+            for k, v in (("state", s), ("action", a), ("reward", 1 - s.abs() / 4), ("next_state", n),
+                         ("terminated", torch.tensor([bool(n[0] > fall_at)])), ("episode", torch.tensor([e]))):
+                rows[k].append(v)
+            if n[0] > fall_at:
+                break
+            s = n
+    st = {k: torch.stack(v) for k, v in rows.items()}
+    return Transitions(st["state"], st["action"], st["reward"][:, 0], st["next_state"], st["terminated"][:, 0],
+                       st["episode"][:, 0], None, "policy", None)
+
+
+def test_return_gap_is_zero_for_the_true_model_and_measures_a_biased_one():
+    from s2r.world_models.train import return_gap
+
+    data = _linear_rollouts()
+    policy = lambda o: 0.1 + 0.02 * o  # noqa: E731
+
+    def true_model(s, a, bias=0.0):  # s [B, k, 1], a [B, k, 1]
+        n = s[:, -1] + a[:, -1]
+        return n, 1 - s[:, -1, 0].abs() / 4 + bias, n[:, 0] > 3.0
+
+    g = return_gap(true_model, policy, data, k=2, H=10, stride=1)
+    assert g["windows"] > 20 and abs(g["relative_gap"]) < 1e-5 and g["return_pearson"] > 0.9999
+    assert 0 < g["real_fall_share"] == g["imagined_fall_share"]
+    biased = return_gap(lambda s, a: true_model(s, a, bias=0.5), policy, data, k=2, H=10, stride=1)
+    assert biased["imagined_return_mean"] > g["real_return_mean"] and biased["relative_gap"] > 0.05
+    with pytest.raises(ValueError, match="no held-out window"):
+        return_gap(true_model, policy, _linear_rollouts(fall_at=1e9), k=2, H=10_000, stride=1)  # time-limited

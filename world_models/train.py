@@ -4,6 +4,7 @@
     one_step_error / horizon_errors        normalised RMSE of one step / open-loop H steps on held-out data
     failure_agreement                      does the model predict the falls the held-out rollouts show?
     uncertainty_calibration                correlation of u(s, a) with the real one-step error
+    return_gap                             closed loop: a fixed policy's imagined vs real return from real states
 
 Every metric takes a `Stepper`: (states [B, k, S], actions [B, k, A]) -> (next_state [B, S], reward [B],
 terminated [B] bool), so the diffusion model and the ensemble baseline are measured by the same code.
@@ -185,6 +186,74 @@ def failure_agreement(step: Stepper, held: Transitions, k: int, H: int = 25, str
             "fall_recall": float((pred & real).sum()) / n_real if n_real else float("nan"),
             "missed_falls": int((~pred & real).sum()),
             "false_alarm_rate": float((pred & ~real).sum()) / n_safe if n_safe else float("nan")}
+
+
+@torch.no_grad()
+def return_gap(step: Stepper, act: Callable[[Tensor], Tensor], held: Transitions, k: int, H: int = 25,
+               stride: int = 5, max_segments: int = 1024, clamp: tuple[Tensor, Tensor] | None = None,
+               fallen: Callable[[Tensor], Tensor] | None = None) -> dict:
+    """Closed loop, as imagination runs a policy: from real windows of `held` (rollouts of the same fixed
+    policy `act`: policy observation [B, O] -> action [B, A]), the policy acts on the model's own states for
+    up to H steps. Real return: the rewards the rollout got over the same steps. Both stop at a fall (real
+    termination; the model's termination or fallen(state)). Windows whose episode was cut by a time limit
+    or by the end of the data before H steps are left out.
+    -> mean returns, relative gap (imagined - real) / |real|, their Pearson correlation over windows, and
+    the share of windows that fall, real and imagined."""
+    from s2r.control.observations import ObservationBuilder
+
+    N = len(held)
+    ep = held.episode
+    last = torch.empty(N, dtype=torch.long)  # last row of each row's episode
+    nxt_ep = torch.cat([ep[1:] != ep[:-1], torch.tensor([True])])
+    end = N - 1
+    for i in range(N - 1, -1, -1):
+        if nxt_ep[i]:
+            end = i
+        last[i] = end
+    i = torch.arange(k - 1, N)
+    ok = torch.ones(len(i), dtype=torch.bool)
+    for j in range(1, k):
+        ok &= ep[i - j] == ep[i]
+    ok &= (last[i] - i + 1 >= H) | held.terminated[last[i]]
+    starts = i[ok][::stride][:max_segments]
+    if len(starts) == 0:
+        raise ValueError(f"no held-out window has {k - 1} steps of history and {H} steps (or a fall) after it")
+    B = len(starts)
+    spec = held.spec
+    builder = (ObservationBuilder(spec.observation, B, xp="torch")
+               if spec is not None and held.obs_key == "critic" else None)
+    frame = spec.observation.frame_dim if builder is not None else held.state.shape[1]
+    back = torch.arange(k - 1, -1, -1)
+    hist_s = held.state[starts[:, None] - back]  # [B, k, S]
+    hist_a = held.action[starts[:, None] - back][:, :-1]  # [B, k-1, A]: the policy picks the k-th
+    obs = hist_s[:, -1]
+    for j in range(k):  # the policy's observation history from the real window
+        obs = builder.push(hist_s[:, j, :frame]) if builder is not None else hist_s[:, j]
+    real_ret, imag_ret = torch.zeros(B), torch.zeros(B)
+    real_alive, imag_alive = torch.ones(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)
+    real_fell, imag_fell = torch.zeros(B, dtype=torch.bool), torch.zeros(B, dtype=torch.bool)
+    for h in range(H):
+        row = (starts + h).clamp_max(N - 1)
+        real_alive &= (starts + h <= last[starts])
+        real_ret += torch.where(real_alive, held.reward[row], 0.0)
+        real_fell |= real_alive & held.terminated[row]
+        real_alive &= ~held.terminated[row]
+        acts = torch.cat([hist_a, act(obs)[:, None]], 1)  # [B, k, A]
+        nxt, r, term = step(hist_s, acts)
+        if clamp is not None:
+            nxt = torch.maximum(torch.minimum(nxt, clamp[1]), clamp[0])
+        if fallen is not None:
+            term = term | fallen(nxt)
+        imag_ret += torch.where(imag_alive, torch.nan_to_num(r), 0.0)
+        imag_fell |= imag_alive & term
+        imag_alive &= ~term
+        hist_s, hist_a = torch.cat([hist_s[:, 1:], nxt[:, None]], 1), acts[:, 1:]
+        obs = builder.push(nxt[:, :frame]) if builder is not None else nxt
+    real_mean, imag_mean = float(real_ret.mean()), float(imag_ret.mean())
+    return {"windows": B, "horizon": H, "real_return_mean": real_mean, "imagined_return_mean": imag_mean,
+            "relative_gap": (imag_mean - real_mean) / max(abs(real_mean), 1e-9),
+            "return_pearson": _pearson(imag_ret, real_ret),
+            "real_fall_share": float(real_fell.float().mean()), "imagined_fall_share": float(imag_fell.float().mean())}
 
 
 def _pearson(a: Tensor, b: Tensor) -> float:
