@@ -182,6 +182,31 @@ def test_mujoco_own_instability_reset_is_detected():
     assert info["diverged"][0] and not info["diverged"][1]
 
 
+@pytest.mark.parametrize("task,spec", [("humanoid-walk", None), ("mjcf-locomotion", GYM_HUMANOID)])
+def test_reset_leaves_the_state_and_sensors_of_mujocos_own_reset(task, spec):
+    # the backend writes the reset rows in one batch (and skips mj_forward without sensors): each env
+    # must hold what mj_resetData + new qpos/qvel + mj_forward give on its own randomised model
+    import mujoco
+
+    env = make(task, spec=spec, num_envs=4)
+    env.reset(seed=1)
+    for _ in range(3):
+        env.step(torch.rand(4, env.action_dim) * 2 - 1)
+    be, ids = env.backend, torch.tensor([0, 2])
+    qpos, qvel = env.task.reset(ids)
+    be.reset_envs(ids, qpos, qvel)
+    d = mujoco.MjData(env.model)
+    state = np.zeros(be.nstate)
+    for k, i in enumerate(ids.tolist()):
+        m = be.env_model(i)
+        mujoco.mj_resetData(m, d)
+        d.qpos[:], d.qvel[:] = qpos[k].numpy(), qvel[k].numpy()
+        mujoco.mj_forward(m, d)
+        mujoco.mj_getState(m, d, state, mujoco.mjtState.mjSTATE_FULLPHYSICS)
+        assert np.array_equal(be.state[i], state)
+        assert np.array_equal(be.sensordata[i].numpy(), d.sensordata)
+
+
 def test_gymnasium_humanoid_model_runs_through_a_spec_file():
     env = make("mjcf-locomotion", spec=GYM_HUMANOID, num_envs=4)
     assert env.model.nu == 17 and env.action_dim == 17 and env.decimation == 5

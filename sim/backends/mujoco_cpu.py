@@ -44,6 +44,9 @@ class MujocoBackend(Backend):
         mujoco.mj_resetData(m, d)
         mujoco.mj_getState(m, d, self.state[0], STATE_SPEC)
         self.state[:] = self.state[0]
+        # the state mj_resetData leaves (its qpos, qvel are replaced at each reset); the randomised
+        # fields (RANDOMIZABLE_FIELDS) do not enter it, so it holds for every env's model copy
+        self._reset_state = self.state[0].copy()  # [nstate]
         self._sens = np.zeros((num_envs, m.nsensordata))  # [N, nsensordata]
         self._out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -81,17 +84,24 @@ class MujocoBackend(Backend):
         return diverged
 
     def reset_envs(self, env_ids: torch.Tensor, qpos: torch.Tensor, qvel: torch.Tensor) -> None:
+        ids = env_ids.cpu().numpy()
+        qpos_np = qpos.detach().to(torch.float64).cpu().numpy()  # [k, nq]
+        qvel_np = qvel.detach().to(torch.float64).cpu().numpy()  # [k, nv]
+        m = self.model
+        # mj_resetData's state (time 0, act 0, ...) with the new qpos, qvel: one write for all k envs
+        rows = np.repeat(self._reset_state[None], len(ids), axis=0)  # [k, nstate]
+        rows[:, 1:1 + m.nq] = qpos_np
+        rows[:, 1 + m.nq:1 + m.nq + m.nv] = qvel_np
+        self.state[ids] = rows
+        if m.nsensordata == 0:  # mj_forward would only compute sensors: the state it leaves is the same
+            return
         d = self._datas[0]
-        ids = env_ids.tolist()
-        qpos_np = qpos.detach().to(torch.float64).cpu().numpy()
-        qvel_np = qvel.detach().to(torch.float64).cpu().numpy()
-        for k, i in enumerate(ids):
-            m = self._models[i]
-            mujoco.mj_resetData(m, d)
+        for k, i in enumerate(ids.tolist()):
+            mi = self._models[i]
+            mujoco.mj_resetData(mi, d)
             d.qpos[:] = qpos_np[k]
             d.qvel[:] = qvel_np[k]
-            mujoco.mj_forward(m, d)  # sensors of the new state
-            mujoco.mj_getState(m, d, self.state[i], STATE_SPEC)
+            mujoco.mj_forward(mi, d)  # sensors of the new state
             self._sens[i] = d.sensordata
 
     def set_params(self, env_ids: torch.Tensor, params: dict[str, np.ndarray]) -> None:
