@@ -482,3 +482,37 @@ def test_return_gap_is_zero_for_the_true_model_and_measures_a_biased_one():
     assert biased["imagined_return_mean"] > g["real_return_mean"] and biased["relative_gap"] > 0.05
     with pytest.raises(ValueError, match="no held-out window"):
         return_gap(true_model, policy, _linear_rollouts(fall_at=1e9), k=2, H=10_000, stride=1)  # time-limited
+
+
+def test_sampler_and_preconditioning_match_diffusers_edm_euler_scheduler():
+    """Cross-check against an independent implementation: diffusers' EDMEulerScheduler (Karras schedule,
+    EDM preconditioning, Euler steps on the probability-flow ODE), with the same closed-form denoiser."""
+    diffusers = pytest.importorskip("diffusers")
+    from s2r.world_models.diffusion import edm_preconditioning, edm_sample, karras_sigmas
+
+    mu, sd = 0.7, 0.3  # data ~ N(mu, sd^2): the ideal denoiser is known in closed form
+
+    def denoise(x, sigma):
+        return mu + sd**2 / (sd**2 + float(sigma) ** 2) * (x - mu)
+
+    for steps in (2, 3, 5, 10):
+        sch = diffusers.EDMEulerScheduler(sigma_min=0.002, sigma_max=5.0, sigma_data=0.5, rho=7.0)
+        sch.set_timesteps(steps)
+        torch.testing.assert_close(karras_sigmas(steps, 0.002, 5.0, 7.0), sch.sigmas.float(), rtol=1e-5, atol=1e-7)
+        x0 = 5.0 * torch.randn(64, 4, generator=torch.Generator().manual_seed(steps))
+        x = x0.clone()
+        for t in sch.timesteps:
+            sigma = sch.sigmas[sch.step_index if sch.step_index is not None else 0]
+            x = sch.step(torch.zeros_like(x), t, x, pred_original_sample=denoise(x, sigma)).prev_sample
+        ours = edm_sample(denoise, x0.clone(), karras_sigmas(steps, 0.002, 5.0, 7.0), "euler")
+        torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+
+    sch = diffusers.EDMEulerScheduler(sigma_data=0.5)
+    sigma = torch.tensor([0.002, 0.1, 1.0, 5.0])
+    c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma, 0.5)
+    x, f = torch.randn(4), torch.randn(4)
+    for i in range(4):
+        torch.testing.assert_close(sch.precondition_inputs(x[i:i + 1], sigma[i]), c_in[i] * x[i:i + 1])
+        torch.testing.assert_close(sch.precondition_outputs(x[i:i + 1], f[i:i + 1], sigma[i]),
+                                   c_skip[i] * x[i:i + 1] + c_out[i] * f[i:i + 1])
+        torch.testing.assert_close(torch.as_tensor(sch.precondition_noise(sigma[i])).float().reshape(()), c_noise[i])
