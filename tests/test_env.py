@@ -1,5 +1,6 @@
 """Batched env API: shapes, auto-reset and final observations, seeds, randomisation, bad input."""
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -195,10 +196,13 @@ def test_reset_leaves_the_state_and_sensors_of_mujocos_own_reset(task, spec):
     be, ids = env.backend, torch.tensor([0, 2])
     qpos, qvel = env.task.reset(ids)
     be.reset_envs(ids, qpos, qvel)
+    models = [copy.copy(be.env_model(i)) for i in ids.tolist()]  # the models they were reset on
+    params, _ = env.randomizer.sample(2, env.gen)
+    be.set_params(ids, params)  # sensors are computed lazily: a new model must not change them
     d = mujoco.MjData(env.model)
     state = np.zeros(be.nstate)
     for k, i in enumerate(ids.tolist()):
-        m = be.env_model(i)
+        m = models[k]
         mujoco.mj_resetData(m, d)
         d.qpos[:], d.qvel[:] = qpos[k].numpy(), qvel[k].numpy()
         mujoco.mj_forward(m, d)

@@ -54,8 +54,31 @@ class MujocoBackend(Backend):
         self.time = st[:, 0]
         self.qpos = st[:, 1:1 + m.nq]
         self.qvel = st[:, 1 + m.nq:1 + m.nq + m.nv]
-        self.sensordata = torch.from_numpy(self._sens)
+        self._sensordata = torch.from_numpy(self._sens)
+        # envs reset since the last step whose sensors are not computed yet: env id -> the state row
+        # [nstate] it was reset to. Resets are frequent, reads before the next step rare (the step
+        # recomputes every env's sensors), so mj_forward runs when a reader asks (`sensordata`).
+        self._unsensed: dict[int, np.ndarray] = {}
         self._ctrl_buf: np.ndarray | None = None
+
+    @property
+    def sensordata(self) -> torch.Tensor:
+        """[N, nsensordata] from the last physics step; for envs reset since, those of the state they
+        were reset to (computed on this first read)."""
+        if self._unsensed:
+            self._sense_reset_envs()
+        return self._sensordata
+
+    def _sense_reset_envs(self) -> None:
+        d, nq, nv = self._datas[0], self.model.nq, self.model.nv
+        for i, row in self._unsensed.items():
+            m = self._models[i]
+            mujoco.mj_resetData(m, d)
+            d.qpos[:] = row[1:1 + nq]
+            d.qvel[:] = row[1 + nq:1 + nq + nv]
+            mujoco.mj_forward(m, d)  # sensors of the new state
+            self._sens[i] = d.sensordata
+        self._unsensed.clear()
 
     def _buffers(self, nstep: int) -> tuple[np.ndarray, np.ndarray]:
         if nstep not in self._out:
@@ -74,14 +97,14 @@ class MujocoBackend(Backend):
                            state=state_out, sensordata=sens_out, skip_checks=True)
         np.copyto(self.state, state_out[:, -1])
         np.copyto(self._sens, sens_out[:, -1])
+        self._unsensed.clear()  # every env's sensors are now the step's
         # MuJoCo resets a diverging mjData itself (time goes back to ~0); catch that and NaNs
         st = self.state[:, 1:1 + self.model.nq + self.model.nv]
         bad = (self.state[:, 0] < t_expected - 0.5 * self.dt)  # MuJoCo's own reset
         bad |= ~np.isfinite(st).all(axis=1)
         bad |= (np.abs(st[:, self.model.nq:]) > self.max_qvel).any(axis=1)
-        diverged = torch.from_numpy(bad)
-        self.diverged_total += int(diverged.sum())
-        return diverged
+        self.diverged_total += int(np.count_nonzero(bad))
+        return torch.from_numpy(bad)
 
     def reset_envs(self, env_ids: torch.Tensor, qpos: torch.Tensor, qvel: torch.Tensor) -> None:
         ids = env_ids.cpu().numpy()
@@ -93,18 +116,12 @@ class MujocoBackend(Backend):
         rows[:, 1:1 + m.nq] = qpos_np
         rows[:, 1 + m.nq:1 + m.nq + m.nv] = qvel_np
         self.state[ids] = rows
-        if m.nsensordata == 0:  # mj_forward would only compute sensors: the state it leaves is the same
-            return
-        d = self._datas[0]
-        for k, i in enumerate(ids.tolist()):
-            mi = self._models[i]
-            mujoco.mj_resetData(mi, d)
-            d.qpos[:] = qpos_np[k]
-            d.qvel[:] = qvel_np[k]
-            mujoco.mj_forward(mi, d)  # sensors of the new state
-            self._sens[i] = d.sensordata
+        if m.nsensordata:  # mj_forward would compute sensors only (the state it leaves is the same): on first read
+            self._unsensed.update(zip(ids.tolist(), rows))
 
     def set_params(self, env_ids: torch.Tensor, params: dict[str, np.ndarray]) -> None:
+        if self._unsensed:  # their sensors belong to the model they were reset on
+            self._sense_reset_envs()
         if not self._own_models:
             self._models = [copy.copy(self.model) for _ in range(self.num_envs)]
             self._own_models = True
