@@ -92,7 +92,7 @@ class ObservationBuilder:
                 buf[:, start:start + dim] = v
                 start += dim
             else:
-                parts.append(self._arr(v))
+                parts.append(v if v.dtype is self.dtype and v.device == self.device else self._arr(v))
         if np_path:
             np.multiply(buf, self._scale, out=buf)
             np.minimum(buf, self._clip, out=buf)
@@ -114,6 +114,16 @@ class ObservationBuilder:
     def compute_state(self, state: RobotState):
         """RobotState -> observation [N, obs_dim] (terms, scale, clip, history)."""
         return self.push(self.frame(self.terms(state)))
+
+    def peek(self, fr):
+        """The observation push(fr) would return, leaving the history as it is: a finished episode's
+        final observation, read before its env resets. [N, obs_dim]"""
+        fr = self._arr(fr)
+        hist = self.xp.concatenate([self.history[:, 1:], fr[:, None, :]], axis=1)  # [N, H, frame], rolled
+        if self._fresh.any():
+            hist[self._fresh] = fr[self._fresh][:, None, :]
+        flat = hist.reshape(self.num_envs, -1)
+        return flat if self._perm is None else flat[:, self._perm]
 
     def push(self, fr):
         """Push an already built frame [N, frame_dim]; return the observation [N, obs_dim]."""

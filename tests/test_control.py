@@ -8,7 +8,7 @@ import torch
 from s2r.control.actions import ActionProcessor, pd_torque
 from s2r.control.ik import dls, hinge_jacobian
 from s2r.control.observations import ObservationBuilder, ObservationError
-from s2r.control.rotations import projected_gravity, quat_error, quat_from_yaw, quat_mul
+from s2r.control.rotations import projected_gravity, quat_error, quat_from_yaw, quat_mul, quat_mul_yaw
 from s2r.control.spec import ObservationSpec, ObsTerm, RobotSpec
 
 
@@ -55,6 +55,21 @@ def test_reset_of_one_env_leaves_the_others_history(xp):
     assert np.unique(np.asarray(o[1])).tolist() == [2.0, 4.0]  # env 1 refilled with the new frame
 
 
+@pytest.mark.parametrize("order", ["frame_major", "term_major"])
+def test_peek_returns_what_push_would_without_advancing_the_history(xp, order):
+    # the simulator reads a finished episode's final observation with peek, before the env resets
+    b = ObservationBuilder(obs_spec(order), num_envs=2, xp=xp)
+    frames = [torch.full((2, 3), float(x)) for x in range(1, 5)]
+    b.push(b.frame({"a": frames[0][:, :2], "b": frames[0][:, 2:]}))
+    b.reset(torch.tensor([1]))  # env 1's next frame fills its history
+    for fr in frames[1:]:
+        fr = b.frame({"a": fr[:, :2], "b": fr[:, 2:]})
+        history = b.history.copy() if xp == "numpy" else b.history.clone()
+        peeked = b.peek(fr)
+        assert (b.history == history).all()
+        assert (peeked == b.push(fr)).all()
+
+
 def test_missing_or_misshaped_term_is_named(xp):
     b = ObservationBuilder(obs_spec("frame_major"), num_envs=1, xp=xp)
     with pytest.raises(ObservationError, match="term 'b' missing"):
@@ -91,6 +106,15 @@ def test_projected_gravity_and_yaw_quaternions():
     assert g[0, 0].item() == pytest.approx(np.sin(0.5), abs=1e-6)
     e = quat_error(quat_mul(quat_from_yaw(torch.tensor([0.3])), pitch), pitch)
     assert torch.allclose(e, torch.tensor([[0.0, 0.0, 0.3]]), atol=1e-5)
+
+
+def test_quat_mul_yaw_equals_the_general_product_exactly():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    q = q / q.norm(dim=1, keepdim=True)
+    yaw = (torch.rand(64, generator=g, dtype=torch.float64) * 2 - 1) * torch.pi
+    assert torch.equal(quat_mul_yaw(yaw, q), quat_mul(quat_from_yaw(yaw), q))
+    assert np.array_equal(quat_mul_yaw(yaw.numpy(), q.numpy()), quat_mul(quat_from_yaw(yaw.numpy()), q.numpy()))
 
 
 CHAIN = """<mujoco><worldbody><body><joint name="j1" axis="0 0 1"/><geom type="capsule" size=".05" fromto="0 0 0 0 0 .3"/>
