@@ -91,6 +91,7 @@ class BatchedEnv:
         self.episode_return = torch.zeros(N, device=dev)
         self.latency = torch.zeros(N, dtype=torch.long, device=dev)  # physics steps
         self.next_push = torch.zeros(N, dtype=torch.long, device=dev)
+        self._substep = torch.arange(self.decimation, device=dev)  # [dec] physics step within a control step
         self.diverged_total = 0
 
         base_body = None
@@ -99,7 +100,10 @@ class BatchedEnv:
             base_body = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, self.spec.base_body)
         self.randomizer = ModelRandomizer(self.rand_cfg, self.model, self.index.joint_act,
                                           self.index.joint_dof, base_body)
-        self.dr_summary = {k: torch.ones(N, device=dev) for k in ("friction", "mass_scale", "strength")}
+        # per-env randomised physics in a nutshell (critic terms): columns of one [N, 3] tensor, so a reset
+        # writes its rows with one indexed copy
+        self._dr_summary = torch.ones(N, 3, device=dev)
+        self.dr_summary = {k: self._dr_summary[:, j] for j, k in enumerate(("friction", "mass_scale", "strength"))}
 
         self.task.bind(self)
         self._default_ctrl = self.task.default_ctrl().to(self.device, torch.float64)  # [N, nu]
@@ -170,8 +174,7 @@ class BatchedEnv:
         self.action = action
         prev_ctrl = self.ctrl
         self.ctrl = self.task.process_action(action).to(torch.float64)
-        k = torch.arange(self.decimation, device=self.device)
-        delayed = (k[None, :] < self.latency[:, None]).unsqueeze(-1)  # [N, dec, 1]
+        delayed = (self._substep < self.latency[:, None]).unsqueeze(-1)  # [N, dec, 1]
         ctrl_seq = torch.where(delayed, prev_ctrl.unsqueeze(1), self.ctrl.unsqueeze(1))
         # 4: physics
         diverged = self.backend.step(ctrl_seq).to(self.device)
@@ -191,7 +194,8 @@ class BatchedEnv:
         weighted = torch.stack([terms[k].float() for k in self._reward_names], dim=1) * self._reward_w  # [N, T]
         reward = weighted.sum(dim=1)
         log = {"reward_terms": dict(zip(self._reward_names, weighted.mean(dim=0)))}  # tensors; float() lazily
-        if diverged.any():
+        any_diverged = bool(diverged.any())
+        if any_diverged:
             reward = torch.where(diverged, torch.zeros_like(reward), reward)
             self.diverged_total += int(diverged.sum())
         reward = torch.nan_to_num(reward, nan=0.0, posinf=0.0, neginf=0.0)
@@ -204,13 +208,13 @@ class BatchedEnv:
         # 9-10
         if done.any():
             final = self._observe(commit=False)
-            if diverged.any():  # never hand out a NaN observation: reuse the last good one
+            if any_diverged:  # never hand out a NaN observation: reuse the last good one
                 for key in final:
                     final[key] = torch.where(diverged[:, None], self._obs[key], final[key])
             info["final_obs"] = final
             ids = done.nonzero(as_tuple=False).squeeze(-1)
-            info["episode"] = {"return": self.episode_return[ids].clone(),
-                               "length": self.episode_step[ids].clone(), "env_ids": ids}
+            info["episode"] = {"return": self.episode_return[ids], "length": self.episode_step[ids],  # copies
+                               "env_ids": ids}
             self._reset_envs(ids)
             self.policy_obs.reset(ids)
             self.task.refresh()
@@ -234,9 +238,8 @@ class BatchedEnv:
                            f"[num_envs={self.num_envs}, action_dim={self.action_dim}] for task "
                            f"'{self.cfg.task}'")
         action = action.to(self.device, torch.float32)
-        bad = ~torch.isfinite(action)
-        if bad.any():
-            env_ids = bad.any(1).nonzero().squeeze(-1).tolist()
+        if not bool(torch.isfinite(action).all()):
+            env_ids = (~torch.isfinite(action)).any(1).nonzero().squeeze(-1).tolist()
             raise EnvError(f"action contains NaN/Inf in env(s) {env_ids[:10]}"
                            f"{' ...' if len(env_ids) > 10 else ''}")
         return action
@@ -246,9 +249,8 @@ class BatchedEnv:
         if self.randomizer.active:
             params, summary = self.randomizer.sample(k, self.gen)
             self.backend.set_params(ids, params)
-            vals = torch.as_tensor(np.stack([summary[key] for key in self.dr_summary]), dtype=torch.float32)
-            for j, key in enumerate(self.dr_summary):
-                self.dr_summary[key][ids] = vals[j].to(self.device)
+            vals = np.stack([summary[key] for key in self.dr_summary], axis=1)  # [k, 3]
+            self._dr_summary[ids] = torch.as_tensor(vals, dtype=torch.float32, device=self.device)
         rc = self.rand_cfg
         if rc.enabled:
             lo, hi = rc.latency_steps
@@ -258,10 +260,8 @@ class BatchedEnv:
             self.latency[ids] = 0
         qpos, qvel = self.task.reset(ids)
         self.backend.reset_envs(ids, qpos, qvel)
-        self.episode_step[ids] = 0
-        self.episode_return[ids] = 0
-        self.action[ids] = 0
-        self.prev_action[ids] = 0
+        for state in (self.episode_step, self.episode_return, self.action, self.prev_action):
+            state.index_fill_(0, ids, 0)
         self.ctrl[ids] = self._default_ctrl[ids]
         self._schedule_push(ids)
         self.task.after_reset(ids)
@@ -292,13 +292,9 @@ class BatchedEnv:
         noisy = clean
         if self._noise_amp is not None:  # uniform noise on the raw terms (= scale x noise after scaling)
             u = torch.rand(clean.shape, generator=self.gen).to(self.device)
-            noisy = clean + self._noise_amp * (2 * u - 1)
-        if commit:
-            policy = self.policy_obs.push(noisy)
-        else:  # peek: same history, without advancing it
-            saved = self.policy_obs.history.clone(), self.policy_obs._fresh.clone()
-            policy = self.policy_obs.push(noisy)
-            self.policy_obs.history, self.policy_obs._fresh = saved
+            noisy = u.mul_(2).sub_(1).mul_(self._noise_amp).add_(clean)  # clean + amp (2u - 1), in place
+        # commit=False: a final observation, from the same history without advancing it
+        policy = self.policy_obs.push(noisy) if commit else self.policy_obs.peek(noisy)
         parts = [clean]
         priv = self.task.critic_terms()
         for name, dim in self.critic_dims.items():

@@ -65,7 +65,18 @@ def fixed_shift_overrides(shift: dict[str, float]) -> dict:
 
 
 def _u(gen: torch.Generator, lo: float, hi: float, shape) -> np.ndarray:
-    return (lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)).numpy()
+    # torch draws (the env's generator), numpy arithmetic: the same float64 values, without two
+    # torch op dispatches per draw on these few-row arrays
+    return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64).numpy()
+
+
+def _columns(idx: np.ndarray) -> np.ndarray | slice:
+    """idx as a slice where it is a run of consecutive indices (numpy then scales a view in place
+    instead of gathering and scattering a copy), else idx."""
+    idx = np.asarray(idx)
+    if len(idx) and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx))):
+        return slice(int(idx[0]), int(idx[0]) + len(idx))
+    return idx
 
 
 class ModelRandomizer:
@@ -75,8 +86,9 @@ class ModelRandomizer:
                  joint_dof: np.ndarray, base_body: int | None):
         self.cfg = cfg
         self.m = model
-        self.act = joint_act
-        self.dof = joint_dof
+        self.nj = len(joint_act)
+        self.act = _columns(joint_act)  # actuators of the spec joints
+        self.dof = _columns(joint_dof)
         self.base_body = base_body
         self.nominal = {f: np.array(getattr(model, f)) for f in (
             "geom_friction", "body_mass", "body_ipos", "body_inertia", "actuator_gainprm",
@@ -92,7 +104,7 @@ class ModelRandomizer:
     def sample(self, k: int, gen: torch.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Returns (model params for backend.set_params, summary scalars per env)."""
         c, nom = self.cfg, self.nominal
-        nj = len(self.act)
+        nj = self.nj
         fr = _u(gen, *c.friction, (k, 1))
         mass = _u(gen, *c.mass_scale, (k, self.m.nbody))
         mass[:, 0] = 1.0
@@ -118,8 +130,9 @@ class ModelRandomizer:
         }
         p["geom_friction"][..., 0] *= fr
         a = self.act
-        p["actuator_gainprm"][:, a, 0] *= kp * strength
-        p["actuator_biasprm"][:, a, 1] *= kp * strength
+        kp_strength = kp * strength
+        p["actuator_gainprm"][:, a, 0] *= kp_strength
+        p["actuator_biasprm"][:, a, 1] *= kp_strength
         p["actuator_biasprm"][:, a, 2] *= kd * strength
         p["actuator_forcerange"][:, a, :] *= strength[..., None]
         p["dof_frictionloss"][:, self.dof] *= jf

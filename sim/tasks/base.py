@@ -93,7 +93,8 @@ class Task:
     def joint_state(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q [N, nj], qd [N, nj]) float32 in spec order, from the backend's current state."""
         be, dev = self.env.backend, self.env.device
-        return (be.qpos.to(dev)[:, self.qpos_adr].float(), be.qvel.to(dev)[:, self.dof_adr].float())
+        return (be.qpos.to(dev).index_select(1, self.qpos_adr).float(),
+                be.qvel.to(dev).index_select(1, self.dof_adr).float())
 
     def robot_state(self) -> RobotState:
         """What a robot would measure or be told now, batched [N, ...] (fields as in state_fields)."""

@@ -58,7 +58,8 @@ class MjcfLocomotion(Task):
     def process_action(self, action):
         ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, device=self.env.device)
         p = self.action_proc
-        ctrl[:, self.actuator_id] = p.joint_torques(action) / self.gear if self.torque_mode else p.joint_targets(action)
+        ctrl.index_copy_(1, self.actuator_id,  # ctrl[:, actuator_id] = ...
+                         p.joint_torques(action) / self.gear if self.torque_mode else p.joint_targets(action))
         return ctrl
 
     def terminated(self):
