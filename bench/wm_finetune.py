@@ -24,11 +24,13 @@ E evaluation episodes. Last line: one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from s2r.bench_util import machine_info
 from s2r.policies.evaluate import evaluate_policy, load_run, policy_act
@@ -153,6 +155,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--critic-warmup", type=int, default=None, help="critic-only updates first (both arms)")
     ap.add_argument("--lr-actor", type=float, default=None, help="actor learning rate while finetuning (both arms)")
+    ap.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
+                    help="a WMFinetuneConfig setting of the wm arm (repeatable), e.g. utd=8 or horizon_end=50; "
+                         "the sac arm follows its target steps and update count")
     ap.add_argument("--arms", default="none,wm,sac", help="which of none, wm, sac to run (comma-separated)")
     ap.add_argument("--reference", type=Path, default=None,
                     help="a run trained on the target: the gap finetuning should recover")
@@ -168,6 +173,15 @@ def main() -> None:
         s["ft"]["critic_warmup"] = args.critic_warmup
     if args.lr_actor is not None:
         s["ft"]["lr_actor"] = args.lr_actor
+    fields = {f.name for f in dataclasses.fields(WMFinetuneConfig)}
+    for item in args.ft:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key in ("imagined", "seed"):
+            ap.error(f"--ft {item!r}: expected KEY=VALUE with KEY a WMFinetuneConfig field")
+        try:
+            s["ft"][key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            ap.error(f"--ft {item!r}: the value is not YAML")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - {"none", "wm", "sac"}:
         ap.error(f"--arms takes a comma-separated subset of none, wm, sac; got {args.arms!r}")
