@@ -298,6 +298,9 @@ class BatchedEnv:
         parts = [clean]
         priv = self.task.critic_terms()
         for name, dim in self.critic_dims.items():
-            parts.append(priv[name].to(parts[0].dtype).reshape(self.num_envs, dim))
+            t = priv[name]
+            if t.shape != (self.num_envs, dim) or t.dtype is not clean.dtype:  # e.g. [N], or bool contacts
+                t = t.to(clean.dtype).reshape(self.num_envs, dim)
+            parts.append(t)
         critic = torch.cat(parts, dim=-1)
         return {"policy": policy, "critic": critic}
