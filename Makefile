@@ -81,9 +81,9 @@ $(ISAAC_STAMP): pyproject.toml Makefile
 
 isaac: $(ISAAC_STAMP)
 
-# The Isaac Lab tests only (tests/test_isaaclab.py, marker `isaaclab`); offline, on the CPU.
+# The Isaac Lab tests only (tests/test_isaaclab.py, tests/test_isaaclab_g1.py, marker `isaaclab`); offline, on the CPU.
 test-isaac: $(ISAAC_STAMP)
-	$(ISAAC_PY) -m pytest -m isaaclab tests/test_isaaclab.py $(PYTEST_ARGS)
+	$(ISAAC_PY) -m pytest -m isaaclab tests/test_isaaclab.py tests/test_isaaclab_g1.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

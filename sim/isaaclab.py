@@ -173,6 +173,8 @@ def _import_isaaclab():
         import gymnasium
         import isaaclab_tasks  # noqa: F401  (registers the Isaac-* ids with gymnasium)
         from isaaclab_tasks.utils import parse_env_cfg
+
+        from s2r.sim import isaaclab_g1  # noqa: F401  (registers s2r's own Isaac-S2R-G1-Stand)
     except ImportError as e:
         if (e.name or "").split(".")[0] in ("isaaclab", "isaaclab_tasks"):
             raise EnvError(INSTALL_HINT) from None
