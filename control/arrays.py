@@ -52,7 +52,7 @@ def zeros_like_shape(shape: tuple[int, ...], like: Array) -> Array:
 
 
 def cross(a: Array, b: Array) -> Array:
-    """a x b over the last axis (size 3). torch: one kernel (a tenth of the written-out version's time
+    """a x b over the last axis (size 3). torch: one kernel (a sixth of the written-out version's time
     on the simulator's small batches; float32 results may differ from it in the last bit); numpy:
     written out (np.cross's Python overhead is most of a robot-side call)."""
     xp = namespace(a, b)
