@@ -237,7 +237,9 @@ class BatchedEnv:
             raise EnvError(f"action has shape {tuple(action.shape)}, expected "
                            f"[num_envs={self.num_envs}, action_dim={self.action_dim}] for task "
                            f"'{self.cfg.task}'")
-        action = action.to(self.device, torch.float32)
+        # a copy: the env keeps it as the last action and zeroes rows of envs that reset; the caller's
+        # tensor (which a trainer stores in its replay buffer after the step) must stay as it was
+        action = action.to(self.device, torch.float32, copy=True)
         if not bool(torch.isfinite(action).all()):
             env_ids = (~torch.isfinite(action)).any(1).nonzero().squeeze(-1).tolist()
             raise EnvError(f"action contains NaN/Inf in env(s) {env_ids[:10]}"

@@ -66,6 +66,16 @@ def test_time_limit_truncates_without_terminating_and_returns_final_obs():
     assert (env.episode_step == 0).all()
 
 
+def test_step_leaves_the_callers_action_as_it_was_when_envs_reset():
+    """A trainer stores the action it passed after env.step: the env must not zero the rows that reset."""
+    env = make(num_envs=3, seed=0, episode_length_s=0.02)  # one control step: every env truncates
+    env.reset()
+    a = torch.full((3, env.action_dim), 0.5)
+    _, _, term, trunc, _ = env.step(a)
+    assert bool((term | trunc).all())
+    assert torch.equal(a, torch.full((3, env.action_dim), 0.5))
+
+
 def test_a_fall_terminates_only_that_env_and_resets_it():
     env = make(num_envs=3, randomize=False)
     env.reset()
