@@ -31,6 +31,7 @@ class RandomizationConfig:
     push_velocity: float = 0.0  # m/s, uniform +- on base xy velocity; 0 disables pushes
 
 
+# the model-scale terms, (low, high) each; (1, 1) leaves the term nominal
 SCALE_FIELDS = ("friction", "mass_scale", "kp_scale", "kd_scale", "motor_strength", "joint_friction", "armature")
 
 
@@ -97,8 +98,7 @@ class ModelRandomizer:
     @property
     def active(self) -> bool:
         c = self.cfg
-        ranges = (c.friction, c.mass_scale, c.kp_scale, c.kd_scale, c.motor_strength,
-                  c.joint_friction, c.armature)
+        ranges = (getattr(c, f) for f in SCALE_FIELDS)
         return c.enabled and (any(lo != 1.0 or hi != 1.0 for lo, hi in ranges) or c.com_offset > 0)
 
     def sample(self, k: int, gen: torch.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
