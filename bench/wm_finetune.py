@@ -50,10 +50,12 @@ SHIFT = ["randomization.motor_strength=0.8", "randomization.mass_scale=1.1"]  # 
 def settings(quick: bool) -> dict:
     if quick:
         return dict(episode_s=1.0, eval_envs=8, wm_envs=8, wm_steps=60, width=128, blocks=2, fit_steps=150,
+                    wm_history=2, wm_blind=False,
                     ft=dict(rounds=3, real_steps=20, target_envs=2, imagined_envs=32, imagined_steps=6, utd=2.0,
                             batch_size=128, horizon_end=5, model_updates=20, eval_envs=0,
                             imagined=ImaginedEnvConfig(samples=2)))
     return dict(episode_s=5.0, eval_envs=32, wm_envs=16, wm_steps=300, width=256, blocks=3, fit_steps=1500,
+                wm_history=2, wm_blind=False,
                 ft=dict(rounds=10, real_steps=50, target_envs=4, imagined_envs=128, imagined_steps=50, utd=4.0,
                         batch_size=256, horizon_end=20, model_updates=100, eval_envs=0,
                         imagined=ImaginedEnvConfig(samples=4)))
@@ -71,16 +73,29 @@ def tiny_run(out: Path, seed: int) -> Path:
     return out
 
 
-def world_model(run: Path, out: Path, s: dict, seed: int) -> tuple[Path, float]:
-    """A model of the run's nominal task from its policy with action noise std in [0, 0.5]."""
-    cfg, agent, norm, *_ = load_run(run)
+def world_model(run: Path, out: Path, s: dict, seed: int, data_shift: dict) -> tuple[Path, float]:
+    """A model of the run's task (its own env, `data_shift` on top: e.g. wider randomisation) from its
+    policy with action noise std in [0, 0.5]. With s["wm_blind"] the sim-only critic terms (randomised
+    physics) read their pretraining mean in the model's data, as they do in finetuning: the model must
+    tell the robot from the history, not from terms a robot cannot measure."""
+    cfg, agent, norm, ck, _ = load_run(run)
     act = policy_act(agent, norm if cfg.normalize_obs else None, "cpu")
-    kw = merge_overrides(cfg.env_overrides, {"episode_length_s": s["episode_s"]})
+    kw = merge_overrides(merge_overrides(cfg.env_overrides, {"episode_length_s": s["episode_s"]}), data_shift)
     t0 = time.perf_counter()
-    data = collect_rollouts(cfg.task, act, s["wm_envs"], s["wm_steps"], (0.0, 0.5), seed, env_kwargs=kw)
+    state_map = None
+    if s["wm_blind"]:
+        cnorm = RunningNorm(int(ck["critic_obs_dim"]))
+        cnorm.load_state_dict(ck["critic_norm"])
+        probe = make_env(cfg.task, 1, seed=seed, **kw)
+        try:
+            state_map = NominalSimTerms.for_target(probe, probe.spec, cnorm)
+        finally:
+            probe.close()
+    data = collect_rollouts(cfg.task, act, s["wm_envs"], s["wm_steps"], (0.0, 0.5), seed, env_kwargs=kw,
+                            state_map=state_map)
     torch.manual_seed(seed)
     model = DiffusionWorldModel(WorldModelConfig(data.state.shape[1], data.action.shape[1], width=s["width"],
-                                                 blocks=s["blocks"]))
+                                                 blocks=s["blocks"], history=s["wm_history"]))
     train_diffusion(model, data, FitConfig(steps=s["fit_steps"], batch_size=256, lr=1e-3, seed=seed))
     save_world_model(out, model, data.spec, {"obs_key": data.obs_key, "layout": json.dumps(data.layout)})
     return out, time.perf_counter() - t0
@@ -164,6 +179,12 @@ def main() -> None:
                     help=f"the target robot, as s2r's --env-override (repeatable; default {' '.join(SHIFT)})")
     ap.add_argument("--sac-budgets", default="1", help="model-free arm: evaluate after these multiples of the wm "
                                                         "arm's target steps (e.g. 1,5)")
+    ap.add_argument("--wm-data", action="append", default=[], metavar="KEY=VALUE",
+                    help="the world model's training data: env overrides on top of the run's (repeatable), e.g. "
+                         "randomization.motor_strength=[0.7,1.1] for a model that has seen weaker motors")
+    ap.add_argument("--wm", action="append", default=[], metavar="KEY=VALUE",
+                    help="world-model setting (repeatable): wm_envs, wm_steps, fit_steps, width, blocks, "
+                         "wm_history, wm_blind (true: sim-only critic terms masked in the model's data)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/s2r_bench_wm_finetune"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -181,6 +202,15 @@ def main() -> None:
             s["ft"][key] = yaml.safe_load(value)
         except yaml.YAMLError:
             ap.error(f"--ft {item!r}: the value is not YAML")
+    for item in args.wm:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("wm_envs", "wm_steps", "fit_steps", "width", "blocks", "wm_history", "wm_blind"):
+            ap.error(f"--wm {item!r}: expected KEY=VALUE with KEY one of wm_envs, wm_steps, fit_steps, width, "
+                     f"blocks, wm_history, wm_blind")
+        try:
+            s[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            ap.error(f"--wm {item!r}: the value is not YAML")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - {"none", "wm", "sac"}:
         ap.error(f"--arms takes a comma-separated subset of none, wm, sac; got {args.arms!r}")
@@ -203,8 +233,13 @@ def main() -> None:
         shift = parse_env_overrides(args.shift or SHIFT, task)
     except ValueError as e:
         ap.error(str(e).replace("--env-override", "--shift"))
+    try:
+        data_shift = parse_env_overrides(args.wm_data, task)
+    except ValueError as e:
+        ap.error(str(e).replace("--env-override", "--wm-data"))
     target = merge_overrides({"episode_length_s": s["episode_s"]}, shift)
-    wm_path, t_wm = world_model(run, args.work / "wm_nominal.pt", s, args.seed) if "wm" in arms else (None, 0.0)
+    wm_path, t_wm = (world_model(run, args.work / "wm_nominal.pt", s, args.seed, data_shift) if "wm" in arms
+                     else (None, 0.0))
     eval_seed = 2000 + args.seed
     out: dict = {}
 
@@ -253,6 +288,8 @@ def main() -> None:
               + (f"  gap recovered {r['fall_gap_recovered']}" if r.get("fall_gap_recovered") is not None else ""))
     summary = {"bench": "wm_finetune", "quick": args.quick, "run": str(run), "task": task, "target": target,
                "episode_s": s["episode_s"], "eval_episodes": s["eval_envs"], "world_model_s": round(t_wm, 1),
+               "world_model": {k: s[k] for k in ("wm_envs", "wm_steps", "fit_steps", "width", "blocks", "wm_history",
+                                                 "wm_blind")}, "wm_data": data_shift,
                "settings": {k: v for k, v in s["ft"].items() if k != "imagined"}, "arms": out,
                "wall_s": round(time.perf_counter() - t0, 1), "threads": args.threads, "machine": machine_info()}
     print(json.dumps(summary))

@@ -283,6 +283,33 @@ def test_rollout_data_carries_the_critic_layout_and_spec(stand):
     assert data.state[:, 51].median() > 0.7  # the base height (m) of a standing G1
 
 
+def test_rollouts_through_a_state_map_hold_the_sim_only_terms_fixed():
+    """A model meant for a robot learns with the randomised-physics terms at one value, as finetuning feeds it."""
+    from s2r.sim.gym import make_env
+    from s2r.world_models.data import collect_rollouts, state_layout
+
+    env = make_env("humanoid-stand", 1, seed=0)
+    lay = state_layout(env.spec, env.critic_dims)
+    env.close()
+    cols = torch.cat([torch.arange(lay[f"critic.{n}"][0], sum(lay[f"critic.{n}"]))
+                      for n in ("friction", "mass_scale", "strength")])
+
+    def blind(s):
+        out = s.clone()
+        out[:, cols] = 1.0
+        return out
+
+    plain = collect_rollouts("humanoid-stand", None, num_envs=2, steps=20, seed=3)
+    mapped = collect_rollouts("humanoid-stand", None, num_envs=2, steps=20, seed=3, state_map=blind)
+    assert plain.state[:, cols].std(0).min() > 0  # randomised per episode in the plain data
+    for k in ("state", "next_state"):
+        assert torch.equal(getattr(mapped, k)[:, cols], torch.ones(40, len(cols)))
+        keep = torch.ones(plain.state.shape[1], dtype=torch.bool)
+        keep[cols] = False
+        assert torch.equal(getattr(mapped, k)[:, keep], getattr(plain, k)[:, keep])
+    assert torch.equal(mapped.action, plain.action) and torch.equal(mapped.reward, plain.reward)
+
+
 def test_imagined_env_implements_the_batched_env_contract(stand):
     from s2r.policies.env_protocol import BatchedEnvProtocol
 

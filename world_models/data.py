@@ -129,11 +129,13 @@ def load_actor(path: str | os.PathLike, spec: RobotSpec) -> Callable[[Tensor], T
 @torch.no_grad()
 def collect_rollouts(task: str, act: Callable[[Tensor], Tensor] | None, num_envs: int, steps: int,
                      noise: tuple[float, float] = (0.0, 0.3), seed: int = 0, env_kwargs: dict | None = None,
-                     progress: Callable[[int], None] | None = None) -> Transitions:
+                     progress: Callable[[int], None] | None = None,
+                     state_map: Callable[[Tensor], Tensor] | None = None) -> Transitions:
     """`steps` vectorised steps of `act` (None: uniform random actions) in `num_envs` envs of an s2r task,
     with Gaussian action noise whose std is drawn per env uniformly in `noise` (so the data spans careful
-    and reckless behaviour, and falls). The state is the critic observation; next_state at an episode's
-    end is info["final_obs"]."""
+    and reckless behaviour, and falls). The state is the critic observation (through `state_map` when
+    given, e.g. finetune.NominalSimTerms: what a robot cannot measure held fixed); next_state at an
+    episode's end is info["final_obs"]."""
     from s2r.sim.gym import make_env
 
     env = make_env(task, num_envs, seed=seed, **(env_kwargs or {}))
@@ -152,7 +154,10 @@ def collect_rollouts(task: str, act: Callable[[Tensor], Tensor] | None, num_envs
             done = term | trunc
             real_next = torch.where(done[:, None], info["final_obs"]["critic"], nxt["critic"]) if done.any() \
                 else nxt["critic"]
-            for k, v in (("state", obs["critic"]), ("action", a), ("reward", r), ("next_state", real_next),
+            s, s_next = obs["critic"], real_next  # [N, S]
+            if state_map is not None:
+                s, s_next = state_map(s), state_map(s_next)
+            for k, v in (("state", s), ("action", a), ("reward", r), ("next_state", s_next),
                          ("terminated", term), ("episode", ep.clone())):
                 cols[k].append(v.cpu())
             if done.any():
