@@ -37,6 +37,25 @@ def asarray_like(x: Any, like: Array) -> Array:
     return xp.as_tensor(x, dtype=like.dtype, device=like.device)
 
 
+_CONSTANTS: dict = {}  # (values, dtype, device) -> torch tensor, see constant_like
+
+
+def constant_like(values: tuple, like: Array, dtype: Any = None) -> Array:
+    """A small constant (a tuple of numbers) as an array of like's namespace and device, in dtype (default:
+    like's). torch: built once per (values, dtype, device) and shared, since building a tensor costs about
+    as much as the op that uses it; read it, never modify it in place."""
+    xp = namespace(like)
+    dtype = like.dtype if dtype is None else dtype
+    if xp is np:
+        return np.asarray(values, dtype=dtype)
+    key = (values, dtype, like.device)
+    c = _CONSTANTS.get(key)
+    if c is None:
+        with xp.inference_mode(False):  # a normal tensor even when first built under inference mode
+            c = _CONSTANTS[key] = xp.as_tensor(values, dtype=dtype, device=like.device)
+    return c
+
+
 def eye_like(m: int, like: Array) -> Array:
     xp = namespace(like)
     if xp is np:

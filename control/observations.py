@@ -65,6 +65,12 @@ class ObservationBuilder:
         self._perm = None if perm is None else (perm if self.xp is np else self._arr(perm, self.xp.long))
         self.ctx = None if default_q is None else TermContext(default_q=self._arr(default_q))
 
+    def _own(self, a):
+        """a in this builder's dtype (and device): a itself where it is already (no op dispatched)."""
+        if self.xp is np:
+            return a if isinstance(a, np.ndarray) and a.dtype == self.dtype else self._arr(a)
+        return a if a.dtype is self.dtype and a.device == self.device else self._arr(a)
+
     @property
     def dim(self) -> int:
         return self.spec.dim
@@ -92,16 +98,18 @@ class ObservationBuilder:
                 buf[:, start:start + dim] = v
                 start += dim
             else:
-                parts.append(v if v.dtype is self.dtype and v.device == self.device else self._arr(v))
+                parts.append(self._own(v))
         if np_path:
             np.multiply(buf, self._scale, out=buf)
             np.minimum(buf, self._clip, out=buf)
             return np.maximum(buf, self._neg_clip, out=buf)
         raw = self.xp.concatenate(parts, axis=-1)
-        return self.xp.clip(raw * self._scale, -self._clip, self._clip)
+        return self.xp.clip(raw * self._scale, self._neg_clip, self._clip)
 
     def reset(self, env_ids=None) -> None:
         """Mark envs whose history restarts: the next frame fills their whole history."""
+        if self.H == 1:  # one frame: nothing to refill
+            return
         if env_ids is None:
             self._fresh[:] = True
         else:
@@ -118,21 +126,29 @@ class ObservationBuilder:
     def peek(self, fr):
         """The observation push(fr) would return, leaving the history as it is: a finished episode's
         final observation, read before its env resets. [N, obs_dim]"""
-        fr = self._arr(fr)
+        fr = self._own(fr)
+        if self.H == 1:
+            return self._flat(fr[:, None, :])
         hist = self.xp.concatenate([self.history[:, 1:], fr[:, None, :]], axis=1)  # [N, H, frame], rolled
         if self._fresh.any():
             hist[self._fresh] = fr[self._fresh][:, None, :]
-        flat = hist.reshape(self.num_envs, -1)
+        flat = hist.reshape(self.num_envs, -1)  # hist is new: no copy needed
         return flat if self._perm is None else flat[:, self._perm]
 
     def push(self, fr):
         """Push an already built frame [N, frame_dim]; return the observation [N, obs_dim]."""
-        if self.H > 1:
-            self.history = self.xp.roll(self.history, -1, 1)
+        if self.H == 1:  # the history is the frame: nothing to roll or refill
+            self.history = self._own(fr)[:, None, :]  # [N, 1, frame]
+            return self._flat(self.history)
+        self.history = self.xp.roll(self.history, -1, 1)
         self.history[:, -1] = fr
         if self._fresh.any() if self.xp is not np else np.count_nonzero(self._fresh):
             self.history[self._fresh] = fr[self._fresh][:, None, :]
             self._fresh[:] = False
-        flat = self.history.reshape(self.num_envs, -1)
-        # a copy: the caller keeps this array across steps while the history is updated in place
+        return self._flat(self.history)
+
+    def _flat(self, hist):
+        """[N, H, frame] -> a new [N, obs_dim] array in the layout's order: the caller keeps it across steps,
+        while the history (or the frame it came from) may be updated in place."""
+        flat = hist.reshape(self.num_envs, -1)
         return (flat + 0) if self._perm is None else flat[:, self._perm]

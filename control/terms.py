@@ -49,6 +49,9 @@ class RobotState:
     gripper_opening: Array | None = None  # [N, 1]
     goal: Array | None = None  # [N, 3] target position (arm base frame)
     object_pos: Array | None = None  # [N, 3] manipulated object (arm base frame)
+    # [N, 3] projected_gravity(base_quat) where the caller has computed it already (the simulator, for its
+    # terminations and rewards); None: the term computes it from base_quat
+    projected_gravity: Array | None = None
 
 
 STATE_FIELDS = tuple(f.name for f in fields(RobotState))
@@ -102,7 +105,7 @@ def base_ang_vel(s: RobotState, c: TermContext) -> Array:
 
 @_term("projected_gravity", ("base_quat",), _three)
 def gravity(s: RobotState, c: TermContext) -> Array:
-    return projected_gravity(s.base_quat)
+    return projected_gravity(s.base_quat) if s.projected_gravity is None else s.projected_gravity
 
 
 @_term("velocity_command", ("velocity_command",), _three)

@@ -8,7 +8,9 @@ import torch
 from s2r.control.actions import ActionProcessor, pd_torque
 from s2r.control.ik import dls, hinge_jacobian
 from s2r.control.observations import ObservationBuilder, ObservationError
-from s2r.control.rotations import projected_gravity, quat_error, quat_from_yaw, quat_mul, quat_mul_yaw
+from s2r.control.rotations import (_rotate, projected_gravity, quat_error, quat_from_yaw, quat_mul, quat_mul_yaw,
+                                   quat_rotate_inverse)
+from s2r.control.terms import RobotState, TermContext, compute_terms
 from s2r.control.spec import ObservationSpec, ObsTerm, RobotSpec
 
 
@@ -55,10 +57,10 @@ def test_reset_of_one_env_leaves_the_others_history(xp):
     assert np.unique(np.asarray(o[1])).tolist() == [2.0, 4.0]  # env 1 refilled with the new frame
 
 
-@pytest.mark.parametrize("order", ["frame_major", "term_major"])
-def test_peek_returns_what_push_would_without_advancing_the_history(xp, order):
+@pytest.mark.parametrize("order,H", [("frame_major", 3), ("term_major", 3), ("frame_major", 1)])
+def test_peek_returns_what_push_would_without_advancing_the_history(xp, order, H):
     # the simulator reads a finished episode's final observation with peek, before the env resets
-    b = ObservationBuilder(obs_spec(order), num_envs=2, xp=xp)
+    b = ObservationBuilder(obs_spec(order, H), num_envs=2, xp=xp)
     frames = [torch.full((2, 3), float(x)) for x in range(1, 5)]
     b.push(b.frame({"a": frames[0][:, :2], "b": frames[0][:, 2:]}))
     b.reset(torch.tensor([1]))  # env 1's next frame fills its history
@@ -68,6 +70,20 @@ def test_peek_returns_what_push_would_without_advancing_the_history(xp, order):
         peeked = b.peek(fr)
         assert (b.history == history).all()
         assert (peeked == b.push(fr)).all()
+
+
+@pytest.mark.parametrize("H", [1, 3])
+def test_push_and_peek_return_new_arrays_that_the_next_frame_leaves_alone(xp, H):
+    b = ObservationBuilder(obs_spec("frame_major", H), num_envs=2, xp=xp)
+    fr = b.frame({"a": torch.ones(2, 2), "b": torch.ones(2, 1)})
+    pushed, peeked = b.push(fr), b.peek(fr)
+    fr[:] = 7.0  # the caller reuses its frame buffer
+    b.push(b.frame({"a": torch.zeros(2, 2), "b": torch.zeros(2, 1)}))
+    assert (pushed == peeked).all() and (pushed[:, -3:] == xp_array(xp, [[2.0, 2.0, 1.0]] * 2)).all()
+
+
+def xp_array(xp, values):
+    return np.array(values, dtype=np.float32) if xp == "numpy" else torch.tensor(values)
 
 
 def test_missing_or_misshaped_term_is_named(xp):
@@ -106,6 +122,57 @@ def test_projected_gravity_and_yaw_quaternions():
     assert g[0, 0].item() == pytest.approx(np.sin(0.5), abs=1e-6)
     e = quat_error(quat_mul(quat_from_yaw(torch.tensor([0.3])), pitch), pitch)
     assert torch.allclose(e, torch.tensor([[0.0, 0.0, 0.3]]), atol=1e-5)
+
+
+def _bit_identical(a, b) -> bool:
+    """The same bits, -0 apart from +0; NaN where the other has NaN (its sign and payload aside)."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    nan = torch.isnan(a)
+    ints = torch.int32 if a.dtype == torch.float32 else torch.int64
+    return torch.equal(nan, torch.isnan(b)) and torch.equal(a.view(ints)[~nan], b.view(ints)[~nan])
+
+
+def _unit_quats(n, dtype):
+    """Random unit quaternions, plus rows the written-out formulas meet exactly: identity, yaw only (zeros
+    that must keep their sign), w = 0, a NaN and an inf."""
+    q = torch.randn(n, 4, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    q = q / q.norm(dim=1, keepdim=True)
+    q[0] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    q[1:4, 1:3] = 0.0
+    q[4, 0] = 0.0
+    q[5, 1], q[6, 2] = float("nan"), float("inf")
+    return q
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projected_gravity_of_a_torch_batch_is_the_written_out_formula_bit_for_bit(dtype):
+    q = _unit_quats(4096, dtype)  # the torch batch takes the whole-column path (7 ops)
+    w, x, y, z = q.unbind(1)
+    written_out = torch.stack([-2.0 * (x * z - w * y), -2.0 * (y * z + w * x), 2.0 * (x * x + y * y) - 1.0], 1)
+    assert _bit_identical(projected_gravity(q), written_out)
+    with np.errstate(invalid="ignore"):  # the inf row
+        assert _bit_identical(projected_gravity(q.numpy()), written_out)  # the robot's numpy path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_quat_rotate_inverse_is_the_rotation_by_the_conjugate_bit_for_bit(dtype):
+    q = _unit_quats(4096, dtype)
+    v = 3.0 * torch.randn(4096, 3, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    by_conjugate = _rotate(q[:, :1], -q[:, 1:], v)
+    assert _bit_identical(quat_rotate_inverse(q, v), by_conjugate)
+    with np.errstate(invalid="ignore"):  # the inf row
+        assert _bit_identical(quat_rotate_inverse(q.numpy(), v.numpy()),
+                              _rotate(q.numpy()[:, :1], -q.numpy()[:, 1:], v.numpy()))
+
+
+def test_gravity_term_takes_a_given_projected_gravity_and_computes_it_otherwise():
+    q = _unit_quats(8, torch.float32)[7:]
+    ctx = TermContext(default_q=torch.zeros(1))
+    assert torch.equal(compute_terms(["projected_gravity"], RobotState(base_quat=q), ctx)["projected_gravity"],
+                       projected_gravity(q))
+    given = torch.ones(1, 3)  # the simulator's, computed once for terminations and rewards
+    state = RobotState(base_quat=q, projected_gravity=given)
+    assert compute_terms(["projected_gravity"], state, ctx)["projected_gravity"] is given
 
 
 def test_quat_mul_yaw_equals_the_general_product_exactly():
