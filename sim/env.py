@@ -36,6 +36,11 @@ from s2r.sim.randomization import ModelRandomizer
 BACKENDS = ("mujoco", "warp")
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """t as float32, itself where it is already (most reward terms): no op dispatched."""
+    return t if t.dtype is torch.float32 else t.float()
+
+
 class EnvError(ValueError):
     """Bad env configuration or bad input to step(); the message names the problem."""
 
@@ -91,7 +96,7 @@ class BatchedEnv:
         self.episode_return = torch.zeros(N, device=dev)
         self.latency = torch.zeros(N, dtype=torch.long, device=dev)  # physics steps
         self.next_push = torch.zeros(N, dtype=torch.long, device=dev)
-        self._substep = torch.arange(self.decimation, device=dev)  # [dec] physics step within a control step
+        self._substep = torch.arange(self.decimation, device=dev)[None, :, None]  # [1, dec, 1] physics step
         self.diverged_total = 0
 
         base_body = None
@@ -174,8 +179,8 @@ class BatchedEnv:
         self.action = action
         prev_ctrl = self.ctrl
         self.ctrl = self.task.process_action(action).to(torch.float64)
-        delayed = (self._substep < self.latency[:, None]).unsqueeze(-1)  # [N, dec, 1]
-        ctrl_seq = torch.where(delayed, prev_ctrl.unsqueeze(1), self.ctrl.unsqueeze(1))
+        delayed = self._substep < self.latency[:, None, None]  # [N, dec, 1]
+        ctrl_seq = torch.where(delayed, prev_ctrl[:, None], self.ctrl[:, None])  # [N, dec, nu]
         # 4: physics
         diverged = self.backend.step(ctrl_seq).to(self.device)
         self.episode_step += 1
@@ -191,7 +196,7 @@ class BatchedEnv:
         if missing:
             raise EnvError(f"task '{self.cfg.task}' reward_weights name unknown term(s) {missing} "
                            f"(the task computes {sorted(terms)})")
-        weighted = torch.stack([terms[k].float() for k in self._reward_names], dim=1) * self._reward_w  # [N, T]
+        weighted = torch.stack([_float32(terms[k]) for k in self._reward_names], dim=1) * self._reward_w  # [N, T]
         reward = weighted.sum(dim=1)
         log = {"reward_terms": dict(zip(self._reward_names, weighted.mean(dim=0)))}  # tensors; float() lazily
         any_diverged = bool(diverged.any())
@@ -213,8 +218,8 @@ class BatchedEnv:
                     final[key] = torch.where(diverged[:, None], self._obs[key], final[key])
             info["final_obs"] = final
             ids = done.nonzero(as_tuple=False).squeeze(-1)
-            info["episode"] = {"return": self.episode_return[ids], "length": self.episode_step[ids],  # copies
-                               "env_ids": ids}
+            info["episode"] = {"return": self.episode_return.index_select(0, ids),  # copies
+                               "length": self.episode_step.index_select(0, ids), "env_ids": ids}
             self._reset_envs(ids)
             self.policy_obs.reset(ids)
             self.task.refresh()
@@ -252,26 +257,27 @@ class BatchedEnv:
             params, summary = self.randomizer.sample(k, self.gen)
             self.backend.set_params(ids, params)
             vals = np.stack([summary[key] for key in self.dr_summary], axis=1)  # [k, 3]
-            self._dr_summary[ids] = torch.as_tensor(vals, dtype=torch.float32, device=self.device)
+            self._dr_summary.index_copy_(0, ids, torch.as_tensor(vals, dtype=torch.float32, device=self.device))
         rc = self.rand_cfg
         if rc.enabled:
             lo, hi = rc.latency_steps
             hi = min(hi, self.decimation)
-            self.latency[ids] = torch.randint(lo, hi + 1, (k,), generator=self.gen).to(self.device)
+            self.latency.index_copy_(0, ids, torch.randint(lo, hi + 1, (k,), generator=self.gen).to(self.device))
         else:
             self.latency[ids] = 0
         qpos, qvel = self.task.reset(ids)
         self.backend.reset_envs(ids, qpos, qvel)
         for state in (self.episode_step, self.episode_return, self.action, self.prev_action):
             state.index_fill_(0, ids, 0)
-        self.ctrl[ids] = self._default_ctrl[ids]
-        self._schedule_push(ids)
+        self.ctrl.index_copy_(0, ids, self._default_ctrl.index_select(0, ids))  # ctrl[ids] = default
+        self.next_push.index_copy_(0, ids, self._push_interval(k))  # from episode step 0
         self.task.after_reset(ids)
 
-    def _schedule_push(self, ids: torch.Tensor) -> None:
+    def _push_interval(self, k: int) -> torch.Tensor:
+        """[k] control steps to the next push, drawn from push_interval_s, at least 1."""
         lo, hi = self.rand_cfg.push_interval_s
-        steps = (lo + (hi - lo) * torch.rand(len(ids), generator=self.gen)) / self.control_dt
-        self.next_push[ids] = self.episode_step[ids] + steps.long().clamp_min(1).to(self.device)
+        steps = (lo + (hi - lo) * torch.rand(k, generator=self.gen)) / self.control_dt
+        return steps.long().clamp_min(1).to(self.device)
 
     def _push(self) -> None:
         rc = self.rand_cfg
@@ -286,15 +292,16 @@ class BatchedEnv:
         kick = (torch.rand(len(ids), 2, generator=self.gen, dtype=torch.float64) * 2 - 1) * rc.push_velocity
         qvel[:, self.index.base_dof:self.index.base_dof + 2] += kick.to(qvel.device, qvel.dtype)
         self.backend.set_qvel(sim_ids, qvel)
-        self._schedule_push(ids)
+        self.next_push.index_copy_(0, ids, self.episode_step.index_select(0, ids) + self._push_interval(len(ids)))
 
     def _observe(self, commit: bool = True) -> dict[str, torch.Tensor]:
         # the spec's terms from the task's RobotState, by control/terms.py: the code the robot runs
         clean = self.policy_obs.frame(self.policy_obs.terms(self.task.robot_state()))  # [N, frame_dim]
         noisy = clean
         if self._noise_amp is not None:  # uniform noise on the raw terms (= scale x noise after scaling)
-            u = torch.rand(clean.shape, generator=self.gen).to(self.device)
-            noisy = u.mul_(2).sub_(1).mul_(self._noise_amp).add_(clean)  # clean + amp (2u - 1), in place
+            # uniform_(-1, 1) gives 2u - 1 of rand's u: the same numbers and random stream, two ops fewer
+            u = torch.empty(clean.shape).uniform_(-1, 1, generator=self.gen).to(self.device)
+            noisy = u.mul_(self._noise_amp).add_(clean)  # clean + amp (2u - 1), in place
         # commit=False: a final observation, from the same history without advancing it
         policy = self.policy_obs.push(noisy) if commit else self.policy_obs.peek(noisy)
         parts = [clean]

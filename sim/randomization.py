@@ -7,6 +7,7 @@ Scales multiply the MJCF's nominal values; (1, 1) disables a term.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import mujoco
@@ -65,10 +66,18 @@ def fixed_shift_overrides(shift: dict[str, float]) -> dict:
     return {"randomization": r}
 
 
-def _u(gen: torch.Generator, lo: float, hi: float, shape) -> np.ndarray:
-    # torch draws (the env's generator), numpy arithmetic: the same float64 values, without two
-    # torch op dispatches per draw on these few-row arrays
-    return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64).numpy()
+def _uniform(gen: torch.Generator, draws: list[tuple[float, float, tuple[int, ...]]]) -> list[np.ndarray]:
+    """Arrays uniform in [lo, hi) of the given shapes, for draws = [(lo, hi, shape), ...], from ONE torch
+    draw of the env's generator: torch's CPU rand fills serially, so these are the numbers of one draw per
+    shape in this order. numpy arithmetic: the same float64 values as torch's, without its per-op dispatch
+    on these few-row arrays."""
+    sizes = [math.prod(shape) for _, _, shape in draws]
+    u = torch.rand(sum(sizes), generator=gen, dtype=torch.float64).numpy()
+    out, start = [], 0
+    for (lo, hi, shape), n in zip(draws, sizes):
+        out.append(lo + (hi - lo) * u[start:start + n].reshape(shape))
+        start += n
+    return out
 
 
 def _columns(idx: np.ndarray) -> np.ndarray | slice:
@@ -104,18 +113,16 @@ class ModelRandomizer:
     def sample(self, k: int, gen: torch.Generator) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Returns (model params for backend.set_params, summary scalars per env)."""
         c, nom = self.cfg, self.nominal
-        nj = self.nj
-        fr = _u(gen, *c.friction, (k, 1))
-        mass = _u(gen, *c.mass_scale, (k, self.m.nbody))
+        nj, nbody = self.nj, self.m.nbody
+        shift_com = self.base_body is not None and c.com_offset > 0
+        draws = [(*c.friction, (k, 1)), (*c.mass_scale, (k, nbody))]
+        draws += [(-c.com_offset, c.com_offset, (k, 3))] if shift_com else []
+        draws += [(*r, (k, nj)) for r in (c.kp_scale, c.kd_scale, c.motor_strength, c.joint_friction, c.armature)]
+        fr, mass, *com_shift, kp, kd, strength, jf, arm = _uniform(gen, draws)
         mass[:, 0] = 1.0
-        com = np.zeros((k, self.m.nbody, 3))
-        if self.base_body is not None and c.com_offset > 0:
-            com[:, self.base_body] = _u(gen, -c.com_offset, c.com_offset, (k, 3))
-        kp = _u(gen, *c.kp_scale, (k, nj))
-        kd = _u(gen, *c.kd_scale, (k, nj))
-        strength = _u(gen, *c.motor_strength, (k, nj))
-        jf = _u(gen, *c.joint_friction, (k, nj))
-        arm = _u(gen, *c.armature, (k, nj))
+        com = np.zeros((k, nbody, 3))
+        if shift_com:
+            com[:, self.base_body] = com_shift[0]
 
         p = {
             "geom_friction": np.repeat(nom["geom_friction"][None], k, 0),
@@ -137,5 +144,7 @@ class ModelRandomizer:
         p["actuator_forcerange"][:, a, :] *= strength[..., None]
         p["dof_frictionloss"][:, self.dof] *= jf
         p["dof_armature"][:, self.dof] *= arm
-        summary = {"friction": fr[:, 0], "mass_scale": mass[:, 1:].mean(1), "strength": strength.mean(1)}
+        # means as sum / n: np.mean's own arithmetic, without its Python overhead
+        summary = {"friction": fr[:, 0], "mass_scale": mass[:, 1:].sum(1) / (nbody - 1),
+                   "strength": strength.sum(1) / nj}
         return p, summary

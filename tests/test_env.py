@@ -126,6 +126,18 @@ def test_domain_randomisation_stays_within_configured_ranges_and_differs_per_env
     assert env.latency.min() >= rc.latency_steps[0] and env.latency.max() <= rc.latency_steps[1]
 
 
+def test_randomisation_draws_once_the_numbers_of_one_draw_per_term():
+    # a reset pays per torch op: the randomiser draws all its terms at once, from the same random stream
+    from s2r.sim.randomization import _uniform
+
+    draws = [(0.5, 1.25, (3, 1)), (0.9, 1.1, (3, 17)), (-0.02, 0.02, (3, 3))]
+    gen = torch.Generator().manual_seed(4)
+    each = [lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64).numpy() for lo, hi, shape in draws]
+    gen.manual_seed(4)
+    for got, want in zip(_uniform(gen, draws), each):
+        assert got.shape == want.shape and np.array_equal(got, want)
+
+
 def test_randomisation_off_keeps_the_nominal_model():
     env = make(num_envs=2, randomize=False)
     env.reset()

@@ -108,8 +108,8 @@ class MujocoBackend(Backend):
 
     def reset_envs(self, env_ids: torch.Tensor, qpos: torch.Tensor, qvel: torch.Tensor) -> None:
         ids = env_ids.cpu().numpy()
-        qpos_np = qpos.detach().to(torch.float64).cpu().numpy()  # [k, nq]
-        qvel_np = qvel.detach().to(torch.float64).cpu().numpy()  # [k, nv]
+        qpos_np = qpos.detach().to("cpu", torch.float64).numpy()  # [k, nq]
+        qvel_np = qvel.detach().to("cpu", torch.float64).numpy()  # [k, nv]
         m = self.model
         # mj_resetData's state (time 0, act 0, ...) with the new qpos, qvel: one write for all k envs
         rows = np.repeat(self._reset_state[None], len(ids), axis=0)  # [k, nstate]

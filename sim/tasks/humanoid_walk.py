@@ -99,16 +99,22 @@ class HumanoidWalk(Task):
         mid, half = lo_hi.mean(1), 0.5 * (lo_hi[:, 1] - lo_hi[:, 0])
         self.soft_lo = mid - self.cfg.soft_limit * half
         self.soft_hi = mid + self.cfg.soft_limit * half
+        # the spec's joints drive actuators 0..nu-1 in order: ctrl is the joint targets themselves
+        self.ctrl_is_targets = torch.equal(self.actuator_id.cpu(), torch.arange(env.model.nu))
+        # the randomised physics' critic columns, [N, 1] views of the env's summary (updated in place at resets)
+        self.dr_columns = {k: v[:, None] for k, v in env.dr_summary.items()}
+        self.ones = torch.ones(N, device=dev)  # [N] the alive reward (read only)
 
     # ---- reset / commands ---------------------------------------------------------------
     def reset(self, env_ids):
         # a reset of a few envs pays per torch op, not per element: few, fused ops
         k, dev, g = len(env_ids), self.env.device, self.env.gen
-        b = self.base_qpos_adr
+        b, nj = self.base_qpos_adr, len(self.qpos_adr)
+        # joint noise [k, nj] and heading [k] from one draw in [-1, 1): the numbers of one draw each
+        u = torch.empty(k * (nj + 1), dtype=torch.float64).uniform_(-1, 1, generator=g).to(dev)
+        noise, yaw = u[:k * nj].view(k, nj), u[k * nj:] * torch.pi
         qpos = self.qpos0.expand(k, -1).clone()  # [k, nq]
-        noise = (torch.rand(k, len(self.qpos_adr), generator=g, dtype=torch.float64) * 2 - 1).to(dev)
         qpos.index_add_(1, self.qpos_adr, self.cfg.init_joint_noise * noise)
-        yaw = ((torch.rand(k, generator=g, dtype=torch.float64) * 2 - 1) * torch.pi).to(dev)
         qpos[:, b + 3:b + 7] = quat_mul_yaw(yaw, qpos[:, b + 3:b + 7])
         qvel = torch.zeros(k, self.env.model.nv, dtype=torch.float64, device=dev)
         self._resample(env_ids)
@@ -122,13 +128,16 @@ class HumanoidWalk(Task):
         r = torch.rand(k, 4, generator=g).to(self.env.device)
         cmd = self.command_lo + r[:, :3] * self.command_span  # [k, 3] vx, vy, yaw rate, uniform in range
         cmd.masked_fill_(r[:, 3:] < c.standing_prob, 0.0)
-        self.command[ids] = cmd
-        self.next_resample[ids] = self.env.episode_step[ids] + self.resample_steps
+        self.command.index_copy_(0, ids, cmd)  # command[ids] = cmd
+        self.next_resample.index_copy_(0, ids, self.env.episode_step.index_select(0, ids) + self.resample_steps)
 
     # ---- step ----------------------------------------------------------------------------
     def process_action(self, action):
+        self.q_target = self.action_proc.joint_targets(action)  # [N, nj] this step's targets (torque reward)
+        if self.ctrl_is_targets:
+            return self.q_target
         ctrl = torch.zeros(self.env.num_envs, self.env.model.nu, dtype=torch.float32, device=self.env.device)
-        ctrl.index_copy_(1, self.actuator_id, self.action_proc.joint_targets(action))  # ctrl[:, actuator_id] = ...
+        ctrl.index_copy_(1, self.actuator_id, self.q_target)  # ctrl[:, actuator_id] = q_target
         return ctrl
 
     def update(self):
@@ -171,7 +180,8 @@ class HumanoidWalk(Task):
     def robot_state(self) -> RobotState:
         return RobotState(q=self.q, qd=self.qd, base_quat=self.base_quat, base_ang_vel=self.ang_vel_b,
                           base_lin_vel=self.lin_vel_w, base_height=self.height[:, None],
-                          velocity_command=self.command, last_action=self.env.action)
+                          velocity_command=self.command, last_action=self.env.action,
+                          projected_gravity=self.gravity_b)
 
     def terminated(self):
         return (self.height < self.cfg.min_base_height) | (self.gravity_b[:, 2] > self.cfg.max_tilt_cos)
@@ -180,16 +190,17 @@ class HumanoidWalk(Task):
         c, env = self.cfg, self.env
         g, q, qd, lin_b, ang_b = self.gravity_b, self.q, self.qd, self.lin_vel_b, self.ang_vel_b
         foot_vel = self.foot_vel  # [N, nf, 3]
-        moving = torch.linalg.vector_norm(self.command[:, :2], dim=1) > 0.1
+        command_xy = self.command[:, :2]  # [N, 2]
+        moving = torch.linalg.vector_norm(command_xy, dim=1) > 0.1
         p = self.action_proc
-        tau = pd_torque(env.ctrl.index_select(1, self.actuator_id).float(), q, qd, p.kp, p.kd, p.torque_limit)
-        lin_err = ((self.command[:, :2] - lin_b[:, :2]) ** 2).sum(1)
+        tau = pd_torque(self.q_target, q, qd, p.kp, p.kd, p.torque_limit)  # q_target: this step's ctrl
+        lin_err = ((command_xy - lin_b[:, :2]) ** 2).sum(1)
         yaw_err = (self.command[:, 2] - ang_b[:, 2]) ** 2
         out_of_limits = (self.soft_lo - q).clamp_min(0) + (q - self.soft_hi).clamp_min(0)
-        return {
-            "track_lin_vel_xy": torch.exp(-lin_err / c.tracking_sigma),
-            "track_ang_vel_z": torch.exp(-yaw_err / c.tracking_sigma),
-            "alive": torch.ones_like(lin_err),
+        return {  # exp(err / -sigma): exactly exp(-err / sigma), one op fewer
+            "track_lin_vel_xy": torch.exp(lin_err / -c.tracking_sigma),
+            "track_ang_vel_z": torch.exp(yaw_err / -c.tracking_sigma),
+            "alive": self.ones,
             "upright": torch.exp(-5.0 * (g[:, :2] ** 2).sum(1)),
             "lin_vel_z": lin_b[:, 2] ** 2,
             "ang_vel_xy": (ang_b[:, :2] ** 2).sum(1),
@@ -201,11 +212,8 @@ class HumanoidWalk(Task):
         }
 
     def critic_terms(self):
-        env = self.env
         return {"base_lin_vel": self.lin_vel_b, "base_height": self.height[:, None],
-                "feet_contact": self.contact.float(), "friction": env.dr_summary["friction"][:, None],
-                "mass_scale": env.dr_summary["mass_scale"][:, None],
-                "strength": env.dr_summary["strength"][:, None]}
+                "feet_contact": self.contact.float(), **self.dr_columns}
 
 
 def _stand_randomization() -> RandomizationConfig:
