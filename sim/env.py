@@ -36,6 +36,11 @@ from s2r.sim.randomization import ModelRandomizer
 BACKENDS = ("mujoco", "warp")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. numpy on the CPU: torch's isfinite is four kernels plus all()."""
+    return bool(np.isfinite(t.numpy()).all()) if t.device.type == "cpu" else bool(torch.isfinite(t).all())
+
+
 def _float32(t: torch.Tensor) -> torch.Tensor:
     """t as float32, itself where it is already (most reward terms): no op dispatched."""
     return t if t.dtype is torch.float32 else t.float()
@@ -105,10 +110,10 @@ class BatchedEnv:
             base_body = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, self.spec.base_body)
         self.randomizer = ModelRandomizer(self.rand_cfg, self.model, self.index.joint_act,
                                           self.index.joint_dof, base_body)
-        # per-env randomised physics in a nutshell (critic terms): columns of one [N, 3] tensor, so a reset
-        # writes its rows with one indexed copy
-        self._dr_summary = torch.ones(N, 3, device=dev)
-        self.dr_summary = {k: self._dr_summary[:, j] for j, k in enumerate(("friction", "mass_scale", "strength"))}
+        # per-env randomised physics in a nutshell (critic terms): rows of one [3, N] tensor, so a reset
+        # writes its envs with one indexed copy, and each term is contiguous (torch.cat's fast path)
+        self._dr_summary = torch.ones(3, N, device=dev)
+        self.dr_summary = {k: self._dr_summary[j] for j, k in enumerate(("friction", "mass_scale", "strength"))}
 
         self.task.bind(self)
         self._default_ctrl = self.task.default_ctrl().to(self.device, torch.float64)  # [N, nu]
@@ -245,7 +250,7 @@ class BatchedEnv:
         # a copy: the env keeps it as the last action and zeroes rows of envs that reset; the caller's
         # tensor (which a trainer stores in its replay buffer after the step) must stay as it was
         action = action.to(self.device, torch.float32, copy=True)
-        if not bool(torch.isfinite(action).all()):
+        if not _all_finite(action):
             env_ids = (~torch.isfinite(action)).any(1).nonzero().squeeze(-1).tolist()
             raise EnvError(f"action contains NaN/Inf in env(s) {env_ids[:10]}"
                            f"{' ...' if len(env_ids) > 10 else ''}")
@@ -256,8 +261,8 @@ class BatchedEnv:
         if self.randomizer.active:
             params, summary = self.randomizer.sample(k, self.gen)
             self.backend.set_params(ids, params)
-            vals = np.stack([summary[key] for key in self.dr_summary], axis=1)  # [k, 3]
-            self._dr_summary.index_copy_(0, ids, torch.as_tensor(vals, dtype=torch.float32, device=self.device))
+            vals = np.stack([summary[key] for key in self.dr_summary])  # [3, k]
+            self._dr_summary.index_copy_(1, ids, torch.as_tensor(vals, dtype=torch.float32, device=self.device))
         rc = self.rand_cfg
         if rc.enabled:
             lo, hi = rc.latency_steps

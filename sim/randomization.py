@@ -124,16 +124,16 @@ class ModelRandomizer:
         if shift_com:
             com[:, self.base_body] = com_shift[0]
 
-        p = {
-            "geom_friction": np.repeat(nom["geom_friction"][None], k, 0),
+        p = {  # ndarray.repeat: np.repeat's result without its Python wrapper
+            "geom_friction": nom["geom_friction"][None].repeat(k, 0),
             "body_mass": nom["body_mass"][None] * mass,
             "body_inertia": nom["body_inertia"][None] * mass[..., None],
             "body_ipos": nom["body_ipos"][None] + com,
-            "actuator_gainprm": np.repeat(nom["actuator_gainprm"][None], k, 0),
-            "actuator_biasprm": np.repeat(nom["actuator_biasprm"][None], k, 0),
-            "actuator_forcerange": np.repeat(nom["actuator_forcerange"][None], k, 0),
-            "dof_frictionloss": np.repeat(nom["dof_frictionloss"][None], k, 0),
-            "dof_armature": np.repeat(nom["dof_armature"][None], k, 0),
+            "actuator_gainprm": nom["actuator_gainprm"][None].repeat(k, 0),
+            "actuator_biasprm": nom["actuator_biasprm"][None].repeat(k, 0),
+            "actuator_forcerange": nom["actuator_forcerange"][None].repeat(k, 0),
+            "dof_frictionloss": nom["dof_frictionloss"][None].repeat(k, 0),
+            "dof_armature": nom["dof_armature"][None].repeat(k, 0),
         }
         p["geom_friction"][..., 0] *= fr
         a = self.act

@@ -162,8 +162,9 @@ class HumanoidWalk(Task):
         qpos = be.qpos.to(dev, torch.float32, copy=True)  # a snapshot, also on Warp's float32 views
         qvel = be.qvel.to(dev, torch.float32, copy=True)
         self.base_quat = qpos[:, b + 3:b + 7]  # [N, 4] (w, x, y, z)
-        self.height = qpos[:, b + 2]  # [N]
-        self.ang_vel_b = qvel[:, bd + 3:bd + 6]  # [N, 3] free-joint angular velocity is body-frame
+        self.height = qpos[:, b + 2].contiguous()  # [N] (contiguous: the critic's torch.cat takes its fast path)
+        self.ang_vel_b = qvel[:, bd + 3:bd + 6].contiguous()  # [N, 3] body frame (as the free joint's); contiguous
+        # as above: the observation frame's torch.cat takes its fast path
         self.lin_vel_w = qvel[:, bd:bd + 3]  # [N, 3] world frame
         self.lin_vel_b = quat_rotate_inverse(self.base_quat, self.lin_vel_w)
         self._gravity_b = None  # on first use: the refresh after a reset has no terminations or rewards to feed
