@@ -102,8 +102,8 @@ def quat_mul_yaw(yaw: Array, q: Array) -> Array:
     few envs pays per operation, not per element).
     """
     xp = namespace(yaw, q)
-    half = 0.5 * yaw
-    c, s = xp.cos(half)[..., None], xp.sin(half)[..., None]
+    half = 0.5 * yaw[..., None]
+    c, s = xp.cos(half), xp.sin(half)
     swapped = xp.flip(q, (-1,)) * constant_like((-1.0, -1.0, 1.0, 1.0), q)  # (-z, -y, x, w)
     return c * q + s * swapped
 
