@@ -62,6 +62,19 @@ class MujocoBackend(Backend):
         self._ctrl_buf: np.ndarray | None = None
 
     @property
+    def max_qvel(self) -> float:
+        """Beyond this |qvel| (rad/s or m/s) an env counts as diverged."""
+        return self._max_qvel
+
+    @max_qvel.setter
+    def max_qvel(self, value: float) -> None:
+        self._max_qvel = value
+        # [nq + nv] bounds on |qpos|, |qvel|: only NaN and Inf exceed the first, the second also catches a
+        # runaway velocity (one comparison for the step's divergence test)
+        m = self.model
+        self._state_limit = np.concatenate([np.full(m.nq, np.finfo(np.float64).max), np.full(m.nv, value)])
+
+    @property
     def sensordata(self) -> torch.Tensor:
         """[N, nsensordata] from the last physics step; for envs reset since, those of the state they
         were reset to (computed on this first read)."""
@@ -101,8 +114,7 @@ class MujocoBackend(Backend):
         # MuJoCo resets a diverging mjData itself (time goes back to ~0); catch that and NaNs
         st = self.state[:, 1:1 + self.model.nq + self.model.nv]
         bad = (self.state[:, 0] < t_expected - 0.5 * self.dt)  # MuJoCo's own reset
-        bad |= ~np.isfinite(st).all(axis=1)
-        bad |= (np.abs(st[:, self.model.nq:]) > self.max_qvel).any(axis=1)
+        bad |= ~(np.abs(st) <= self._state_limit).all(axis=1)  # NaN, Inf, runaway qvel
         self.diverged_total += int(np.count_nonzero(bad))
         return torch.from_numpy(bad)
 
