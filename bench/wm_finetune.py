@@ -37,7 +37,7 @@ from s2r.policies.evaluate import evaluate_policy, load_run, policy_act
 from s2r.policies.normalizer import RunningNorm
 from s2r.policies.replay import ReplayBuffer
 from s2r.sim.gym import make_env
-from s2r.sim.overrides import merge_overrides, parse_env_overrides
+from s2r.sim.overrides import merge_overrides, parse_env_overrides, yaml_value
 from s2r.world_models.data import collect_rollouts
 from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig, save_world_model
 from s2r.world_models.finetune import NominalSimTerms, WMFinetuneConfig, WorldModelFinetuner, agent_update
@@ -199,7 +199,7 @@ def main() -> None:
         if not sep or key not in fields or key in ("imagined", "seed"):
             ap.error(f"--ft {item!r}: expected KEY=VALUE with KEY a WMFinetuneConfig field")
         try:
-            s["ft"][key] = yaml.safe_load(value)
+            s["ft"][key] = yaml_value(value)
         except yaml.YAMLError:
             ap.error(f"--ft {item!r}: the value is not YAML")
     for item in args.wm:
@@ -208,7 +208,7 @@ def main() -> None:
             ap.error(f"--wm {item!r}: expected KEY=VALUE with KEY one of wm_envs, wm_steps, fit_steps, width, "
                      f"blocks, wm_history, wm_blind")
         try:
-            s[key] = yaml.safe_load(value)
+            s[key] = yaml_value(value)
         except yaml.YAMLError:
             ap.error(f"--wm {item!r}: the value is not YAML")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]

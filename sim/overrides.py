@@ -18,6 +18,17 @@ def merge_overrides(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, An
     return out
 
 
+def yaml_value(text: str) -> Any:
+    """A KEY=VALUE setting's VALUE: YAML, except that '3e-5' is a number (YAML 1.1 reads it as a string)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_env_overrides(items: list[str], task: str) -> dict[str, Any]:
     """`KEY=VALUE` strings (the CLI's --env-override) -> EnvConfig keyword overrides for `task`.
 
@@ -36,7 +47,7 @@ def parse_env_overrides(items: list[str], task: str) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"--env-override takes KEY=VALUE (e.g. randomization.friction=0.4), got {item!r}")
         try:
-            value = yaml.safe_load(text)
+            value = yaml_value(text)
         except yaml.YAMLError:
             raise ValueError(f"--env-override {item!r}: the value is not YAML") from None
         path = key.split(".")

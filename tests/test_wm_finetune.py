@@ -272,6 +272,9 @@ def test_env_overrides_shift_the_target_robot():
         assert (env.latency == 4).all() and env.max_episode_steps == 250
     finally:
         env.close()
+    # YAML 1.1 reads 5e-1 as a string; a setting's value takes it as the number it means
+    assert parse_env_overrides(["randomization.push_velocity=5e-1"], "humanoid-stand") == \
+        {"task_overrides": {"randomization": {"push_velocity": 0.5}}}
     with pytest.raises(ValueError, match="no such field"):
         parse_env_overrides(["randomization.gravity=2"], "humanoid-stand")
     with pytest.raises(ValueError, match="KEY=VALUE"):
