@@ -100,6 +100,20 @@ def test_humanoid_commands_are_resampled_within_ranges():
     assert (c.abs().sum(1) == 0).any()  # some standing commands
 
 
+def test_a_new_episode_resamples_its_command_resample_steps_after_its_start():
+    """Not after the finished episode's length plus resample_steps (episode_step still held it in task.reset)."""
+    env = make("humanoid-walk", num_envs=2, seed=0)
+    env.reset(seed=0)
+    task = env.task
+    for _ in range(7):
+        env.step(torch.zeros(2, env.action_dim))
+    assert (env.episode_step == 7).all()
+    env._reset_envs(torch.tensor([1]))
+    assert env.episode_step.tolist() == [7, 0]
+    assert task.next_resample[1] == task.resample_steps
+    assert task.next_resample[0] == task.resample_steps  # env 0 kept its first episode's schedule
+
+
 def test_feet_contact_and_air_time_come_from_touch_sensors():
     env = make("humanoid-walk", num_envs=1, randomize=False)
     env.reset()
