@@ -262,6 +262,8 @@ def main() -> None:
         out["wm"] = {**{k: rep[k] for k in ("target_steps", "target_falls", "target_episodes", "updates",
                                             "imagined_steps", "imagined_rollouts", "halted_nan", "halted_uncertain",
                                             "unsafe", "model_terminated")},
+                     **{k: v for k, v in (rep["rounds"][-1] if rep["rounds"] else {}).items()
+                        if k.startswith("identif")},  # the estimated sim-only terms (--ft identify=true)
                      **evaluate((ft.agent, ft.obs_norm), target, task, s["eval_envs"], eval_seed),
                      "wall_s": round(time.perf_counter() - t, 1)}
 

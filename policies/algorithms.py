@@ -214,6 +214,17 @@ class OffPolicyAgent(nn.Module):
         return {**stats, **t_stats}
 
 
+def _bc_rows(batch: dict[str, Tensor], action: Tensor, q_action: Tensor) -> tuple | None:
+    """(demo [B] bool, demo action [B, A], its Q [B]) for the BC term, or None without batch["demo"]. The
+    demo action is the stored one (an operator's correction) unless the batch brings "demo_action" and
+    "q_demo" (a finetune's anchor: the pretrained policy's mean action, q_demo = +inf keeps every row)."""
+    if "demo" not in batch:
+        return None
+    if "demo_action" in batch:
+        return batch["demo"], batch["demo_action"], batch["q_demo"]
+    return batch["demo"], action, q_action
+
+
 class SAC(OffPolicyAgent):
     """Soft Actor-Critic: twin critics (fused), tanh-Gaussian or PMOE actor, automatic temperature."""
 
@@ -232,7 +243,7 @@ class SAC(OffPolicyAgent):
         self.n_updates += 1
         # actor, temperature, targets (every policy_delay critic updates)
         if int(self.n_updates) % self.cfg.policy_delay == 0:
-            bc = (batch["demo"], act, q.detach().min(0).values) if "demo" in batch else None
+            bc = _bc_rows(batch, act, q.detach().min(0).values)
             stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a), bc))
             self._polyak(self.critic, self.critic_target)
         stats["q_mean"] = q.detach().mean()
@@ -266,7 +277,7 @@ class DSACT(OffPolicyAgent):
         self._step(self.critic_opt, c_loss, list(self.critic.parameters()))
         self.n_updates += 1
         if int(self.n_updates) % self.cfg.policy_delay == 0:
-            bc = (batch["demo"], act, mu.detach().min(0).values) if "demo" in batch else None
+            bc = _bc_rows(batch, act, mu.detach().min(0).values)
             stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a)[0], bc))
             self._polyak(self.critic, self.critic_target)
             self._polyak(self.actor, self.actor_target)

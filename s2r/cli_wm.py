@@ -289,6 +289,9 @@ def finetune_cmd(
     critic_warmup: int = typer.Option(0, help="critic-only updates before the actor moves"),
     lr_actor: Optional[float] = typer.Option(None, help="the actor's learning rate while finetuning (default: "
                                                         "the run's)"),
+    anchor_weight: Optional[float] = typer.Option(None, help="pull the actor's mean action toward the pretrained "
+                                                             "policy's on every batch row, weight x mean |Q| (0: off; "
+                                                             "default: WMFinetuneConfig's)"),
     nominal_sim_terms: bool = typer.Option(True, "--nominal-sim-terms/--measured-sim-terms",
                                            help="critics read the task's randomised-physics terms at their pretraining "
                                                 "mean (unknown on a robot) or as the target reports them"),
@@ -333,7 +336,8 @@ def finetune_cmd(
                                lr_actor=lr_actor, nominal_sim_terms=nominal_sim_terms, horizon_start=h0,
                                horizon_end=h1, model_updates=model_updates, model_lr=model_lr,
                                imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
-                               eval_envs=eval_envs, seed=seed)
+                               eval_envs=eval_envs, seed=seed,
+                               **({} if anchor_weight is None else {"anchor_weight": anchor_weight}))
         cfg.check()
         overrides = None
         if env_override:

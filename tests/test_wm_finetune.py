@@ -156,6 +156,31 @@ def test_during_the_critic_warmup_only_the_critics_learn(pretrained):
     assert any(not torch.equal(v, ft.agent.critic.state_dict()[k]) for k, v in critic0.items())
 
 
+def test_the_anchor_keeps_the_actor_near_the_pretrained_policy(pretrained):
+    """anchor_weight: every batch row's BC target is the pretrained policy's mean action; with a large weight
+    the finetuned mean actions stay closer to the pretrained ones than without it (same seeds otherwise)."""
+    run, wm = pretrained
+    moved = {}
+    for w in (0.0, 100.0):
+        ft = WorldModelFinetuner(run, wm, small(rounds=2, eval_envs=0, utd=4.0, anchor_weight=w),
+                                 make_target=lambda n, seed: make_env("humanoid-stand", n, seed=seed, **SHORT))
+        try:
+            obs = ft.obs_norm.normalize(ft.target.reset(seed=5)["policy"])
+            before = ft.agent.actor.deterministic(obs).detach()
+            ft.run()
+            if w:
+                ft.cfg.real_ratio = 1.0
+                b = ft._batch()
+                assert b["demo"].all() and torch.isinf(b["q_demo"]).all()
+                assert torch.allclose(b["demo_action"], ft.anchor.deterministic(b["obs"]))
+            moved[w] = float((ft.agent.actor.deterministic(obs).detach() - before).abs().mean())
+        finally:
+            ft.close()
+    assert 0 < moved[100.0] < 0.5 * moved[0.0], moved
+    with pytest.raises(ValueError, match="anchor_weight"):
+        small(anchor_weight=-1.0).check()
+
+
 def test_rounds_run_with_consistent_counters_and_the_run_exports(pretrained, tmp_path):
     from s2r.control.onnx_policy import OnnxPolicy
     from s2r.policies.evaluate import evaluate_run
@@ -240,6 +265,31 @@ def test_the_critics_read_sim_only_terms_at_their_pretraining_mean(pretrained):
         off.close()
 
 
+def test_identified_terms_reach_the_model_and_the_critics_keep_the_pretraining_mean(pretrained):
+    run, wm = pretrained
+    shift = {"task_overrides": {"randomization": {"motor_strength": [0.8, 0.8]}}}
+    ft = WorldModelFinetuner(run, wm, small(rounds=2, eval_envs=0, identify=True), env_overrides={**SHORT, **shift})
+    try:
+        report = ft.run()
+        cols, mean = ft.nominal.columns, ft.nominal.value
+        row = report["rounds"][-1]
+        assert ft.nominal.names == ("friction", "mass_scale", "strength")
+        assert [row[f"identified_{n}"] for n in ft.nominal.names] == [round(float(v), 4) for v in ft.terms]
+        assert row["identify_error"] <= row["identify_error_start"]
+        lo, hi = ft.model.state_lo[cols], ft.model.state_hi[cols]
+        assert ((ft.terms >= lo - 1e-6) & (ft.terms <= hi + 1e-6)).all()  # inside what the model has seen
+        assert torch.equal(ft.model_data().state[:, cols], ft.terms.expand(len(ft.target_data), -1))
+        assert torch.equal(ft.target_data.state[:, cols], mean.expand(len(ft.target_data), -1))
+        b = ft.imagined.sample(64, torch.Generator().manual_seed(0))
+        assert torch.equal(b["critic_obs"][:, cols], mean.expand(64, -1))
+        assert torch.equal(b["next_critic_obs"][:, cols], mean.expand(64, -1))
+    finally:
+        ft.close()
+    with pytest.raises(ValueError, match="identify needs"):
+        WorldModelFinetuner(run, wm, small(identify=True, nominal_sim_terms=False, eval_envs=0),
+                            make_target=lambda n, seed: make_env("humanoid-stand", n, seed=seed, **SHORT))
+
+
 def test_finetuning_continues_with_the_runs_adam_moments_and_the_actor_rate_it_is_given(pretrained):
     from s2r.policies.evaluate import load_run
 
@@ -291,8 +341,10 @@ def test_cli_wm_finetune_and_the_finetune_alias(pretrained, tmp_path):
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["target_steps"] == 12 and rep["env_overrides"]["task_overrides"]["randomization"] == {
         "motor_strength": [0.8, 0.8]}
-    r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "b", *common)  # forwarded
+    r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "b", "--anchor-weight", 0.5,
+             *common)  # forwarded
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output.strip().splitlines()[-1])["world_model"].endswith(".pt")
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["world_model"].endswith(".pt") and rep["config"]["anchor_weight"] == 0.5
     r = _cli("finetune", "--from", run, "--world-model", wm, "--data", tmp_path / "x.mcap", "--out", tmp_path / "c")
     assert r.exit_code == 2 and "error:" in r.output and "--data" in r.output, r.output

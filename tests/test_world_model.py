@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from s2r.control.spec import RobotSpec
 from s2r.policies.checkpoint import CheckpointError
@@ -249,6 +250,48 @@ def test_the_ensemble_baseline_learns_the_linear_system():
     assert len(stats["elites"]) == 2
     step = lambda s, a: ens.predict(s, a, sample=False)[:3]  # noqa: E731
     assert one_step_error(step, held, 2)["one_step_error"] < 0.1
+
+
+# ---- system identification ------------------------------------------------------------------
+
+
+def gain_system(p: Tensor, T: int = 30, seed: int = 0) -> Transitions:
+    """state [x, v, gain]: x' = x + 0.1 v, v' = 0.9 v + gain * a; the gain is fixed per episode (the
+    randomised-physics term a model conditions on)."""
+    g = torch.Generator().manual_seed(seed)
+    E = len(p)
+    s = torch.stack([0.3 * torch.randn(E, generator=g), 0.3 * torch.randn(E, generator=g), p], 1)
+    rows = {k: [] for k in ("state", "action", "reward", "next_state", "terminated", "episode")}
+    for _ in range(T):
+        a = torch.rand(E, 1, generator=g) * 2 - 1
+        nxt = torch.stack([s[:, 0] + 0.1 * s[:, 1], 0.9 * s[:, 1] + s[:, 2] * a[:, 0], s[:, 2]], 1)
+        for k, v in (("state", s), ("action", a), ("reward", -s[:, 0] ** 2), ("next_state", nxt),
+                     ("terminated", torch.zeros(E, dtype=torch.bool)), ("episode", torch.arange(E))):
+            rows[k].append(v)
+        s = nxt
+    order = torch.cat(rows["episode"]).argsort(stable=True)
+    return Transitions(*(torch.cat(rows[k])[order] for k in ("state", "action", "reward", "next_state",
+                                                             "terminated", "episode")))
+
+
+def test_identification_recovers_a_hidden_gain_and_flags_one_outside_the_range():
+    from s2r.world_models.identify import identify_terms
+
+    gains = torch.rand(200, generator=torch.Generator().manual_seed(1)) + 0.5  # [0.5, 1.5]
+    torch.manual_seed(0)
+    model = DiffusionWorldModel(WorldModelConfig(state_dim=3, action_dim=1, history=1, width=128, blocks=2))
+    train_diffusion(model, gain_system(gains), FitConfig(steps=800, batch_size=256, lr=2e-3))
+    col, nominal = torch.tensor([2]), torch.tensor([1.0])
+    robot = gain_system(torch.full((20,), 0.8), seed=5)
+    for k in ("state", "next_state"):  # the robot cannot measure its gain: the data holds the nominal value
+        getattr(robot, k)[:, 2] = 1.0
+    res = identify_terms(model, robot, col, nominal, grid=11)
+    assert abs(float(res.value[0]) - 0.8) < 0.05, res
+    assert res.error < 0.3 * res.error_start and not res.on_edge.any()
+    far = gain_system(torch.full((20,), 3.0), seed=6)
+    far.state[:, 2] = far.next_state[:, 2] = 1.0
+    out = identify_terms(model, far, col, nominal, grid=11)
+    assert out.on_edge.all() and float(out.value[0]) > 1.4  # the top of what the model has seen
 
 
 # ---- the imagined env -----------------------------------------------------------------------

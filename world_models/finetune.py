@@ -33,6 +33,7 @@ Shapes: N target envs, M imagined envs, B batch, S state (critic observation), O
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -82,6 +83,8 @@ class WMFinetuneConfig:
     critic_warmup: int = 0  # critic-only updates before the actor moves (the critics meet new data first)
     nominal_sim_terms: bool = True  # the critics read the task's sim-only terms at their pretraining mean
     lr_actor: float | None = None  # the actor's learning rate while finetuning (None: the run's)
+    anchor_weight: float = 0.0  # pull tanh(mu) toward the pretrained policy's on every batch row (0: off)
+    identify: bool = False  # estimate the sim-only terms from target data for the model (world_models/identify.py)
     horizon_start: int = 1  # imagined horizon of the first round ...
     horizon_end: int = 20  # ... ramped linearly to this in the last (LIFT: 1 -> 20)
     model_updates: int = 200  # EDM gradient steps on the target data per round (0: the model stays fixed)
@@ -110,6 +113,8 @@ class WMFinetuneConfig:
             raise ValueError(f"utd (updates per imagined step) must be a finite number >= 0, got {self.utd}")
         if self.lr_actor is not None and not (math.isfinite(self.lr_actor) and self.lr_actor >= 0):
             raise ValueError(f"lr_actor must be a finite number >= 0, got {self.lr_actor}")
+        if not (math.isfinite(self.anchor_weight) and self.anchor_weight >= 0):
+            raise ValueError(f"anchor_weight must be a finite number >= 0, got {self.anchor_weight}")
         if not 0.0 < self.tau <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {self.tau}")
         if self.real_capacity < self.rounds * self.real_steps * self.target_envs:
@@ -140,6 +145,11 @@ class WorldModelFinetuner:
         if cfg.lr_actor is not None:
             self.agent.set_actor_lr(cfg.lr_actor)
         self.agent.cfg.tau = cfg.tau
+        # the anchor: a frozen copy of the pretrained actor; its mean action is each row's BC target
+        # (policies/losses.q_filtered_bc_loss with the filter open), weighted by anchor_weight * mean |Q|
+        self.anchor = copy.deepcopy(self.agent.actor).requires_grad_(False) if cfg.anchor_weight > 0 else None
+        if self.anchor is not None:
+            self.agent.cfg.bc_weight = cfg.anchor_weight
         self.critic_norm = RunningNorm(int(ck["critic_obs_dim"]))
         self.critic_norm.load_state_dict(ck["critic_norm"])
         self.critic_norm.freeze()
@@ -197,6 +207,12 @@ class WorldModelFinetuner:
                 raise CheckpointError(f"checkpoint {self.ckpt_path} expects {self.dims}, the {what} has {have}")
         self.nominal = NominalSimTerms.for_target(self.target, self.spec, self.critic_norm) \
             if cfg.nominal_sim_terms else None
+        if cfg.identify and self.nominal is None:
+            raise ValueError("identify needs sim-only critic terms held at a value (nominal_sim_terms on, a task "
+                             "that declares sim_only_critic_terms)")
+        # the model's values of the sim-only terms: the pretraining mean until identified from target data
+        self.terms = self.nominal.value.clone() if cfg.identify else None
+        self.identified = None
         # ---- memory
         A, O, S = self.dims["action_dim"], self.dims["obs_dim"], self.dims["critic_obs_dim"]
         self.real = ReplayBuffer(cfg.real_capacity, cfg.target_envs, O, S, A, "cpu", gamma=self.agent.cfg.gamma)
@@ -263,11 +279,35 @@ class WorldModelFinetuner:
         self.target_data = new if self.target_data is None else cat_transitions([self.target_data, new])
         return new
 
+    def model_data(self) -> Transitions:
+        """The target data as the model reads it: with `identify`, the sim-only terms hold the estimate (the
+        critics' buffers keep the pretraining mean: values outside their training range mislead them)."""
+        data = self.target_data
+        if self.terms is None:
+            return data
+        st, nx = data.state.clone(), data.next_state.clone()
+        st[:, self.nominal.columns] = self.terms
+        nx[:, self.nominal.columns] = self.terms
+        return Transitions(st, data.action, data.reward, nx, data.terminated, data.episode, data.spec, data.obs_key,
+                           data.layout)
+
+    # ---- 1b. which robot is this? ---------------------------------------------------------------
+    def identify(self) -> dict:
+        """Estimate the sim-only terms from all target data so far (the model's one-step error, coordinate
+        descent over its range). -> the round's identification columns."""
+        from s2r.world_models.identify import identify_terms
+
+        res = identify_terms(self.model, self.target_data, self.nominal.columns, self.terms, seed=self.cfg.seed)
+        self.terms, self.identified = res.value, res
+        return {**{f"identified_{n}": round(float(v), 4) for n, v in zip(self.nominal.names, res.value)},
+                "identify_error": round(res.error, 4), "identify_error_start": round(res.error_start, 4),
+                "identify_on_edge": int(res.on_edge.sum())}
+
     # ---- 2. the model keeps learning ------------------------------------------------------------
     def update_model(self) -> float:
         """EDM steps on all target data so far (normalisers fixed); the clamp range takes in the target's
         states. -> the mean loss of the last steps (nan when no update ran)."""
-        m, data = self.model, self.target_data
+        m, data = self.model, self.model_data()
         with torch.no_grad():
             both = torch.cat([data.state, data.next_state])
             m.state_lo.copy_(torch.minimum(m.state_lo, both.min(0).values))
@@ -297,13 +337,18 @@ class WorldModelFinetuner:
             b[k] = self._pol(b[k])
         for k in ("critic_obs", "next_critic_obs"):
             b[k] = self._crit(b[k])
+        if self.anchor is not None:
+            with torch.no_grad():
+                b["demo_action"] = self.anchor.deterministic(b["obs"])  # [B, A] the pretrained tanh(mu)
+            b["demo"] = torch.ones(B, dtype=torch.bool)
+            b["q_demo"] = torch.full((B,), math.inf)
         return b
 
     def imagine(self, horizon: int) -> dict:
         """`imagined_steps` steps of the stochastic policy in the model from real target windows; `utd`
         agent updates after each. -> the last update's statistics."""
         cfg = self.cfg
-        ienv = ImaginedEnv(self.model, self.target_data, cfg.imagined_envs,
+        ienv = ImaginedEnv(self.model, self.model_data(), cfg.imagined_envs,
                            dataclasses.replace(cfg.imagined, horizon=horizon), spec=self.spec,
                            seed=cfg.seed + 100 * len(self.rounds))
         obs = ienv.reset()
@@ -314,8 +359,10 @@ class WorldModelFinetuner:
             done = term | trunc
             real_next = ({k: torch.where(done[:, None], info["final_obs"][k], nxt[k]) for k in nxt} if done.any()
                          else nxt)
-            self.imagined.add(obs["policy"], obs["critic"], a, r * self.base.reward_scale, real_next["policy"],
-                              real_next["critic"], term, trunc)
+            c, c_next = obs["critic"], real_next["critic"]  # [M, S]
+            if self.terms is not None:  # the critics read the pretraining mean, as in the real buffer
+                c, c_next = self.nominal(c), self.nominal(c_next)
+            self.imagined.add(obs["policy"], c, a, r * self.base.reward_scale, real_next["policy"], c_next, term, trunc)
             self.counts["imagined_steps"] += ienv.num_envs
             self.counts["imagined_rollouts"] += int(done.sum())
             obs = nxt
@@ -352,11 +399,12 @@ class WorldModelFinetuner:
         before = self.evaluate()
         for r in range(self.cfg.rounds):
             self.collect()
+            ident = self.identify() if self.cfg.identify else {}
             loss = self.update_model()
             H = self.cfg.horizon(r)
             stats = self.imagine(H)
             ev = self.evaluate()
-            row = {"round": r + 1, "horizon": H, "model_loss": loss, **self.counts,
+            row = {"round": r + 1, "horizon": H, "model_loss": loss, **ident, **self.counts,
                    **{f"eval_{k}": v for k, v in ev.items()},
                    **{k: float(stats[k]) for k in ("critic_loss", "actor_loss", "alpha", "q_mean") if k in stats},
                    "wall_s": round(time.perf_counter() - t0, 2)}
@@ -428,6 +476,7 @@ class NominalSimTerms:
 
     columns: Tensor  # [k] long
     value: Tensor  # [k] raw units (the critic normaliser's mean)
+    names: tuple[str, ...] = ()  # [k] one per column: the term's name (name_j for a term of several dims)
 
     @classmethod
     def for_target(cls, env: BatchedEnvProtocol, spec: RobotSpec, critic_norm: RunningNorm) -> "NominalSimTerms | None":
@@ -438,7 +487,9 @@ class NominalSimTerms:
             return None
         lay = state_layout(spec, dims)
         cols = torch.cat([torch.arange(lay[f"critic.{n}"][0], sum(lay[f"critic.{n}"])) for n in names])
-        return cls(cols, critic_norm.mean[cols].float().clone())
+        col_names = tuple(n if lay[f"critic.{n}"][1] == 1 else f"{n}_{j}" for n in names
+                          for j in range(lay[f"critic.{n}"][1]))
+        return cls(cols, critic_norm.mean[cols].float().clone(), col_names)
 
     def __call__(self, critic_obs: Tensor) -> Tensor:
         out = critic_obs.clone()
