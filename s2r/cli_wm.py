@@ -292,6 +292,10 @@ def finetune_cmd(
     anchor_weight: Optional[float] = typer.Option(None, help="pull the actor's mean action toward the pretrained "
                                                              "policy's on every batch row, weight x mean |Q| (0: off; "
                                                              "default: WMFinetuneConfig's)"),
+    identify: bool = typer.Option(False, "--identify/--no-identify",
+                                  help="estimate the randomised-physics terms from target data with the model (it "
+                                       "must have seen them vary); the model uses the estimate, the critics the "
+                                       "pretraining mean"),
     nominal_sim_terms: bool = typer.Option(True, "--nominal-sim-terms/--measured-sim-terms",
                                            help="critics read the task's randomised-physics terms at their pretraining "
                                                 "mean (unknown on a robot) or as the target reports them"),
@@ -321,7 +325,9 @@ def finetune_cmd(
     from s2r.world_models.imagined_env import ImaginedEnvConfig
 
     def show(row: dict) -> None:
+        ident = "".join(f" {k[len('identified_'):]} {v:.3f}" for k, v in row.items() if k.startswith("identified_"))
         typer.echo(f"round {row['round']}: target steps {row['target_steps']}, falls {row['target_falls']} | "
+                   + (f"identified{ident} | " if ident else "") +
                    f"imagined {row['imagined_steps']} (H={row['horizon']}), halted nan {row['halted_nan']} / "
                    f"u {row['halted_uncertain']} / safe set {row['unsafe']} | updates {row['updates']} | eval "
                    f"return {row.get('eval_return_mean', float('nan')):.1f}, fell "
@@ -336,7 +342,7 @@ def finetune_cmd(
                                lr_actor=lr_actor, nominal_sim_terms=nominal_sim_terms, horizon_start=h0,
                                horizon_end=h1, model_updates=model_updates, model_lr=model_lr,
                                imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
-                               eval_envs=eval_envs, seed=seed,
+                               eval_envs=eval_envs, seed=seed, identify=identify,
                                **({} if anchor_weight is None else {"anchor_weight": anchor_weight}))
         cfg.check()
         overrides = None

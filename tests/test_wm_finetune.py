@@ -342,9 +342,10 @@ def test_cli_wm_finetune_and_the_finetune_alias(pretrained, tmp_path):
     assert rep["target_steps"] == 12 and rep["env_overrides"]["task_overrides"]["randomization"] == {
         "motor_strength": [0.8, 0.8]}
     r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "b", "--anchor-weight", 0.5,
-             *common)  # forwarded
+             "--identify", *common)  # forwarded
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["world_model"].endswith(".pt") and rep["config"]["anchor_weight"] == 0.5
+    assert rep["config"]["identify"] and "identified_strength" in rep["eval_after"]  # the last round's row
     r = _cli("finetune", "--from", run, "--world-model", wm, "--data", tmp_path / "x.mcap", "--out", tmp_path / "c")
     assert r.exit_code == 2 and "error:" in r.output and "--data" in r.output, r.output
