@@ -83,7 +83,7 @@ class WMFinetuneConfig:
     critic_warmup: int = 0  # critic-only updates before the actor moves (the critics meet new data first)
     nominal_sim_terms: bool = True  # the critics read the task's sim-only terms at their pretraining mean
     lr_actor: float | None = None  # the actor's learning rate while finetuning (None: the run's)
-    anchor_weight: float = 0.0  # pull tanh(mu) toward the pretrained policy's on every batch row (0: off)
+    anchor_weight: float = 1.0  # pull tanh(mu) toward the pretrained policy's on every batch row (0: off)
     identify: bool = False  # estimate the sim-only terms from target data for the model (world_models/identify.py)
     horizon_start: int = 1  # imagined horizon of the first round ...
     horizon_end: int = 20  # ... ramped linearly to this in the last (LIFT: 1 -> 20)
