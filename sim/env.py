@@ -272,10 +272,11 @@ class BatchedEnv:
         else:
             self.latency[ids] = 0
         self._hold_rows = None
-        qpos, qvel = self.task.reset(ids)
-        self.backend.reset_envs(ids, qpos, qvel)
+        # before task.reset: the task sets up a new episode (step 0), not one that goes on from the last
         for state in (self.episode_step, self.episode_return, self.action, self.prev_action):
             state.index_fill_(0, ids, 0)
+        qpos, qvel = self.task.reset(ids)
+        self.backend.reset_envs(ids, qpos, qvel)
         self.ctrl.index_copy_(0, ids, self._default_ctrl.index_select(0, ids))  # ctrl[ids] = default
         self.next_push.index_copy_(0, ids, self._push_interval(k))  # from episode step 0
         self.task.after_reset(ids)

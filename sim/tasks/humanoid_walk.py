@@ -117,24 +117,20 @@ class HumanoidWalk(Task):
         qpos.index_add_(1, self.qpos_adr, self.cfg.init_joint_noise * noise)
         qpos[:, b + 3:b + 7] = quat_mul_yaw(yaw, qpos[:, b + 3:b + 7])
         qvel = torch.zeros(k, self.env.model.nv, dtype=torch.float64, device=dev)
-        self._resample(env_ids, episode_start=True)
+        self._resample(env_ids)
         self.air_time.index_fill_(0, env_ids, 0.0)
         self.contact.index_fill_(0, env_ids, True)
         self.first_contact.index_fill_(0, env_ids, False)
         return qpos, qvel
 
-    def _resample(self, ids, episode_start: bool = False):
-        """New commands for envs `ids`; the next one resample_steps later. episode_start: counted from step 0
-        (the env zeroes episode_step only after task.reset, so it still holds the finished episode's length)."""
+    def _resample(self, ids):
+        """New commands for envs `ids`; the next one resample_steps later (in reset: from step 0)."""
         k, g, c = len(ids), self.env.gen, self.cfg
         r = torch.rand(k, 4, generator=g).to(self.env.device)
         cmd = self.command_lo + r[:, :3] * self.command_span  # [k, 3] vx, vy, yaw rate, uniform in range
         cmd.masked_fill_(r[:, 3:] < c.standing_prob, 0.0)
         self.command.index_copy_(0, ids, cmd)  # command[ids] = cmd
-        if episode_start:
-            self.next_resample.index_fill_(0, ids, self.resample_steps)
-        else:
-            self.next_resample.index_copy_(0, ids, self.env.episode_step.index_select(0, ids) + self.resample_steps)
+        self.next_resample.index_copy_(0, ids, self.env.episode_step.index_select(0, ids) + self.resample_steps)
 
     # ---- step ----------------------------------------------------------------------------
     def process_action(self, action):
