@@ -45,6 +45,7 @@ from s2r.world_models.imagined_env import ImaginedEnvConfig
 from s2r.world_models.train import FitConfig, train_diffusion
 
 SHIFT = ["randomization.motor_strength=0.8", "randomization.mass_scale=1.1"]  # 20 % weaker motors, 10 % heavier
+WM_KEYS = ("wm_envs", "wm_steps", "fit_steps", "width", "blocks", "wm_history", "wm_blind")  # --wm settings
 
 
 def settings(quick: bool) -> dict:
@@ -193,24 +194,16 @@ def main() -> None:
         s["ft"]["critic_warmup"] = args.critic_warmup
     if args.lr_actor is not None:
         s["ft"]["lr_actor"] = args.lr_actor
-    fields = {f.name for f in dataclasses.fields(WMFinetuneConfig)}
-    for item in args.ft:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields or key in ("imagined", "seed"):
-            ap.error(f"--ft {item!r}: expected KEY=VALUE with KEY a WMFinetuneConfig field")
-        try:
-            s["ft"][key] = yaml_value(value)
-        except yaml.YAMLError:
-            ap.error(f"--ft {item!r}: the value is not YAML")
-    for item in args.wm:
-        key, sep, value = item.partition("=")
-        if not sep or key not in ("wm_envs", "wm_steps", "fit_steps", "width", "blocks", "wm_history", "wm_blind"):
-            ap.error(f"--wm {item!r}: expected KEY=VALUE with KEY one of wm_envs, wm_steps, fit_steps, width, "
-                     f"blocks, wm_history, wm_blind")
-        try:
-            s[key] = yaml_value(value)
-        except yaml.YAMLError:
-            ap.error(f"--wm {item!r}: the value is not YAML")
+    ft_keys = {f.name for f in dataclasses.fields(WMFinetuneConfig)} - {"imagined", "seed"}
+    for flag, items, keys, into in (("--ft", args.ft, ft_keys, s["ft"]), ("--wm", args.wm, WM_KEYS, s)):
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key not in keys:
+                ap.error(f"{flag} {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(keys))}")
+            try:
+                into[key] = yaml_value(value)
+            except yaml.YAMLError:
+                ap.error(f"{flag} {item!r}: the value is not YAML")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - {"none", "wm", "sac"}:
         ap.error(f"--arms takes a comma-separated subset of none, wm, sac; got {args.arms!r}")
@@ -290,8 +283,7 @@ def main() -> None:
               + (f"  gap recovered {r['fall_gap_recovered']}" if r.get("fall_gap_recovered") is not None else ""))
     summary = {"bench": "wm_finetune", "quick": args.quick, "run": str(run), "task": task, "target": target,
                "episode_s": s["episode_s"], "eval_episodes": s["eval_envs"], "world_model_s": round(t_wm, 1),
-               "world_model": {k: s[k] for k in ("wm_envs", "wm_steps", "fit_steps", "width", "blocks", "wm_history",
-                                                 "wm_blind")}, "wm_data": data_shift,
+               "world_model": {k: s[k] for k in WM_KEYS}, "wm_data": data_shift,
                "settings": {k: v for k, v in s["ft"].items() if k != "imagined"}, "arms": out,
                "wall_s": round(time.perf_counter() - t0, 1), "threads": args.threads, "machine": machine_info()}
     print(json.dumps(summary))

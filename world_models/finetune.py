@@ -212,7 +212,6 @@ class WorldModelFinetuner:
                              "that declares sim_only_critic_terms)")
         # the model's values of the sim-only terms: the pretraining mean until identified from target data
         self.terms = self.nominal.value.clone() if cfg.identify else None
-        self.identified = None
         # ---- memory
         A, O, S = self.dims["action_dim"], self.dims["obs_dim"], self.dims["critic_obs_dim"]
         self.real = ReplayBuffer(cfg.real_capacity, cfg.target_envs, O, S, A, "cpu", gamma=self.agent.cfg.gamma)
@@ -285,11 +284,8 @@ class WorldModelFinetuner:
         data = self.target_data
         if self.terms is None:
             return data
-        st, nx = data.state.clone(), data.next_state.clone()
-        st[:, self.nominal.columns] = self.terms
-        nx[:, self.nominal.columns] = self.terms
-        return Transitions(st, data.action, data.reward, nx, data.terminated, data.episode, data.spec, data.obs_key,
-                           data.layout)
+        held = dataclasses.replace(self.nominal, value=self.terms)  # the same columns, held at the estimate
+        return dataclasses.replace(data, state=held(data.state), next_state=held(data.next_state))
 
     # ---- 1b. which robot is this? ---------------------------------------------------------------
     def identify(self) -> dict:
@@ -298,7 +294,7 @@ class WorldModelFinetuner:
         from s2r.world_models.identify import identify_terms
 
         res = identify_terms(self.model, self.target_data, self.nominal.columns, self.terms, seed=self.cfg.seed)
-        self.terms, self.identified = res.value, res
+        self.terms = res.value
         return {**{f"identified_{n}": round(float(v), 4) for n, v in zip(self.nominal.names, res.value)},
                 "identify_error": round(res.error, 4), "identify_error_start": round(res.error_start, 4),
                 "identify_on_edge": int(res.on_edge.sum())}

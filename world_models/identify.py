@@ -20,6 +20,7 @@ from torch import Tensor
 
 from s2r.world_models.data import Transitions, windows
 from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelError
+from s2r.world_models.train import _nrmse
 
 
 @dataclass
@@ -44,14 +45,14 @@ def identify_terms(model: DiffusionWorldModel, data: Transitions, columns: Tenso
     states, actions, nxt = states[pick], actions[pick], nxt[pick]
     keep = nxt.std(0) > 1e-6  # [S] scored: dims that vary in the data (as train.state_scale) ...
     keep[columns] = False  # ... other than the ones being identified
-    std = nxt[:, keep].std(0)  # scale of each scored dim
+    std = nxt.std(0).clamp_min(1e-8)  # [S] scale of each dim (as train.state_scale)
     lo, hi = model.state_lo[columns].float(), model.state_hi[columns].float()  # [c] what the model has seen
 
     def error(value: Tensor) -> float:
         s = states.clone()
         s[:, :, columns] = value
         pred = model.predict(s, actions, steps=steps, generator=torch.Generator().manual_seed(seed)).next_state
-        return float((((pred[:, keep] - nxt[:, keep]) / std) ** 2).mean(-1).sqrt().mean())
+        return float(_nrmse(pred, nxt, std, keep).mean())
 
     value = torch.minimum(torch.maximum(start.float().clone(), lo), hi)
     best = err0 = error(value)
