@@ -253,10 +253,13 @@ def test_a_1khz_burst_of_joint_states_keeps_the_control_rate_and_uses_the_newest
             time.sleep(max(0.0, t0 + (i + 1) * 1e-3 - time.monotonic()))
         elapsed = time.monotonic() - t0
         mode_at_end = node.safety.mode.name  # (afterwards the silence trips the watchdog, as it should)
-        wait_for(lambda: node.joint_states_received - received0 >= 0.9 * n, 2.0, "the burst to arrive")
-        assert node.rejected["joint_states"] == 0
         newest = default[0] + 1e-4 * (n - 1)
-        wait_for(lambda: abs(node.q[0] - newest) < 1e-9, 1.0, "the newest message to win")
+        wait_for(lambda: abs(node.q[0] - newest) < 1e-9, 5.0, "the newest message to win")
+        # KEEP_LAST 10: on a loaded machine the reader may skip samples it has not taken yet (stale ones,
+        # which is the point), so the count is held to one per control period, not to every message
+        received = node.joint_states_received - received0
+        assert received >= elapsed / DT, f"{received} of {n} joint states arrived in {elapsed:.2f} s"
+        assert node.rejected["joint_states"] == 0
         assert node.ticks - ticks0 >= 0.8 * elapsed / DT, "the control loop kept its rate"
         assert node.policy_steps - steps0 >= 0.8 * elapsed / DT
         assert mode_at_end == "POLICY", node.safety.reason
