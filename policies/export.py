@@ -75,7 +75,7 @@ class DeterministicPolicy(nn.Module):
         self.clip = obs_norm.clip if obs_norm is not None else None
         if obs_norm is not None:
             self.register_buffer("obs_mean", obs_norm.mean.to(torch.float32))  # [obs_dim]
-            self.register_buffer("obs_inv_std", torch.rsqrt(obs_norm.var + obs_norm.eps).to(torch.float32))
+            self.register_buffer("obs_inv_std", obs_norm.inv_std.to(torch.float32))
 
     def forward(self, obs: Tensor) -> Tensor:
         x = obs
@@ -211,8 +211,9 @@ def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random
         META_ALGO: cfg.algo, META_POLICY_HEAD: cfg.policy, "s2r.task": cfg.task,
         META_RUN_ID: run_id,
         META_OBS_DIM: str(obs_dim), META_ACTION_DIM: str(act_dim),
-        "s2r.obs_normalizer": (f"in graph: clip((obs - mean) / sqrt(var + {obs_norm.eps:g}), "
-                               f"-{obs_norm.clip:g}, {obs_norm.clip:g})" if policy.normalize else "none"),
+        "s2r.obs_normalizer": (f"in graph: clip((obs - mean) / max(sqrt(var + {obs_norm.eps:g}), "
+                               f"{obs_norm.min_std:g}), -{obs_norm.clip:g}, {obs_norm.clip:g})"
+                               if policy.normalize else "none"),
         META_EXPORTER: exporter_version(opset),
     }
     data = to_onnx_bytes(policy, obs_dim, metadata, opset)

@@ -11,12 +11,18 @@ with Chan et al.'s parallel formula, exact for any batch split:
     mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
 var = M2 / n (population variance, numpy's default).
 
+`min_std` floors the scale: x is divided by max(sqrt(var + eps), min_std), so a dimension whose
+spread is below min_std is only centred, never amplified (0: every dimension is scaled to unit
+variance).
+
 Two sets are kept: `base` (statistics every rank agrees on, as of the last sync) and
 `new` (this rank's batches since then), so calling `sync_` every step never counts a
 sample twice. Without torch.distributed, everything simply accumulates.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -55,10 +61,13 @@ def combine_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
 
 
 class RunningNorm:
-    """clip((x - mean) / sqrt(var + eps), -clip, clip), with mean/var tracked over every update."""
+    """clip((x - mean) / max(sqrt(var + eps), min_std), -clip, clip), with mean/var tracked over every update."""
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu", eps: float = 1e-8, clip: float | None = 10.0):
-        self.dim, self.device, self.eps, self.clip = dim, torch.device(device), eps, clip
+    def __init__(self, dim: int, device: torch.device | str = "cpu", eps: float = 1e-8, clip: float | None = 10.0,
+                 min_std: float = 0.0):
+        if not (min_std >= 0 and math.isfinite(min_std)):
+            raise ValueError(f"RunningNorm min_std must be a finite number >= 0, got {min_std!r}")
+        self.dim, self.device, self.eps, self.clip, self.min_std = dim, torch.device(device), eps, clip, float(min_std)
         self.base = self._empty()  # agreed across ranks at the last sync_
         self.new = self._empty()  # this rank's batches since the last sync_
         self.frozen = False
@@ -85,6 +94,16 @@ class RunningNorm:
         n, _, m2 = self.moments
         return torch.where(n > 0, m2 / n.clamp_min(1.0), torch.ones_like(m2))
 
+    @property
+    def inv_std(self) -> Tensor:  # [dim] float64: 1 / max(sqrt(var + eps), min_std), what normalize multiplies by
+        return self._mean_inv_std()[1]
+
+    def _mean_inv_std(self) -> tuple[Tensor, Tensor]:
+        n, mean, m2 = self.moments  # merged once
+        var = torch.where(n > 0, m2 / n.clamp_min(1.0), torch.ones_like(m2))
+        inv_std = torch.rsqrt(var + self.eps)
+        return mean, inv_std if self.min_std == 0 else inv_std.clamp_max(1.0 / self.min_std)
+
     def update(self, x: Tensor) -> None:
         """Fold a batch x [B, dim] into the statistics (no-op when frozen or B == 0)."""
         if self.frozen:
@@ -110,14 +129,13 @@ class RunningNorm:
         against itself, so it loses about |mean| / std * 6e-8 absolute accuracy (1e-6 at a ratio of
         20, 1e-2 at 1e5); an exporter should keep an explicit subtract node when that ratio is large.
         """
-        scale = torch.rsqrt(self.var + self.eps)
-        return scale.to(dtype), (-self.mean * scale).to(dtype)
+        mean, scale = self._mean_inv_std()
+        return scale.to(dtype), (-mean * scale).to(dtype)
 
     def normalize(self, x: Tensor) -> Tensor:
-        """x [..., dim] -> clip((x - mean) / sqrt(var + eps)), in x's dtype. Subtracts first: no cancellation."""
-        n, mean, m2 = self.moments
-        var = torch.where(n > 0, m2 / n.clamp_min(1.0), torch.ones_like(m2))
-        y = (x - mean.to(x.dtype)) * torch.rsqrt(var + self.eps).to(x.dtype)
+        """x [..., dim] -> clip((x - mean) * inv_std), in x's dtype. Subtracts first: no cancellation."""
+        mean, inv_std = self._mean_inv_std()
+        y = (x - mean.to(x.dtype)) * inv_std.to(x.dtype)
         return y if self.clip is None else y.clamp(-self.clip, self.clip)
 
     # ---- data parallel ------------------------------------------------------------------
@@ -139,9 +157,11 @@ class RunningNorm:
 
     # ---- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """Merged statistics (tensors only). A resumed run loads them as the agreed base on every rank."""
+        """Merged statistics and the scale floor (tensors only). A resumed run loads them as the agreed base on
+        every rank; a loaded normaliser takes the saved min_std, so it normalises as the run trained."""
         n, mean, m2 = self.moments
-        return {"count": n, "mean": mean, "m2": m2, "frozen": torch.tensor(self.frozen)}
+        return {"count": n, "mean": mean, "m2": m2, "frozen": torch.tensor(self.frozen),
+                "min_std": torch.tensor(self.min_std, dtype=torch.float64)}
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
         for k in ("mean", "m2"):
@@ -152,3 +172,4 @@ class RunningNorm:
         self.base = (sd["count"].to(**f64).reshape(()), sd["mean"].to(**f64), sd["m2"].to(**f64))
         self.new = self._empty()
         self.frozen = bool(sd["frozen"])
+        self.min_std = float(sd.get("min_std", 0.0))  # saved before the floor existed: none

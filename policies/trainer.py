@@ -60,6 +60,9 @@ class TrainConfig:
     n_step: int = 1
     normalize_obs: bool = True
     freeze_obs_norm: bool = False  # stop updating the normalisers at learning_starts (warm-up statistics kept)
+    # floor on the normaliser's scale: a dim is divided by max(std, obs_norm_min_std), so dims with a small
+    # spread are centred but not amplified (0: every dim to unit variance)
+    obs_norm_min_std: float = 0.0
     reward_scale: float = 1.0  # multiplies rewards stored for learning (evaluation reports raw returns)
     eval_every: int = 5_000  # env steps
     eval_every_s: float | None = None  # also evaluate after this many wall seconds (return curves over time)
@@ -138,6 +141,10 @@ def check_config(cfg: TrainConfig) -> None:
     if not (isinstance(cfg.updates_per_step, (int, float)) and 0 <= cfg.updates_per_step < math.inf):
         raise ValueError(f"training setting updates_per_step must be a finite number >= 0, "
                          f"got {cfg.updates_per_step!r}")
+    if not (isinstance(cfg.obs_norm_min_std, (int, float)) and not isinstance(cfg.obs_norm_min_std, bool)
+            and 0 <= cfg.obs_norm_min_std < math.inf):
+        raise ValueError(f"training setting obs_norm_min_std must be a finite number >= 0, "
+                         f"got {cfg.obs_norm_min_std!r}")
     for name in ("eval_every_s", "max_wall_s"):
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
@@ -208,8 +215,8 @@ class Trainer:
         self.spec_hash = self.env.spec.hash() if self.env.spec is not None else None
         e = self.env
         self.agent = make_agent(cfg.agent, e.obs_dim, e.critic_obs_dim, e.action_dim, self.device)
-        self.obs_norm = RunningNorm(e.obs_dim, self.device)
-        self.critic_norm = RunningNorm(e.critic_obs_dim, self.device)
+        self.obs_norm = RunningNorm(e.obs_dim, self.device, min_std=cfg.obs_norm_min_std)
+        self.critic_norm = RunningNorm(e.critic_obs_dim, self.device, min_std=cfg.obs_norm_min_std)
         self.buffer = ReplayBuffer(cfg.buffer_size // self.world, self.local_envs, e.obs_dim, e.critic_obs_dim,
                                    e.action_dim, self.device, n_step=cfg.n_step, gamma=cfg.agent.gamma)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 7 + 1000 * self.rank)

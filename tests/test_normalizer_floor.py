@@ -1,0 +1,60 @@
+"""The observation normaliser's scale floor (RunningNorm min_std, TrainConfig.obs_norm_min_std):
+dims with a spread below the floor are centred, not amplified; the floor travels with the
+statistics into checkpoints and the exported policy."""
+
+import pytest
+import torch
+from torch import nn
+
+from s2r.policies.export import DeterministicPolicy
+from s2r.policies.normalizer import RunningNorm
+from s2r.policies.trainer import TrainConfig, check_config
+
+# dim 0 spread 0.05 (below a floor of 1), dim 1 spread 4 (above it)
+X = torch.tensor([[1.00, -4.0], [1.10, 4.0], [1.05, 0.0], [0.95, 2.0], [1.15, -2.0]], dtype=torch.float64)
+
+
+def fitted(min_std: float) -> RunningNorm:
+    norm = RunningNorm(2, min_std=min_std)
+    norm.update(X)
+    return norm
+
+
+def test_a_dim_below_the_floor_is_only_centred_and_one_above_it_is_scaled_to_unit_variance():
+    y = fitted(1.0).normalize(X)
+    mean, std = X.mean(0), X.std(0, unbiased=False)
+    torch.testing.assert_close(y[:, 0], X[:, 0] - mean[0])  # not divided by 0.07
+    torch.testing.assert_close(y[:, 1], (X[:, 1] - mean[1]) / std[1])
+
+
+def test_without_a_floor_every_dim_is_scaled_to_unit_variance():
+    y = fitted(0.0).normalize(X)
+    torch.testing.assert_close(y.std(0, unbiased=False), torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=0)  # eps
+
+
+def test_the_folded_affine_form_and_the_exported_graph_apply_the_floor():
+    norm = fitted(1.0)
+    scale, shift = norm.as_affine(torch.float64)
+    torch.testing.assert_close(X * scale + shift, norm.normalize(X))
+    policy = DeterministicPolicy(nn.Identity(), norm)
+    torch.testing.assert_close(policy.obs_inv_std, norm.inv_std.float())
+    assert float(policy.obs_inv_std[0]) == 1.0
+
+
+def test_a_loaded_normaliser_takes_the_saved_floor_and_an_old_checkpoint_means_none():
+    other = RunningNorm(2)
+    other.load_state_dict(fitted(1.0).state_dict())
+    assert other.min_std == 1.0
+    torch.testing.assert_close(other.normalize(X), fitted(1.0).normalize(X))
+    old = {k: v for k, v in fitted(1.0).state_dict().items() if k != "min_std"}  # saved before the floor existed
+    restored = RunningNorm(2, min_std=1.0)
+    restored.load_state_dict(old)
+    assert restored.min_std == 0.0
+
+
+def test_the_floor_must_be_a_finite_number_not_below_zero():
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="min_std must be a finite number >= 0"):
+            RunningNorm(2, min_std=bad)
+        with pytest.raises(ValueError, match="obs_norm_min_std must be a finite number >= 0"):
+            check_config(TrainConfig(obs_norm_min_std=bad))
