@@ -265,6 +265,37 @@ def test_the_critics_read_sim_only_terms_at_their_pretraining_mean(pretrained):
         off.close()
 
 
+def test_imagination_uses_the_targets_sensor_noise_unless_told_otherwise(pretrained, monkeypatch):
+    """The policy meets the target's observation noise in imagination too (not a clean frame it would never
+    see on the target); an explicit imagined.obs_noise wins; target_obs_noise=false turns it off."""
+    from s2r.world_models.imagined_env import ImaginedEnv
+
+    run, wm = pretrained
+    seen = []
+    real_init = ImaginedEnv.__init__
+
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        seen.append(dict(self.cfg.obs_noise))
+
+    monkeypatch.setattr(ImaginedEnv, "__init__", spy)
+    cases = [(small(rounds=1, eval_envs=0), None),
+             (small(rounds=1, eval_envs=0, imagined=ImaginedEnvConfig(samples=2, obs_noise={"joint_vel": 0.5})),
+              {"joint_vel": 0.5}),
+             (small(rounds=1, eval_envs=0, target_obs_noise=False), {})]
+    for cfg, want in cases:
+        ft = WorldModelFinetuner(run, wm, cfg, env_overrides=SHORT)
+        try:
+            if want is None:
+                want = dict(ft.target.rand_cfg.obs_noise)
+                assert want.get("joint_vel", 0) > 0  # humanoid-stand's own sensor noise
+            ft.collect()
+            ft.imagine(2)
+            assert seen[-1] == want
+        finally:
+            ft.close()
+
+
 def test_identified_terms_reach_the_model_and_the_critics_keep_the_pretraining_mean(pretrained):
     run, wm = pretrained
     shift = {"task_overrides": {"randomization": {"motor_strength": [0.8, 0.8]}}}

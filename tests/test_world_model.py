@@ -378,6 +378,38 @@ def test_imagined_env_implements_the_batched_env_contract(stand):
         env.step(torch.full((6, 13), float("nan")))
 
 
+def test_imagined_policy_observation_carries_the_targets_sensor_noise(stand):
+    """As the simulator: uniform noise of the task's amplitude (x the term's scale) on the policy frame
+    only; the critic (the model's state) stays clean. A clean imagined observation would train a policy
+    for sensors the robot does not have."""
+    from s2r.sim.tasks.humanoid_walk import _stand_randomization
+
+    amp = _stand_randomization().obs_noise  # the humanoid-stand task's sensor noise
+    env = make_imagined(stand, horizon=50, obs_noise=amp)
+    obs = env.reset(seed=2)
+    frames = []
+    for _ in range(20):
+        frames.append(obs["policy"][:, :48] - obs["critic"][:, :48])  # [6, 48] the noise drawn
+        obs, *_ = env.step(torch.zeros(6, 13))
+    noise = torch.cat(frames)  # [120, 48]
+    scale = {t.name: (t.dim, t.scale) for t in env.spec.observation.terms}
+    at = 0
+    for t in env.spec.observation.terms:
+        part = noise[:, at:at + t.dim]
+        bound = amp.get(t.name, 0.0) * t.scale
+        assert part.abs().max() <= bound + 1e-6, t.name
+        if bound > 0:  # uniform on [-bound, bound]: std bound / sqrt(3)
+            assert abs(part.std().item() / (bound / math.sqrt(3)) - 1) < 0.15, t.name
+        else:
+            assert torch.equal(part, torch.zeros_like(part)), t.name
+        at += t.dim
+    assert scale["joint_vel"][1] != 1.0  # the amplitude is in raw units: the term's scale applies
+    with pytest.raises(WorldModelError, match="not in the robot spec"):
+        make_imagined(stand, obs_noise={"lidar": 0.1})
+    with pytest.raises(WorldModelError, match="finite"):
+        make_imagined(stand, obs_noise={"joint_vel": float("nan")})
+
+
 def test_imagined_last_action_is_the_action_taken(stand):
     env = make_imagined(stand, horizon=5)
     env.reset(seed=0)

@@ -84,6 +84,8 @@ class WMFinetuneConfig:
     nominal_sim_terms: bool = True  # the critics read the task's sim-only terms at their pretraining mean
     lr_actor: float | None = None  # the actor's learning rate while finetuning (None: the run's)
     anchor_weight: float = 1.0  # pull tanh(mu) toward the pretrained policy's on every batch row (0: off)
+    target_obs_noise: bool = True  # imagined policy observations carry the target sim's sensor noise (its
+    #   randomisation's obs_noise; a robot target has none to read: set imagined.obs_noise)
     identify: bool = False  # estimate the sim-only terms from target data for the model (world_models/identify.py)
     horizon_start: int = 1  # imagined horizon of the first round ...
     horizon_end: int = 20  # ... ramped linearly to this in the last (LIFT: 1 -> 20)
@@ -207,6 +209,10 @@ class WorldModelFinetuner:
                 raise CheckpointError(f"checkpoint {self.ckpt_path} expects {self.dims}, the {what} has {have}")
         self.nominal = NominalSimTerms.for_target(self.target, self.spec, self.critic_norm) \
             if cfg.nominal_sim_terms else None
+        # the sensor noise the policy meets on the target, for its observations in imagination
+        rc = getattr(self.target, "rand_cfg", None)
+        self.obs_noise = (dict(cfg.imagined.obs_noise) if cfg.imagined.obs_noise else
+                          dict(rc.obs_noise) if cfg.target_obs_noise and rc is not None and rc.enabled else {})
         if cfg.identify and self.nominal is None:
             raise ValueError("identify needs sim-only critic terms held at a value (nominal_sim_terms on, a task "
                              "that declares sim_only_critic_terms)")
@@ -344,8 +350,8 @@ class WorldModelFinetuner:
         """`imagined_steps` steps of the stochastic policy in the model from real target windows; `utd`
         agent updates after each. -> the last update's statistics."""
         cfg = self.cfg
-        ienv = ImaginedEnv(self.model, self.model_data(), cfg.imagined_envs,
-                           dataclasses.replace(cfg.imagined, horizon=horizon), spec=self.spec,
+        icfg = dataclasses.replace(cfg.imagined, horizon=horizon, obs_noise=self.obs_noise)
+        ienv = ImaginedEnv(self.model, self.model_data(), cfg.imagined_envs, icfg, spec=self.spec,
                            seed=cfg.seed + 100 * len(self.rounds))
         obs = ienv.reset()
         stats: dict = {}

@@ -6,6 +6,8 @@ the base height); the policy observation is its frame part (through an Observati
 history is rebuilt). A model trained on recordings (policy observation only) uses the frame as both.
 
 Step order (one imagined step, all envs at once):
+    0. policy observation                 the state's frame (+ the target's observation noise, as the
+                                          simulator draws it: uniform, per term; the critic reads it clean)
     1. validate the action                [N, A], finite
     2. sample the model                   (s', r, terminated) from the last k states + actions, `samples`
                                           draws: the first is the step, their spread is u [N]
@@ -25,7 +27,7 @@ data), never from the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +51,9 @@ class ImaginedEnvConfig:
     min_base_height: float | None = 0.45  # m; None: no height gate (humanoid-walk's fall height)
     max_tilt_cos: float | None = -0.5  # projected gravity z above this is a fall; None: no attitude gate
     joint_limit_margin: float = 0.0  # rad beyond the spec's joint range still counted safe
+    # term -> uniform noise amplitude (raw units) on the policy observation, as sim/randomization.py's
+    # obs_noise: the policy learns in imagination with the sensor noise it will meet on the target
+    obs_noise: dict[str, float] = field(default_factory=dict)
 
 
 class ImaginedEnv:
@@ -81,6 +86,7 @@ class ImaginedEnv:
         self.builder = (ObservationBuilder(spec.observation, num_envs, xp="torch")
                         if spec is not None and starts.obs_key == "critic" else None)
         self.obs_dim = self.builder.dim if self.builder is not None else model.cfg.state_dim
+        self._noise_amp = self._noise_vector()  # [frame_dim] or None
         self._safe_set()
         self.hist_s = torch.zeros(num_envs, k, self.critic_obs_dim)  # [N, k, S]
         self.hist_a = torch.zeros(num_envs, k - 1, self.action_dim)  # [N, k-1, A]
@@ -88,6 +94,32 @@ class ImaginedEnv:
         self.episode_return = torch.zeros(num_envs)
         self.counts = {"steps": 0, "halted_nan": 0, "halted_uncertain": 0, "unsafe": 0, "model_terminated": 0,
                        "clamped": 0}
+
+    def _noise_vector(self) -> Tensor | None:
+        """Per-dimension amplitude of the (scaled) policy frame, as BatchedEnv._noise_vector; None: no noise."""
+        amp = {k: float(v) for k, v in self.cfg.obs_noise.items() if v}
+        if not amp:
+            return None
+        if self.builder is None:
+            raise WorldModelError("obs_noise needs a robot spec and a model of the critic observation (the "
+                                  "policy frame is built from it)")
+        terms = self.spec.observation.terms
+        unknown = set(amp) - {t.name for t in terms}
+        if unknown:
+            raise WorldModelError(f"obs_noise names term(s) {sorted(unknown)} not in the robot spec's "
+                                  f"observation layout")
+        bad = {k: v for k, v in amp.items() if not (v > 0 and v < float("inf"))}
+        if bad:
+            raise WorldModelError(f"obs_noise amplitudes must be finite and >= 0, got {bad}")
+        return torch.cat([torch.full((t.dim,), amp.get(t.name, 0.0) * t.scale) for t in terms])
+
+    def _frame(self, state: Tensor) -> Tensor:
+        """state [N, S] -> the policy frame [N, frame_dim] the policy reads: clean + amp (2u - 1)."""
+        frame = state[:, : self.frame_dim]
+        if self._noise_amp is None:
+            return frame
+        u = torch.empty(frame.shape).uniform_(-1, 1, generator=self.gen)
+        return u.mul_(self._noise_amp).add_(frame)
 
     # ---- the safe set, from the state layout and the spec -----------------------------------
     def _safe_set(self) -> None:
@@ -126,7 +158,7 @@ class ImaginedEnv:
         s = self.hist_s[:, -1]  # [N, S]
         if self.builder is None:
             return {"policy": s.clone(), "critic": s.clone()}
-        return {"policy": self.builder.push(s[:, : self.frame_dim]), "critic": s.clone()}
+        return {"policy": self.builder.push(self._frame(s)), "critic": s.clone()}
 
     def _restart(self, ids: Tensor) -> None:
         pick = torch.randint(0, len(self._start_s), (len(ids),), generator=self.gen)
@@ -216,7 +248,7 @@ class ImaginedEnv:
         if self.builder is None:
             return state.clone()
         saved = self.builder.history.clone(), self.builder._fresh.clone()
-        out = self.builder.push(state[:, : self.frame_dim])
+        out = self.builder.push(self._frame(state))
         self.builder.history, self.builder._fresh = saved
         return out
 
