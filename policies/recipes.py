@@ -5,6 +5,12 @@
 Small-budget recipes (Pendulum, InvertedPendulum) are what CI learns with; the
 massively parallel ones follow FastSAC/LIFT (many envs, large batches, LayerNorm
 critics, gamma 0.97 for locomotion) and are meant for a GPU.
+
+The observation normaliser's scale floor (TrainConfig.obs_norm_min_std, default 1: small-spread
+dims centred, not amplified) was measured on the Gymnasium MuJoCo locomotion tasks (Walker2d,
+Hopper, HalfCheetah; docs/BENCHMARKS.md, Learning quality); every recipe that was tuned and
+measured with plain standardisation (the CI tasks, the s2r robots, Isaac-Cartpole) pins
+obs_norm_min_std=0.0, so its numbers and its shipped policies stay as they were.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ from s2r.policies.trainer import TrainConfig
 # task -> (TrainConfig fields, AgentConfig fields)
 RECIPES: dict[str, tuple[dict, dict]] = {
     "Pendulum-v1": (dict(num_envs=1, total_steps=10_000, learning_starts=1_000, batch_size=256,
-                         eval_every=2_000, eval_episodes=5, checkpoint_every=4_000, buffer_size=100_000),
+                         eval_every=2_000, eval_episodes=5, checkpoint_every=4_000, buffer_size=100_000,
+                         obs_norm_min_std=0.0),
                     dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_actor=1e-3, lr_critic=1e-3,
                          lr_alpha=1e-3, init_alpha=1.0)),
     "InvertedPendulum-v5": (dict(num_envs=1, total_steps=10_000, learning_starts=1_000, batch_size=256,
-                                 eval_every=2_500, eval_episodes=5, checkpoint_every=5_000, buffer_size=100_000),
+                                 eval_every=2_500, eval_episodes=5, checkpoint_every=5_000, buffer_size=100_000,
+                                 obs_norm_min_std=0.0),
                             dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_actor=1e-3, lr_critic=1e-3,
                                  lr_alpha=1e-3, init_alpha=1.0)),
     "Hopper-v5": (dict(num_envs=1, total_steps=300_000, learning_starts=5_000, eval_every=10_000),
@@ -30,14 +38,14 @@ RECIPES: dict[str, tuple[dict, dict]] = {
                        dict()),
     "humanoid-walk": (dict(num_envs=1024, total_steps=50_000_000, learning_starts=100_000, batch_size=8192,
                            updates_per_step=8, buffer_size=10_000_000, eval_every=1_000_000,
-                           checkpoint_every=2_000_000, n_step=3, device="cuda"),
+                           checkpoint_every=2_000_000, n_step=3, device="cuda", obs_norm_min_std=0.0),
                       dict(actor_hidden=(512, 256, 128), critic_hidden=(768, 384, 192), layer_norm=True,
                            gamma=0.97, tau=0.1, init_alpha=0.001, log_std_min=-5.0, log_std_max=0.0,
                            lr_actor=3e-4, lr_critic=3e-4, bf16=True)),
     # CPU-sized: the standing policy of the ROS 2 sim-to-sim test and `make demo` (2 cores, minutes)
     "humanoid-stand": (dict(num_envs=32, total_steps=1_500_000, learning_starts=20_000, batch_size=512,
                             updates_per_step=2, buffer_size=1_000_000, eval_every=100_000, eval_episodes=4,
-                            checkpoint_every=100_000, n_step=3),
+                            checkpoint_every=100_000, n_step=3, obs_norm_min_std=0.0),
                        dict(actor_hidden=(256, 256), critic_hidden=(256, 256), layer_norm=True, gamma=0.97,
                             tau=0.02, init_alpha=0.01, log_std_max=0.0)),
     # Isaac Lab (sim/isaaclab.py, .venv-isaac), sized for the CPU: a Newton/MuJoCo Warp step costs about
@@ -47,14 +55,14 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "isaaclab:Isaac-Cartpole": (dict(num_envs=32, total_steps=48_000, learning_starts=2_048, batch_size=256,
                                      updates_per_step=16, buffer_size=200_000, reward_scale=60.0, n_step=3,
                                      eval_every=24_000, eval_episodes=16, checkpoint_every=24_000,
-                                     log_every=3_200),
+                                     log_every=3_200, obs_norm_min_std=0.0),
                                 dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_actor=1e-3, lr_critic=1e-3,
                                      lr_alpha=1e-3, init_alpha=0.1, tau=0.02)),
     "arm-reach": (dict(num_envs=32, total_steps=400_000, learning_starts=10_000, batch_size=1024,
-                       updates_per_step=4, eval_every=50_000, n_step=1),
+                       updates_per_step=4, eval_every=50_000, n_step=1, obs_norm_min_std=0.0),
                   dict(layer_norm=True, gamma=0.97)),
     "arm-pick": (dict(num_envs=64, total_steps=5_000_000, learning_starts=50_000, batch_size=4096,
-                      updates_per_step=8, eval_every=250_000, n_step=3),
+                      updates_per_step=8, eval_every=250_000, n_step=3, obs_norm_min_std=0.0),
                  dict(layer_norm=True, gamma=0.97, critic_hidden=(512, 512, 256), actor_hidden=(256, 256, 128))),
 }
 RECIPES["isaaclab:Isaac-Cartpole-Direct"] = RECIPES["isaaclab:Isaac-Cartpole"]  # same robot, rewards and rates
