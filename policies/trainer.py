@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -195,8 +195,14 @@ def make_env_for(cfg: TrainConfig, num_envs: int, seed: int, eval_mode: bool = F
     return make_env(cfg.task, num_envs, **kw)
 
 
+EnvFactory = Callable[[int, int], BatchedEnvProtocol]  # (num_envs, seed) -> env
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, resume: bool = False,
+                 make_env: EnvFactory | None = None, make_eval_env: EnvFactory | None = None):
+        """make_env / make_eval_env: build the training / evaluation envs instead of cfg.task's (e.g. a
+        world model's ImaginedEnv to learn in, the target system to evaluate on; world_models/dyna.py)."""
         check_config(cfg)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -207,12 +213,14 @@ class Trainer:
         if cfg.num_envs % self.world:
             raise TrainingError(f"num_envs {cfg.num_envs} is not divisible by the {self.world} ranks")
         self.local_envs = cfg.num_envs // self.world
-        self.env: BatchedEnvProtocol = make_env_for(cfg, self.local_envs, cfg.seed + 1000 * self.rank)
+        self.make_eval_env = make_eval_env or (lambda n, seed: make_env_for(cfg, n, seed=seed, eval_mode=True))
+        self.env: BatchedEnvProtocol = (make_env or (lambda n, seed: make_env_for(cfg, n, seed)))(
+            self.local_envs, cfg.seed + 1000 * self.rank)
         # Isaac Lab allows one simulation per process: evaluation runs in the first envs of the
         # training env, and the training episodes restart afterwards (_restart_after_eval)
         from s2r.sim.isaaclab import is_isaaclab_task
 
-        self.eval_in_training_env = is_isaaclab_task(cfg.task)
+        self.eval_in_training_env = is_isaaclab_task(cfg.task) and make_env is None
         self.spec_hash = self.env.spec.hash() if self.env.spec is not None else None
         e = self.env
         self.agent = make_agent(cfg.agent, e.obs_dim, e.critic_obs_dim, e.action_dim, self.device)
@@ -363,7 +371,7 @@ class Trainer:
         if self.eval_in_training_env:
             env = self.env.first_envs(episodes)  # min(episodes, num_envs) episodes
         else:
-            env = make_env_for(self.cfg, episodes, seed=seed, eval_mode=True)
+            env = self.make_eval_env(episodes, seed)
         try:
             act = policy_act(self.agent, self.obs_norm if self.cfg.normalize_obs else None, self.device)
             return {"env_steps": self.env_steps, **evaluate_policy(env, act, seed)}

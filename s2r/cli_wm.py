@@ -277,6 +277,12 @@ def finetune_cmd(
     env_override: list[str] = typer.Option([], "--env-override", help="shift the target: KEY=VALUE, e.g. "
                                            "randomization.friction=0.4, randomization.motor_strength=0.8, "
                                            "randomization.latency_steps=[4,4], episode_length_s=10 (repeatable)"),
+    learner: str = typer.Option("finetune", help="finetune: rounds of short imagined branches and anchored "
+                                "updates (world_models/finetune.py); trainer: the run's own trainer inside the model "
+                                "after one collection (world_models/dyna.py)"),
+    target_steps: int = typer.Option(10_000, help="--learner trainer: deterministic target steps before imagining"),
+    trainer_steps: int = typer.Option(100_000, help="--learner trainer: the trainer's env steps inside the model"),
+    trainer_horizon: int = typer.Option(250, help="--learner trainer: imagined steps before truncation"),
     rounds: int = typer.Option(10, help="collect -> model -> imagine -> update rounds"),
     real_steps: int = typer.Option(50, help="K: vectorised deterministic steps on the target per round"),
     target_envs: int = typer.Option(4, help="parallel target instances"),
@@ -336,6 +342,31 @@ def finetune_cmd(
     try:
         if samples < 1:
             raise ValueError(f"--samples must be >= 1, got {samples}")
+        if learner not in ("finetune", "trainer"):
+            raise ValueError(f"--learner must be finetune or trainer, got {learner!r}")
+        if learner == "trainer":
+            from s2r.world_models.dyna import DynaConfig, dyna_finetune
+
+            dcfg = DynaConfig(target_steps=target_steps, target_envs=target_envs, model_updates=model_updates,
+                              model_lr=model_lr, imagined_steps=trainer_steps, horizon=trainer_horizon,
+                              imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
+                              nominal_sim_terms=nominal_sim_terms, eval_envs=max(1, eval_envs), seed=seed)
+            dcfg.check()
+            overrides = None
+            if env_override:
+                from s2r.policies.evaluate import load_run
+
+                overrides = parse_env_overrides(env_override, task or load_run(run)[0].task)
+            report = dyna_finetune(run, world_model, out, dcfg, env_overrides=overrides, task=task,
+                                   progress=(lambda m: typer.echo(m, err=True)) if progress else None)
+            if export is not None:
+                from s2r.policies.export import export_onnx
+
+                rep = export_onnx(report["checkpoint"], export)
+                report["export"], report["export_max_abs_err"] = str(export), rep["max_abs_err_random"]
+            report.pop("eval_history")
+            typer.echo(json.dumps(report))
+            return
         cfg = WMFinetuneConfig(rounds=rounds, real_steps=real_steps, target_envs=target_envs,
                                imagined_envs=imagined_envs, imagined_steps=imagined_steps, utd=utd,
                                real_ratio=real_ratio, batch_size=batch_size, tau=tau, critic_warmup=critic_warmup,

@@ -4,6 +4,7 @@ rollouts, robot specs must agree, the result is a run directory that exports, an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -380,3 +381,59 @@ def test_cli_wm_finetune_and_the_finetune_alias(pretrained, tmp_path):
     assert rep["config"]["identify"] and "identified_strength" in rep["eval_after"]  # the last round's row
     r = _cli("finetune", "--from", run, "--world-model", wm, "--data", tmp_path / "x.mcap", "--out", tmp_path / "c")
     assert r.exit_code == 2 and "error:" in r.output and "--data" in r.output, r.output
+    r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "d", "--learner", "trainer",
+             "--target-steps", 12, "--trainer-steps", 40, "--trainer-horizon", 4, "--target-envs", 2,
+             "--model-updates", 2, "--eval-envs", 1, "--samples", 2, "--env-override", "episode_length_s=0.3",
+             "--export", tmp_path / "d.onnx", "--no-progress")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["target_steps"] == 12 and rep["imagined_steps"] == 40 and (tmp_path / "d.onnx").is_file()
+    assert rep["export_max_abs_err"] < 1e-4
+    r = _cli("wm", "finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "e", "--learner", "dreamer")
+    assert r.exit_code == 2 and "--learner must be finetune or trainer" in r.output, r.output
+
+
+def test_the_trainer_learns_inside_the_model_and_the_target_only_runs_the_policy(pretrained, tmp_path):
+    """world_models/dyna.py: the run's trainer explores in the imagined env; the target sees the collection's
+    deterministic steps and the evaluation episodes, nothing else; the output is an ordinary run."""
+    from s2r.policies.evaluate import load_run
+    from s2r.world_models.dyna import DynaConfig, dyna_finetune
+
+    run, wm = pretrained
+    stepped = []
+
+    class Counted:
+        def __init__(self, env):
+            self.env = env
+            for k in ("num_envs", "obs_dim", "critic_obs_dim", "action_dim", "max_episode_steps", "spec",
+                      "critic_dims", "task", "rand_cfg"):
+                setattr(self, k, getattr(env, k))
+
+        def reset(self, seed=None):
+            return self.env.reset(seed=seed)
+
+        def step(self, action):
+            stepped.append(action.shape[0])
+            return self.env.step(action)
+
+        def close(self):
+            self.env.close()
+
+    shift = {"task_overrides": {"randomization": {"motor_strength": [0.8, 0.8]}}}
+    make = lambda n, seed: Counted(make_env("humanoid-stand", n, seed=seed, **SHORT, **shift))  # noqa: E731
+    cfg = DynaConfig(target_steps=24, target_envs=2, model_updates=5, imagined_steps=60, horizon=5, eval_envs=2,
+                     imagined=ImaginedEnvConfig(samples=2))
+    rep = dyna_finetune(run, wm, tmp_path / "dyna", cfg, env_overrides=shift, make_target=make)
+    assert rep["target_steps"] == 24 and rep["imagined_steps"] == 60 and rep["updates"] > 0
+    assert sum(stepped) == 24 + rep["eval_steps"]  # collection + evaluation: the trainer never stepped it
+    assert rep["eval_after"]["env_steps"] == 60 and 0 < rep["eval_steps"] <= len(rep["eval_history"]) * 2 * 20
+    assert rep["imagined_unsafe"] + rep["imagined_halted_nan"] >= 0 and "imagined_clamped" in rep
+    cfg_out, agent, *_ = load_run(tmp_path / "dyna")
+    assert cfg_out.env_overrides["task_overrides"]["randomization"]["motor_strength"] == [0.8, 0.8]
+    _, before, *_ = load_run(run)
+    moved = max((a - b).abs().max().item() for a, b in zip(agent.actor.parameters(), before.actor.parameters()))
+    assert moved > 0  # the trainer learned (in imagination)
+    with pytest.raises(ValueError, match="already holds a run"):
+        dyna_finetune(run, wm, tmp_path / "dyna", cfg, env_overrides=shift, make_target=make)
+    with pytest.raises(ValueError, match="imagined_steps"):
+        dyna_finetune(run, wm, tmp_path / "x", dataclasses.replace(cfg, imagined_steps=0))

@@ -197,6 +197,7 @@ class WorldModelFinetuner:
 
             kw = dict(backend=self.base.backend, spec=self.base.spec, **self.env_overrides)
             make_target = lambda n, seed: make_env(self.task, n, seed=seed, **kw)  # noqa: E731
+        self.make_target = make_target  # (num_envs, seed) -> target env; also world_models/dyna.py's evaluation
         self.target = make_target(cfg.target_envs, cfg.seed)
         self.eval_env = make_target(cfg.eval_envs, 10_000 + cfg.seed) if cfg.eval_envs else None
         for env, what in ((self.target, "target system"), (self.eval_env, "evaluation target")):

@@ -1,0 +1,139 @@
+"""Finetuning with the trainer inside the model (Dyna): the run's own recipe, in imagination.
+
+world_models/finetune.py keeps the policy near the pretrained one (short imagined branches, an anchor)
+and so never does harm, but on a shifted G1 it did not improve either. This learner lets the whole
+trainer loop (policies/trainer.py: stochastic exploration, replay, n-step SAC/DSAC-T updates, running
+normalisers) run in an ImaginedEnv, initialised from the pretrained run, exactly as the run would
+continue training on the target if one could explore there:
+
+    1. collect    `target_steps` deterministic steps of the pretrained policy on the target
+                  (the only thing the target ever executes, as in finetune.py)
+    2. model      `model_updates` EDM steps on that data (the model's normalisers stay fixed)
+    3. imagine    Trainer(init_from=run) for `imagined_steps` env steps in an ImaginedEnv whose
+                  rollouts start from windows of the target data, with the target's sensor noise on the
+                  policy observation and the safe set / uncertainty gates of imagined_env.py
+    4. evaluate   deterministic episodes on the target (the trainer's evaluation env)
+
+The output is an ordinary training run (checkpoints, eval.csv, TensorBoard) whose config targets the
+shifted task, so `s2r eval` and `s2r export` read it. Measured in docs/WORLD_MODELS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from s2r.world_models.finetune import WMFinetuneConfig, WorldModelFinetuner, _jsonable
+from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+
+@dataclass
+class DynaConfig:
+    """Settings of `s2r wm finetune --learner trainer`; the trainer's own settings are the run's."""
+
+    target_steps: int = 10_000  # deterministic target steps before imagining (x target_envs in parallel)
+    target_envs: int = 4
+    model_updates: int = 2_000  # EDM steps on the target data (0: the model stays as trained)
+    model_batch_size: int = 256
+    model_lr: float = 3e-4
+    imagined_steps: int = 100_000  # the trainer's env steps inside the model
+    imagined_envs: int | None = None  # None: the run's num_envs
+    horizon: int = 250  # imagined steps before truncation (a target episode: 5 s at 50 Hz)
+    imagined: ImaginedEnvConfig = field(default_factory=ImaginedEnvConfig)  # gates, lambda, u_max, samples
+    target_obs_noise: bool = True  # the target sim's sensor noise on imagined policy observations
+    nominal_sim_terms: bool = True  # the critics read the sim-only terms at their pretraining mean
+    eval_every: int | None = None  # imagined steps between target evaluations (None: at the end only)
+    eval_envs: int = 32  # deterministic evaluation episodes on the target
+    seed: int = 0
+
+    def check(self) -> None:
+        """ValueError naming the first setting that cannot work."""
+        for name in ("target_steps", "target_envs", "imagined_steps", "horizon", "eval_envs", "model_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"trainer-in-the-model setting {name} must be a whole number >= 1, got {v!r}")
+        for name in ("imagined_envs", "eval_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"trainer-in-the-model setting {name} must be a whole number >= 1 or None, "
+                                 f"got {v!r}")
+        if isinstance(self.model_updates, bool) or not isinstance(self.model_updates, int) or self.model_updates < 0:
+            raise ValueError(f"model_updates must be a whole number >= 0, got {self.model_updates!r}")
+        if not (math.isfinite(self.model_lr) and self.model_lr > 0):
+            raise ValueError(f"model_lr must be a finite number > 0, got {self.model_lr}")
+        if self.target_steps < 2 * self.target_envs:
+            raise ValueError(f"target_steps {self.target_steps} gives fewer than 2 steps per target env "
+                             f"({self.target_envs}): no start window for the model")
+
+
+def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg: DynaConfig | None = None,
+                  env_overrides: dict[str, Any] | None = None, task: str | None = None,
+                  progress: Callable[[str], None] | None = None, make_target: Any = None) -> dict:
+    """Steps 1-4 of the module docstring; the run dir `out` is the trainer's. make_target: (num_envs, seed)
+    -> the target system (default: the run's task with env_overrides), for collection and evaluation.
+    -> the report."""
+    from s2r.policies.trainer import Trainer
+
+    cfg = cfg if cfg is not None else DynaConfig()
+    cfg.check()
+    out = Path(out)
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise ValueError(f"--out {out} already holds a run; choose a new folder")
+    t0 = time.perf_counter()
+    # the finetuner's set-up checks the run, the model and the target against one another (spec, widths)
+    per_env = cfg.target_steps // cfg.target_envs
+    ft_cfg = WMFinetuneConfig(rounds=1, real_steps=per_env, target_envs=cfg.target_envs,
+                              model_updates=cfg.model_updates, model_batch_size=cfg.model_batch_size,
+                              model_lr=cfg.model_lr, imagined=cfg.imagined, target_obs_noise=cfg.target_obs_noise,
+                              nominal_sim_terms=cfg.nominal_sim_terms, eval_envs=0, seed=cfg.seed,
+                              real_capacity=max(per_env * cfg.target_envs, 1))
+    ft = WorldModelFinetuner(run, world_model, ft_cfg, make_target=make_target, env_overrides=env_overrides,
+                             task=task)
+    try:
+        # 1-2
+        data = ft.collect()
+        report: dict = {"from": str(ft.run_path), "source": ft.source, "world_model": str(ft.wm_path),
+                        "task": ft.task, "env_overrides": ft.env_overrides, "config": _jsonable(cfg),
+                        "target_steps": ft.counts["target_steps"], "target_falls": ft.counts["target_falls"],
+                        "target_episodes": ft.counts["target_episodes"]}
+        if progress:
+            progress(f"target: {report['target_steps']} deterministic steps, {report['target_falls']} falls")
+        loss = ft.update_model()
+        report["model_loss"] = loss
+        if progress:
+            progress(f"model: {cfg.model_updates} updates on the target data, loss {loss:.4f}")
+        starts = ft.model_data()
+        icfg = dataclasses.replace(cfg.imagined, horizon=cfg.horizon, obs_noise=ft.obs_noise)
+        model, spec, make_target = ft.model, ft.spec, ft.make_target
+        envs: list[ImaginedEnv] = []
+
+        def make_imagined(n: int, seed: int) -> ImaginedEnv:
+            envs.append(ImaginedEnv(model, starts, n, icfg, spec=spec, seed=seed))
+            return envs[-1]
+
+        # 3-4: the run's own settings, initialised from it, its config pointing at the target
+        base = ft.base
+        tcfg = dataclasses.replace(
+            base, task=ft.task, env_overrides=ft.env_overrides, init_from=str(run), total_steps=cfg.imagined_steps,
+            num_envs=cfg.imagined_envs or base.num_envs, eval_every=cfg.eval_every or cfg.imagined_steps,
+            eval_episodes=cfg.eval_envs, checkpoint_every=cfg.eval_every or cfg.imagined_steps,
+            seed=cfg.seed, progress=False)
+        trainer = Trainer(tcfg, out, make_env=make_imagined, make_eval_env=make_target)
+        trainer.train()
+    finally:
+        ft.close()
+    imagined = envs[0].counts if envs else {}
+    history = trainer.eval_history
+    eval_steps = sum(int(round(h["length_mean"] * cfg.eval_envs)) for h in history)
+    report.update({"imagined_steps": trainer.env_steps, "updates": trainer.n_updates,
+                   **{f"imagined_{k}": v for k, v in imagined.items() if k != "steps"},
+                   "eval_steps": eval_steps, "eval_history": history, "eval_after": history[-1] if history else {},
+                   "checkpoint": str(trainer.last_checkpoint), "run": str(out), "data_rows": len(data),
+                   "wall_s": round(time.perf_counter() - t0, 2)})
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
