@@ -1,6 +1,7 @@
 """Sim-to-"real" on a shifted robot: world-model finetuning vs model-free SAC finetuning vs none, one run.
 
     python bench/wm_finetune.py --run RUN [--reference REF] [--shift KEY=VALUE ...] [--sac-budgets 1,5]
+                                [--arms none,wm,dyna,sac] [--dyna KEY=VALUE ...] [--eval-episodes E]
                                 [--quick] [--threads N] [--seed S]
 
 RUN: a humanoid-stand training run (`s2r train --task humanoid-stand`). The "real" robot is the same task
@@ -13,6 +14,8 @@ the others; it defines the gap that finetuning should recover: (none - arm) / (n
   1. none: the pretrained deterministic policy on the target, E episodes (same seeds for every arm);
   2. wm:   world_models/finetune.py: R rounds of K deterministic target steps -> model update -> imagined
            rollouts (horizon ramp) -> SAC updates with real_ratio real data;
+  2b. dyna: world_models/dyna.py: T deterministic target steps -> model update -> the run's own trainer
+           (init_from the run) for I env steps inside the model (--dyna KEY=VALUE: DynaConfig settings);
   3. sac:  model-free SAC finetuning on the target: the same pretrained agent acts stochastically there
            (as a trainer would), the same updates per target step; evaluated after each budget of
            --sac-budgets (multiples of the wm arm's target steps: 1,5 asks whether world-model finetuning
@@ -39,6 +42,7 @@ from s2r.policies.replay import ReplayBuffer
 from s2r.sim.gym import make_env
 from s2r.sim.overrides import merge_overrides, parse_env_overrides, yaml_value
 from s2r.world_models.data import collect_rollouts
+from s2r.world_models.dyna import DynaConfig, dyna_finetune
 from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig, save_world_model
 from s2r.world_models.finetune import NominalSimTerms, WMFinetuneConfig, WorldModelFinetuner, agent_update
 from s2r.world_models.imagined_env import ImaginedEnvConfig
@@ -54,12 +58,16 @@ def settings(quick: bool) -> dict:
                     wm_history=2, wm_blind=False,
                     ft=dict(rounds=3, real_steps=20, target_envs=2, imagined_envs=32, imagined_steps=6, utd=2.0,
                             batch_size=128, horizon_end=5, model_updates=20, eval_envs=0,
-                            imagined=ImaginedEnvConfig(samples=2)))
+                            imagined=ImaginedEnvConfig(samples=2)),
+                    dyna=dict(target_steps=40, target_envs=2, model_updates=20, imagined_steps=1200, horizon=10,
+                              eval_envs=1, imagined=ImaginedEnvConfig(samples=2)))
     return dict(episode_s=5.0, eval_envs=32, wm_envs=16, wm_steps=300, width=256, blocks=3, fit_steps=1500,
                 wm_history=2, wm_blind=False,
                 ft=dict(rounds=10, real_steps=50, target_envs=4, imagined_envs=128, imagined_steps=50, utd=4.0,
                         batch_size=256, horizon_end=20, model_updates=100, eval_envs=0,
-                        imagined=ImaginedEnvConfig(samples=4)))
+                        imagined=ImaginedEnvConfig(samples=4)),
+                dyna=dict(target_steps=10_000, target_envs=4, model_updates=2000, imagined_steps=100_000, horizon=250,
+                          eval_envs=1, imagined=ImaginedEnvConfig(samples=4)))
 
 
 def tiny_run(out: Path, seed: int) -> Path:
@@ -173,7 +181,11 @@ def main() -> None:
     ap.add_argument("--ft", action="append", default=[], metavar="KEY=VALUE",
                     help="a WMFinetuneConfig setting of the wm arm (repeatable), e.g. utd=8 or horizon_end=50; "
                          "the sac arm follows its target steps and update count")
-    ap.add_argument("--arms", default="none,wm,sac", help="which of none, wm, sac to run (comma-separated)")
+    ap.add_argument("--dyna", action="append", default=[], metavar="KEY=VALUE",
+                    help="a DynaConfig setting of the dyna arm (repeatable), e.g. target_steps=10000, "
+                         "imagined_steps=100000, horizon=250, model_updates=2000")
+    ap.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per arm (default 32)")
+    ap.add_argument("--arms", default="none,wm,dyna,sac", help="which of none, wm, dyna, sac to run (comma-separated)")
     ap.add_argument("--reference", type=Path, default=None,
                     help="a run trained on the target: the gap finetuning should recover")
     ap.add_argument("--shift", action="append", default=None, metavar="KEY=VALUE",
@@ -195,7 +207,13 @@ def main() -> None:
     if args.lr_actor is not None:
         s["ft"]["lr_actor"] = args.lr_actor
     ft_keys = {f.name for f in dataclasses.fields(WMFinetuneConfig)} - {"imagined", "seed"}
-    for flag, items, keys, into in (("--ft", args.ft, ft_keys, s["ft"]), ("--wm", args.wm, WM_KEYS, s)):
+    dyna_keys = {f.name for f in dataclasses.fields(DynaConfig)} - {"imagined", "seed"}
+    if args.eval_episodes is not None:
+        if args.eval_episodes < 1:
+            ap.error(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
+        s["eval_envs"] = args.eval_episodes
+    for flag, items, keys, into in (("--ft", args.ft, ft_keys, s["ft"]), ("--wm", args.wm, WM_KEYS, s),
+                                    ("--dyna", args.dyna, dyna_keys, s["dyna"])):
         for item in items:
             key, sep, value = item.partition("=")
             if not sep or key not in keys:
@@ -205,8 +223,8 @@ def main() -> None:
             except yaml.YAMLError:
                 ap.error(f"{flag} {item!r}: the value is not YAML")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not arms or set(arms) - {"none", "wm", "sac"}:
-        ap.error(f"--arms takes a comma-separated subset of none, wm, sac; got {args.arms!r}")
+    if not arms or set(arms) - {"none", "wm", "dyna", "sac"}:
+        ap.error(f"--arms takes a comma-separated subset of none, wm, dyna, sac; got {args.arms!r}")
     if "sac" in arms and "wm" not in arms:
         ap.error("--arms: the sac arm makes as many updates as the wm arm; run it together with wm")
     try:
@@ -231,8 +249,8 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e).replace("--env-override", "--wm-data"))
     target = merge_overrides({"episode_length_s": s["episode_s"]}, shift)
-    wm_path, t_wm = (world_model(run, args.work / "wm_nominal.pt", s, args.seed, data_shift) if "wm" in arms
-                     else (None, 0.0))
+    wm_path, t_wm = (world_model(run, args.work / "wm_nominal.pt", s, args.seed, data_shift)
+                     if {"wm", "dyna"} & set(arms) else (None, 0.0))
     eval_seed = 2000 + args.seed
     out: dict = {}
 
@@ -260,6 +278,18 @@ def main() -> None:
                      **evaluate((ft.agent, ft.obs_norm), target, task, s["eval_envs"], eval_seed),
                      "wall_s": round(time.perf_counter() - t, 1)}
 
+    if "dyna" in arms:
+        t = time.perf_counter()
+        dcfg = DynaConfig(seed=args.seed, **s["dyna"])
+        dyna_dir = args.work / f"dyna_{int(time.time())}"
+        rep = dyna_finetune(run, wm_path, dyna_dir, dcfg, env_overrides=target)
+        _, agent_d, norm_d, *_ = load_run(dyna_dir)
+        out["dyna"] = {**{k: rep[k] for k in ("target_steps", "target_falls", "target_episodes", "imagined_steps",
+                                              "updates")},
+                       **{k: v for k, v in rep.items() if k.startswith("imagined_") and k != "imagined_steps"},
+                       **evaluate((agent_d, norm_d), target, task, s["eval_envs"], eval_seed),
+                       "run": str(dyna_dir), "wall_s": round(time.perf_counter() - t, 1)}
+
     if "sac" in arms:
         t = time.perf_counter()
         at = model_free(run, target, s["ft"], out["wm"]["updates"], args.seed, budgets, task, s["eval_envs"],
@@ -284,7 +314,8 @@ def main() -> None:
     summary = {"bench": "wm_finetune", "quick": args.quick, "run": str(run), "task": task, "target": target,
                "episode_s": s["episode_s"], "eval_episodes": s["eval_envs"], "world_model_s": round(t_wm, 1),
                "world_model": {k: s[k] for k in WM_KEYS}, "wm_data": data_shift,
-               "settings": {k: v for k, v in s["ft"].items() if k != "imagined"}, "arms": out,
+               "settings": {k: v for k, v in s["ft"].items() if k != "imagined"},
+               "dyna_settings": {k: v for k, v in s["dyna"].items() if k != "imagined"}, "arms": out,
                "wall_s": round(time.perf_counter() - t0, 1), "threads": args.threads, "machine": machine_info()}
     print(json.dumps(summary))
 
