@@ -24,6 +24,8 @@ ones (Pendulum) a gap of the same relative size scores the same (-200 against -1
 YAML: false, 1.0, -20), reported as `method@NAME`, e.g. an ablation:
     --variant nonorm:normalize_obs=false --variant logstd20:agent.log_std_min=-20
 A variant's runs are cached under a hash of its settings, so different settings never share a result.
+The cache key does not cover the code's defaults: after a default changes (obs_norm_min_std 0 -> 1 on
+2026-11-27), summarise with a fresh --out, or name the old setting as a variant.
 
 humanoid-walk: SB3 trains on the gymnasium id s2r/HumanoidWalk-v0 (one env, the task's own
 randomisation); the s2r methods use the CPU-sized parallel setting in CPU_PARALLEL below
