@@ -449,10 +449,15 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        final = self.evaluate() if _is_main() else {}
+        final: dict = {}
         if _is_main():
-            final["wall_s"] = time.perf_counter() - t0
-            self.eval_history.append(final)
+            # the last step may have had its scheduled evaluation already: not twice at one step
+            if self.eval_history and self.eval_history[-1]["env_steps"] == self.env_steps:
+                final = self.eval_history[-1]
+            else:
+                final = self.evaluate()
+                final["wall_s"] = time.perf_counter() - t0
+                self.eval_history.append(final)
             self._write_eval()
             self.save()
             if self.writer is not None:
