@@ -94,6 +94,14 @@ class ObservationSpec:
     def dim(self) -> int:
         return self.frame_dim * self.history_length
 
+    def noise_amplitudes(self, obs_noise: dict[str, float]) -> list[float]:
+        """term -> uniform noise amplitude in raw units => [frame_dim] amplitudes on the scaled frame
+        (scale x amplitude: noise added after scaling). ValueError names terms the layout lacks."""
+        unknown = set(obs_noise) - {t.name for t in self.terms}
+        if unknown:
+            raise ValueError(f"obs_noise names term(s) {sorted(unknown)} not in the robot spec's observation layout")
+        return [obs_noise.get(t.name, 0.0) * t.scale for t in self.terms for _ in range(t.dim)]
+
 
 @dataclass
 class RobotSpec:

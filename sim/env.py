@@ -148,12 +148,11 @@ class BatchedEnv:
         amp = self.rand_cfg.obs_noise if self.rand_cfg.enabled else {}
         if not amp:
             return None
-        unknown = set(amp) - {t.name for t in self.spec.observation.terms}
-        if unknown:
-            raise EnvError(f"obs_noise names term(s) {sorted(unknown)} not in the robot spec's "
-                           f"observation layout")
-        vec = [torch.full((t.dim,), amp.get(t.name, 0.0) * t.scale) for t in self.spec.observation.terms]
-        return torch.cat(vec).to(self.device)
+        try:
+            vec = self.spec.observation.noise_amplitudes(amp)
+        except ValueError as e:
+            raise EnvError(str(e)) from None
+        return torch.tensor(vec, dtype=torch.float32).to(self.device)
 
     # ---- public API -------------------------------------------------------------------
     @property

@@ -27,6 +27,7 @@ data), never from the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,22 +97,20 @@ class ImaginedEnv:
                        "clamped": 0}
 
     def _noise_vector(self) -> Tensor | None:
-        """Per-dimension amplitude of the (scaled) policy frame, as BatchedEnv._noise_vector; None: no noise."""
+        """[frame_dim] amplitude on the scaled policy frame (the spec's noise_amplitudes); None: no noise."""
+        bad = {k: v for k, v in self.cfg.obs_noise.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise WorldModelError(f"obs_noise amplitudes must be finite and >= 0, got {bad}")
         amp = {k: float(v) for k, v in self.cfg.obs_noise.items() if v}
         if not amp:
             return None
         if self.builder is None:
             raise WorldModelError("obs_noise needs a robot spec and a model of the critic observation (the "
                                   "policy frame is built from it)")
-        terms = self.spec.observation.terms
-        unknown = set(amp) - {t.name for t in terms}
-        if unknown:
-            raise WorldModelError(f"obs_noise names term(s) {sorted(unknown)} not in the robot spec's "
-                                  f"observation layout")
-        bad = {k: v for k, v in amp.items() if not (v > 0 and v < float("inf"))}
-        if bad:
-            raise WorldModelError(f"obs_noise amplitudes must be finite and >= 0, got {bad}")
-        return torch.cat([torch.full((t.dim,), amp.get(t.name, 0.0) * t.scale) for t in terms])
+        try:
+            return torch.tensor(self.spec.observation.noise_amplitudes(amp), dtype=torch.float32)
+        except ValueError as e:
+            raise WorldModelError(str(e)) from None
 
     def _frame(self, state: Tensor) -> Tensor:
         """state [N, S] -> the policy frame [N, frame_dim] the policy reads: clean + amp (2u - 1)."""
