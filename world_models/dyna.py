@@ -109,11 +109,10 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
             progress(f"model: {cfg.model_updates} updates on the target data, loss {loss:.4f}")
         starts = ft.model_data()
         icfg = dataclasses.replace(cfg.imagined, horizon=cfg.horizon, obs_noise=ft.obs_noise)
-        model, spec, make_target = ft.model, ft.spec, ft.make_target
         envs: list[ImaginedEnv] = []
 
         def make_imagined(n: int, seed: int) -> ImaginedEnv:
-            envs.append(ImaginedEnv(model, starts, n, icfg, spec=spec, seed=seed))
+            envs.append(ImaginedEnv(ft.model, starts, n, icfg, spec=ft.spec, seed=seed))
             return envs[-1]
 
         # 3-4: the run's own settings, initialised from it, its config pointing at the target
@@ -123,7 +122,7 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
             num_envs=cfg.imagined_envs or base.num_envs, eval_every=cfg.eval_every or cfg.imagined_steps,
             eval_episodes=cfg.eval_envs, checkpoint_every=cfg.eval_every or cfg.imagined_steps,
             seed=cfg.seed, progress=False)
-        trainer = Trainer(tcfg, out, make_env=make_imagined, make_eval_env=make_target)
+        trainer = Trainer(tcfg, out, make_env=make_imagined, make_eval_env=ft.make_target)
         trainer.train()
     finally:
         ft.close()
