@@ -15,7 +15,8 @@ the others; it defines the gap that finetuning should recover: (none - arm) / (n
   2. wm:   world_models/finetune.py: R rounds of K deterministic target steps -> model update -> imagined
            rollouts (horizon ramp) -> SAC updates with real_ratio real data;
   2b. dyna: world_models/dyna.py: T deterministic target steps -> model update -> the run's own trainer
-           (init_from the run) for I env steps inside the model (--dyna KEY=VALUE: DynaConfig settings);
+           (init_from the run) for I env steps inside the model (--dyna KEY=VALUE: DynaConfig settings;
+           rounds=R repeats the cycle with the trainer's current policy on the target, T and I split over R);
   3. sac:  model-free SAC finetuning on the target: the same pretrained agent acts stochastically there
            (as a trainer would), the same updates per target step; evaluated after each budget of
            --sac-budgets (multiples of the wm arm's target steps: 1,5 asks whether world-model finetuning
@@ -287,6 +288,10 @@ def main() -> None:
         out["dyna"] = {**{k: rep[k] for k in ("target_steps", "target_falls", "target_episodes", "imagined_steps",
                                               "updates")},
                        **{k: v for k, v in rep.items() if k.startswith("imagined_") and k != "imagined_steps"},
+                       **{k: v for k, v in rep["rounds"][-1].items() if k.startswith("identif")},
+                       "rounds": [{k: row[k] for k in ("round", "target_steps", "target_falls", "imagined_steps",
+                                                       "eval_terminated_rate", "eval_return_mean") if k in row}
+                                  for row in rep["rounds"]],
                        **evaluate((agent_d, norm_d), target, task, s["eval_envs"], eval_seed),
                        "run": str(dyna_dir), "wall_s": round(time.perf_counter() - t, 1)}
 

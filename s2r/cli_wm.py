@@ -283,6 +283,9 @@ def finetune_cmd(
     target_steps: int = typer.Option(10_000, help="--learner trainer: deterministic target steps before imagining"),
     trainer_steps: int = typer.Option(100_000, help="--learner trainer: the trainer's env steps inside the model"),
     trainer_horizon: int = typer.Option(250, help="--learner trainer: imagined steps before truncation"),
+    trainer_rounds: int = typer.Option(1, help="--learner trainer: collect -> model -> trainer cycles, the "
+                                               "target and trainer steps split over them; from the second the "
+                                               "target runs the trainer's current policy (MBPO's loop)"),
     rounds: int = typer.Option(10, help="collect -> model -> imagine -> update rounds"),
     real_steps: int = typer.Option(50, help="K: vectorised deterministic steps on the target per round"),
     target_envs: int = typer.Option(4, help="parallel target instances"),
@@ -301,7 +304,7 @@ def finetune_cmd(
     identify: bool = typer.Option(False, "--identify/--no-identify",
                                   help="estimate the randomised-physics terms from target data with the model (it "
                                        "must have seen them vary); the model uses the estimate, the critics the "
-                                       "pretraining mean"),
+                                       "pretraining mean (--learner trainer: the estimate)"),
     nominal_sim_terms: bool = typer.Option(True, "--nominal-sim-terms/--measured-sim-terms",
                                            help="critics read the task's randomised-physics terms at their pretraining "
                                                 "mean (unknown on a robot) or as the target reports them"),
@@ -349,6 +352,7 @@ def finetune_cmd(
 
             dcfg = DynaConfig(target_steps=target_steps, target_envs=target_envs, model_updates=model_updates,
                               model_lr=model_lr, imagined_steps=trainer_steps, horizon=trainer_horizon,
+                              rounds=trainer_rounds, identify=identify,
                               imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
                               nominal_sim_terms=nominal_sim_terms, eval_envs=max(1, eval_envs), seed=seed)
             dcfg.check()

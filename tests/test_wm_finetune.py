@@ -382,12 +382,13 @@ def test_cli_wm_finetune_and_the_finetune_alias(pretrained, tmp_path):
     r = _cli("finetune", "--from", run, "--world-model", wm, "--data", tmp_path / "x.mcap", "--out", tmp_path / "c")
     assert r.exit_code == 2 and "error:" in r.output and "--data" in r.output, r.output
     r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "d", "--learner", "trainer",
-             "--target-steps", 12, "--trainer-steps", 40, "--trainer-horizon", 4, "--target-envs", 2,
+             "--target-steps", 12, "--trainer-steps", 40, "--trainer-horizon", 4, "--trainer-rounds", 2, "--target-envs", 2,
              "--model-updates", 2, "--eval-envs", 1, "--samples", 2, "--env-override", "episode_length_s=0.3",
              "--export", tmp_path / "d.onnx", "--no-progress")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["target_steps"] == 12 and rep["imagined_steps"] == 40 and (tmp_path / "d.onnx").is_file()
+    assert [row["target_steps"] for row in rep["rounds"]] == [6, 12]
     assert rep["export_max_abs_err"] < 1e-4
     r = _cli("wm", "finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "e", "--learner", "dreamer")
     assert r.exit_code == 2 and "--learner must be finetune or trainer" in r.output, r.output
@@ -438,3 +439,62 @@ def test_the_trainer_learns_inside_the_model_and_the_target_only_runs_the_policy
         dyna_finetune(run, wm, tmp_path / "dyna", cfg, env_overrides=shift, make_target=make)
     with pytest.raises(ValueError, match="imagined_steps"):
         dyna_finetune(run, wm, tmp_path / "x", dataclasses.replace(cfg, imagined_steps=0))
+
+
+def test_dyna_rounds_collect_with_the_trainers_current_policy(pretrained, tmp_path):
+    """rounds > 1 (MBPO's loop): round 2 drives the target with the policy the trainer had at the end of round 1
+    (its checkpoint), round 1 with the pretrained one; the model's start data grows; steps add up."""
+    from s2r.policies.evaluate import load_run, policy_act
+    from s2r.world_models.dyna import DynaConfig, dyna_finetune
+
+    run, wm = pretrained
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (policy obs, action) on the collection target
+
+    class Target:
+        def __init__(self, env):
+            self.env, self.obs = env, None
+            for k in ("num_envs", "obs_dim", "critic_obs_dim", "action_dim", "max_episode_steps", "spec",
+                      "critic_dims", "task", "rand_cfg"):
+                setattr(self, k, getattr(env, k))
+
+        def reset(self, seed=None):
+            self.obs = self.env.reset(seed=seed)
+            return self.obs
+
+        def close(self):
+            self.env.close()
+
+        def step(self, action):
+            seen.append((self.obs["policy"].clone(), action.clone()))
+            out = self.env.step(action)
+            self.obs = out[0]
+            return out
+
+    made = []
+
+    def make(n, seed):
+        env = make_env("humanoid-stand", n, seed=seed, **SHORT, **shift)
+        made.append(env)
+        return Target(env) if len(made) == 1 else env  # the first is the collection target, then evaluations
+
+    shift = {"task_overrides": {"randomization": {"motor_strength": [0.8, 0.8]}}}
+    cfg = DynaConfig(target_steps=24, target_envs=2, rounds=2, model_updates=5, imagined_steps=60, horizon=5,
+                     eval_envs=2, imagined=ImaginedEnvConfig(samples=2))
+    rep = dyna_finetune(run, wm, tmp_path / "dyna", cfg, env_overrides=shift, make_target=make)
+    assert rep["target_steps"] == 24 and rep["imagined_steps"] == 60 and len(rep["rounds"]) == 2
+    assert [r["target_steps"] for r in rep["rounds"]] == [12, 24] and rep["data_rows"] == 24
+    assert [r["imagined_steps"] for r in rep["rounds"]] == [30, 60] and len(rep["eval_history"]) == 2
+    assert rep["rounds"][1]["updates"] > rep["rounds"][0]["updates"] > 0
+    assert len(seen) == 12  # 6 vectorised steps of 2 envs per round
+    ckpts = sorted((tmp_path / "dyna" / "checkpoints").glob("ckpt_*.pt"))
+    _, first, first_norm, ck, _ = load_run(ckpts[0])
+    assert int(ck["env_steps"]) == 30
+    _, pre, pre_norm, *_ = load_run(run)
+    for i, (obs, a) in enumerate(seen):
+        expect = policy_act(pre, pre_norm, "cpu") if i < 6 else policy_act(first, first_norm, "cpu")
+        assert torch.equal(a, expect(obs)), i
+    assert not torch.equal(seen[6][1], policy_act(pre, pre_norm, "cpu")(seen[6][0]))  # the policy moved
+    cfg_out, *_ = load_run(tmp_path / "dyna")
+    assert cfg_out.total_steps == 60
+    with pytest.raises(ValueError, match="round"):
+        DynaConfig(target_steps=8, target_envs=2, rounds=3).check()

@@ -14,6 +14,14 @@ continue training on the target if one could explore there:
                   policy observation and the safe set / uncertainty gates of imagined_env.py
     4. evaluate   deterministic episodes on the target (the trainer's evaluation env)
 
+With `rounds` R > 1 the four steps repeat (MBPO's loop): each round collects target_steps / R steps with the
+trainer's *current* deterministic policy, the model learns from all target data so far, and the trainer goes
+on (same agent, buffer, step count) for imagined_steps / R steps in rollouts started from all of it. A policy
+that has moved into states where the model still holds the pretraining robot's dynamics is shown the target's
+there before it trains further. With `identify`, the randomised-physics terms of the model's state are
+estimated from the target data each round (world_models/identify.py; needs a model trained with them varying),
+so imagination steps the identified robot and the trainer's critics read the estimate.
+
 The output is an ordinary training run (checkpoints, eval.csv, TensorBoard) whose config targets the
 shifted task, so `s2r eval` and `s2r export` read it. Measured in docs/WORLD_MODELS.md.
 """
@@ -28,6 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
+from s2r.io import atomic_write_text
 from s2r.world_models.finetune import WMFinetuneConfig, WorldModelFinetuner, _jsonable
 from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
 
@@ -36,12 +47,14 @@ from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
 class DynaConfig:
     """Settings of `s2r wm finetune --learner trainer`; the trainer's own settings are the run's."""
 
-    target_steps: int = 10_000  # deterministic target steps before imagining (x target_envs in parallel)
+    target_steps: int = 10_000  # deterministic target steps in all (target_envs in parallel, split over rounds)
     target_envs: int = 4
     model_updates: int = 2_000  # EDM steps on the target data (0: the model stays as trained)
     model_batch_size: int = 256
     model_lr: float = 3e-4
-    imagined_steps: int = 100_000  # the trainer's env steps inside the model
+    imagined_steps: int = 100_000  # the trainer's env steps inside the model, in all (split over rounds)
+    rounds: int = 1  # collect -> model -> imagine cycles; from the second the target runs the trainer's policy
+    identify: bool = False  # estimate the randomised-physics terms from the target data each round
     imagined_envs: int | None = None  # None: the run's num_envs
     horizon: int = 250  # imagined steps before truncation (a target episode: 5 s at 50 Hz)
     imagined: ImaginedEnvConfig = field(default_factory=ImaginedEnvConfig)  # gates, lambda, u_max, samples
@@ -53,7 +66,8 @@ class DynaConfig:
 
     def check(self) -> None:
         """ValueError naming the first setting that cannot work."""
-        for name in ("target_steps", "target_envs", "imagined_steps", "horizon", "eval_envs", "model_batch_size"):
+        for name in ("target_steps", "target_envs", "imagined_steps", "rounds", "horizon", "eval_envs",
+                     "model_batch_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"trainer-in-the-model setting {name} must be a whole number >= 1, got {v!r}")
@@ -66,18 +80,22 @@ class DynaConfig:
             raise ValueError(f"model_updates must be a whole number >= 0, got {self.model_updates!r}")
         if not (math.isfinite(self.model_lr) and self.model_lr > 0):
             raise ValueError(f"model_lr must be a finite number > 0, got {self.model_lr}")
-        if self.target_steps < 2 * self.target_envs:
+        if self.target_steps < 2 * self.target_envs * self.rounds:
             raise ValueError(f"target_steps {self.target_steps} gives fewer than 2 steps per target env "
-                             f"({self.target_envs}): no start window for the model")
+                             f"({self.target_envs}) and round ({self.rounds}): no start window for the model")
+        if self.imagined_steps < self.rounds:
+            raise ValueError(f"imagined_steps {self.imagined_steps} gives no imagined step in some of the "
+                             f"{self.rounds} rounds")
 
 
 def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg: DynaConfig | None = None,
                   env_overrides: dict[str, Any] | None = None, task: str | None = None,
                   progress: Callable[[str], None] | None = None, make_target: Any = None) -> dict:
-    """Steps 1-4 of the module docstring; the run dir `out` is the trainer's. make_target: (num_envs, seed)
-    -> the target system (default: the run's task with env_overrides), for collection and evaluation.
-    -> the report."""
-    from s2r.policies.trainer import Trainer
+    """Steps 1-4 of the module docstring, `cfg.rounds` times; the run dir `out` is the trainer's.
+    make_target: (num_envs, seed) -> the target system (default: the run's task with env_overrides), for
+    collection and evaluation. -> the report (per round in report["rounds"])."""
+    from s2r.policies.evaluate import policy_act
+    from s2r.policies.trainer import Trainer, config_to_dict
 
     cfg = cfg if cfg is not None else DynaConfig()
     cfg.check()
@@ -86,53 +104,77 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
         raise ValueError(f"--out {out} already holds a run; choose a new folder")
     t0 = time.perf_counter()
     # the finetuner's set-up checks the run, the model and the target against one another (spec, widths)
-    per_env = cfg.target_steps // cfg.target_envs
-    ft_cfg = WMFinetuneConfig(rounds=1, real_steps=per_env, target_envs=cfg.target_envs,
+    per_env = cfg.target_steps // (cfg.target_envs * cfg.rounds)  # target steps per env and round
+    ft_cfg = WMFinetuneConfig(rounds=cfg.rounds, real_steps=per_env, target_envs=cfg.target_envs,
                               model_updates=cfg.model_updates, model_batch_size=cfg.model_batch_size,
                               model_lr=cfg.model_lr, imagined=cfg.imagined, target_obs_noise=cfg.target_obs_noise,
-                              nominal_sim_terms=cfg.nominal_sim_terms, eval_envs=0, seed=cfg.seed,
-                              real_capacity=max(per_env * cfg.target_envs, 1))
+                              nominal_sim_terms=cfg.nominal_sim_terms, identify=cfg.identify, eval_envs=0,
+                              seed=cfg.seed, real_capacity=max(per_env * cfg.target_envs * cfg.rounds, 1))
     ft = WorldModelFinetuner(run, world_model, ft_cfg, make_target=make_target, env_overrides=env_overrides,
                              task=task)
+    report: dict = {"from": str(ft.run_path), "source": ft.source, "world_model": str(ft.wm_path),
+                    "task": ft.task, "env_overrides": ft.env_overrides, "config": _jsonable(cfg)}
+    rows: list[dict] = []
+    envs: list[ImaginedEnv] = []
+    trainer: Trainer | None = None
+    per_round = cfg.imagined_steps // cfg.rounds
     try:
-        # 1-2
-        data = ft.collect()
-        report: dict = {"from": str(ft.run_path), "source": ft.source, "world_model": str(ft.wm_path),
-                        "task": ft.task, "env_overrides": ft.env_overrides, "config": _jsonable(cfg),
-                        "target_steps": ft.counts["target_steps"], "target_falls": ft.counts["target_falls"],
-                        "target_episodes": ft.counts["target_episodes"]}
-        if progress:
-            progress(f"target: {report['target_steps']} deterministic steps, {report['target_falls']} falls")
-        loss = ft.update_model()
-        report["model_loss"] = loss
-        if progress:
-            progress(f"model: {cfg.model_updates} updates on the target data, loss {loss:.4f}")
-        starts = ft.model_data()
-        icfg = dataclasses.replace(cfg.imagined, horizon=cfg.horizon, obs_noise=ft.obs_noise)
-        envs: list[ImaginedEnv] = []
+        for r in range(cfg.rounds):
+            # 1. the target runs the newest deterministic policy: the pretrained one, then the trainer's
+            act = None if trainer is None else policy_act(
+                trainer.agent, trainer.obs_norm if trainer.cfg.normalize_obs else None, trainer.device)
+            data = ft.collect(act)
+            # 2. (which robot is this?) and the model learns from all target data so far
+            ident = ft.identify() if cfg.identify else {}
+            loss = ft.update_model()
+            starts = ft.model_data()
+            if progress:
+                progress(f"round {r + 1}/{cfg.rounds} target: {ft.counts['target_steps']} deterministic steps, "
+                         f"{ft.counts['target_falls']} falls; model: {cfg.model_updates} updates, loss {loss:.4f}"
+                         + "".join(f", {k} {v}" for k, v in ident.items() if k.startswith("identified_")))
+            # 3-4. the run's own trainer in the model, evaluated on the target
+            if trainer is None:
+                icfg = dataclasses.replace(cfg.imagined, horizon=cfg.horizon, obs_noise=ft.obs_noise)
 
-        def make_imagined(n: int, seed: int) -> ImaginedEnv:
-            envs.append(ImaginedEnv(ft.model, starts, n, icfg, spec=ft.spec, seed=seed))
-            return envs[-1]
+                def make_imagined(n: int, seed: int) -> ImaginedEnv:
+                    envs.append(ImaginedEnv(ft.model, starts, n, icfg, spec=ft.spec, seed=seed))
+                    return envs[-1]
 
-        # 3-4: the run's own settings, initialised from it, its config pointing at the target
-        base = ft.base
-        tcfg = dataclasses.replace(
-            base, task=ft.task, env_overrides=ft.env_overrides, init_from=str(run), total_steps=cfg.imagined_steps,
-            num_envs=cfg.imagined_envs or base.num_envs, eval_every=cfg.eval_every or cfg.imagined_steps,
-            eval_episodes=cfg.eval_envs, checkpoint_every=cfg.eval_every or cfg.imagined_steps,
-            seed=cfg.seed, progress=False)
-        trainer = Trainer(tcfg, out, make_env=make_imagined, make_eval_env=ft.make_target)
-        trainer.train()
+                # the run's own settings, initialised from it, its config pointing at the target
+                base = ft.base
+                every = cfg.eval_every or per_round
+                tcfg = dataclasses.replace(
+                    base, task=ft.task, env_overrides=ft.env_overrides, init_from=str(run), total_steps=per_round,
+                    num_envs=cfg.imagined_envs or base.num_envs, eval_every=every, eval_episodes=cfg.eval_envs,
+                    checkpoint_every=every, seed=cfg.seed, progress=False)
+                trainer = Trainer(tcfg, out, make_env=make_imagined, make_eval_env=ft.make_target)
+            else:
+                envs[0].set_starts(starts)
+                trainer.cfg.total_steps = per_round * (r + 1) if r + 1 < cfg.rounds else cfg.imagined_steps
+            ev = trainer.train()
+            rows.append({"round": r + 1, "target_steps": ft.counts["target_steps"],
+                         "target_falls": ft.counts["target_falls"], "target_episodes": ft.counts["target_episodes"],
+                         "new_rows": len(data), "model_loss": loss, **ident, "imagined_steps": trainer.env_steps,
+                         "updates": trainer.n_updates, **{f"eval_{k}": v for k, v in ev.items()},
+                         "wall_s": round(time.perf_counter() - t0, 2)})
+            if progress:
+                progress(f"round {r + 1}/{cfg.rounds} imagined: {trainer.env_steps} steps, {trainer.n_updates} "
+                         f"updates | target evaluation: return {ev.get('return_mean', float('nan')):.1f}, "
+                         f"falls {ev.get('terminated_rate', float('nan')):.3f}")
     finally:
         ft.close()
+    assert trainer is not None
+    cfg_dict = config_to_dict(trainer.cfg)  # total_steps now counts every round's imagined steps
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
     imagined = envs[0].counts if envs else {}
     history = trainer.eval_history
     eval_steps = sum(int(round(h["length_mean"] * cfg.eval_envs)) for h in history)
-    report.update({"imagined_steps": trainer.env_steps, "updates": trainer.n_updates,
+    report.update({"target_steps": ft.counts["target_steps"], "target_falls": ft.counts["target_falls"],
+                   "target_episodes": ft.counts["target_episodes"], "model_loss": rows[-1]["model_loss"],
+                   "imagined_steps": trainer.env_steps, "updates": trainer.n_updates,
                    **{f"imagined_{k}": v for k, v in imagined.items() if k != "steps"},
                    "eval_steps": eval_steps, "eval_history": history, "eval_after": history[-1] if history else {},
-                   "checkpoint": str(trainer.last_checkpoint), "run": str(out), "data_rows": len(data),
-                   "wall_s": round(time.perf_counter() - t0, 2)})
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+                   "rounds": rows, "checkpoint": str(trainer.last_checkpoint), "run": str(out),
+                   "data_rows": len(ft.target_data), "wall_s": round(time.perf_counter() - t0, 2)})
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report

@@ -249,15 +249,17 @@ class WorldModelFinetuner:
 
     # ---- 1. collect ---------------------------------------------------------------------------
     @torch.no_grad()
-    def collect(self) -> Transitions:
+    def collect(self, act: Callable[[Tensor], Tensor] | None = None) -> Transitions:
         """K vectorised steps of the deterministic policy on the target -> real buffer; the new
-        transitions (env-major rows: one episode's rows consecutive) for the model."""
+        transitions (env-major rows: one episode's rows consecutive) for the model. act: raw policy obs
+        -> action, another deterministic policy (world_models/dyna.py: the trainer's current one)."""
         cfg, env = self.cfg, self.target
+        act = act or self.deterministic_action
         cols: dict[str, list[Tensor]] = {k: [] for k in ("state", "action", "reward", "next_state", "terminated",
                                                          "episode")}
         for _ in range(cfg.real_steps):
             obs = self._obs
-            a = self.deterministic_action(obs["policy"])
+            a = act(obs["policy"])
             nxt, r, term, trunc, info = env.step(a)
             done = term | trunc
             real_next = ({k: torch.where(done[:, None], info["final_obs"][k], nxt[k]) for k in nxt} if done.any()

@@ -73,10 +73,7 @@ class ImaginedEnv:
         self.model, self.cfg, self.spec = model, cfg, spec
         k = model.cfg.history
         self.k = k
-        s, a, *_ = windows(starts, k)
-        if len(s) == 0:
-            raise WorldModelError(f"no start window: the data has no episode with {k} steps of history")
-        self._start_s, self._start_a = s, a[:, :-1]  # [M, k, S], [M, k-1, A]: the policy picks the k-th action
+        self.set_starts(starts)
         self.num_envs, self.action_dim = num_envs, model.cfg.action_dim
         self.critic_obs_dim = model.cfg.state_dim
         self.max_episode_steps: int | None = cfg.horizon
@@ -95,6 +92,17 @@ class ImaginedEnv:
         self.episode_return = torch.zeros(num_envs)
         self.counts = {"steps": 0, "halted_nan": 0, "halted_uncertain": 0, "unsafe": 0, "model_terminated": 0,
                        "clamped": 0}
+
+    def set_starts(self, starts: Transitions) -> None:
+        """The real data that rollouts start from (new target data each round of world_models/dyna.py);
+        running rollouts go on, the next restarts draw from `starts`."""
+        if starts.state.shape[1] != self.model.cfg.state_dim:
+            raise WorldModelError(f"start data has states of width {starts.state.shape[1]}, the model "
+                                  f"{self.model.cfg.state_dim}: they come from different observation layouts")
+        s, a, *_ = windows(starts, self.k)
+        if len(s) == 0:
+            raise WorldModelError(f"no start window: the data has no episode with {self.k} steps of history")
+        self._start_s, self._start_a = s, a[:, :-1]  # [M, k, S], [M, k-1, A]: the policy picks the k-th action
 
     def _noise_vector(self) -> Tensor | None:
         """[frame_dim] amplitude on the scaled policy frame (the spec's noise_amplitudes); None: no noise."""
