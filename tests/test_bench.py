@@ -92,3 +92,42 @@ def test_sim_overhead_replay_reproduces_the_recorded_run_without_physics():
     assert len(rec.outputs) == 16 and any(done.any() for *_, done in recorded)  # resets happened
     for got, want in zip(replayed, recorded):
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_sim_throughput_fraction_is_the_median_of_paired_windows_so_load_that_drifts_between_pairs_cancels():
+    from s2r.bench_sim import fraction_of_ceiling, paired_windows
+
+    # the true fraction is 0.8: each pair's replay takes 0.8 of its s2r window's time, under a load that
+    # changes from pair to pair (x1, x3, x0.5); one burst slows the replay of one pair only
+    load = iter([1.0, 3.0, 0.5, 2.0, 1.0])
+    burst = iter([1.0, 1.0, 1.0, 4.0, 1.0])
+    now = {}
+
+    def s2r_window():
+        now["load"] = next(load)
+        return now["load"] * 1.0, ["calls"]
+
+    pairs = paired_windows(s2r_window, lambda calls: now["load"] * 0.8 * next(burst), 5)
+    assert len(pairs) == 5
+    assert abs(fraction_of_ceiling(pairs) - 0.8) < 1e-12
+    # the ratio of totals would take the burst in by its duration (and the unequal windows by their length)
+    assert abs(sum(c for _, c in pairs) / sum(s for s, _ in pairs) - 0.8) > 0.1
+
+
+def test_sim_throughput_replays_exactly_each_s2r_windows_rollout_calls(monkeypatch):
+    import s2r.bench_sim as bs
+
+    replayed = []
+    real = bs._replay
+
+    def spy(env, calls):
+        replayed.append(list(calls))
+        return real(env, calls)
+
+    monkeypatch.setattr(bs, "_replay", spy)
+    r = bs.s2r_vs_ceiling("humanoid-walk", None, 4, seconds=0.03, pairs=3)
+    assert len(replayed) == 3 and all(len(calls) >= 3 for calls in replayed)  # at least 3 steps per window
+    assert sum(len(calls) for calls in replayed) == r["env_steps"]  # each call once, in its own window's replay
+    starts = [id(s0) for calls in replayed for s0, _ in calls]
+    assert len(set(starts)) == len(starts)
+    assert 0 < r["fraction"] and r["spread"][0] <= r["fraction"] <= r["spread"][1]
