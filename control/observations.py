@@ -123,23 +123,28 @@ class ObservationBuilder:
         """RobotState -> observation [N, obs_dim] (terms, scale, clip, history)."""
         return self.push(self.frame(self.terms(state)))
 
-    def peek(self, fr):
+    def peek(self, fr, owned: bool = False):
         """The observation push(fr) would return, leaving the history as it is: a finished episode's
         final observation, read before its env resets. [N, obs_dim]"""
         fr = self._own(fr)
         if self.H == 1:
-            return self._flat(fr[:, None, :])
+            return fr if owned else self._flat(fr[:, None, :])
         hist = self.xp.concatenate([self.history[:, 1:], fr[:, None, :]], axis=1)  # [N, H, frame], rolled
         if self._fresh.any():
             hist[self._fresh] = fr[self._fresh][:, None, :]
         flat = hist.reshape(self.num_envs, -1)  # hist is new: no copy needed
         return flat if self._perm is None else flat[:, self._perm]
 
-    def push(self, fr):
-        """Push an already built frame [N, frame_dim]; return the observation [N, obs_dim]."""
+    def push(self, fr, owned: bool = False):
+        """Push an already built frame [N, frame_dim]; return the observation [N, obs_dim].
+
+        owned: fr is a new array that its caller hands over and never updates in place (the simulator's
+        noisy frame). With one frame of history the observation is then fr itself, not a copy (push and
+        peek replace a one-frame history, never update it in place)."""
         if self.H == 1:  # the history is the frame: nothing to roll or refill
-            self.history = self._own(fr)[:, None, :]  # [N, 1, frame]
-            return self._flat(self.history)
+            fr = self._own(fr)
+            self.history = fr[:, None, :]  # [N, 1, frame]
+            return fr if owned else self._flat(self.history)
         self.history = self.xp.roll(self.history, -1, 1)
         self.history[:, -1] = fr
         if self._fresh.any() if self.xp is not np else np.count_nonzero(self._fresh):

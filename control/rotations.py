@@ -103,8 +103,13 @@ def quat_mul_yaw(yaw: Array, q: Array) -> Array:
     """
     xp = namespace(yaw, q)
     half = 0.5 * yaw[..., None]
-    c, s = xp.cos(half), xp.sin(half)
-    swapped = xp.flip(q, (-1,)) * constant_like((-1.0, -1.0, 1.0, 1.0), q)  # (-z, -y, x, w)
+    return quat_turn_z(xp.cos(half), xp.sin(half), q)
+
+
+def quat_turn_z(c: Array, s: Array, q: Array) -> Array:
+    """quat_mul_yaw from the half yaw angle's cosine c and sine s ([N, 1] each): c q + s (-z, -y, x, w).
+    For a caller whose cosine and sine come from elsewhere (the simulator's reset: torch's, on numpy rows)."""
+    swapped = namespace(q).flip(q, (-1,)) * constant_like((-1.0, -1.0, 1.0, 1.0), q)  # (-z, -y, x, w)
     return c * q + s * swapped
 
 

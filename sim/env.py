@@ -203,7 +203,7 @@ class BatchedEnv:
                            f"(the task computes {sorted(terms)})")
         weighted = torch.stack([_float32(terms[k]) for k in self._reward_names], dim=1) * self._reward_w  # [N, T]
         reward = weighted.sum(dim=1)
-        log = {"reward_terms": dict(zip(self._reward_names, weighted.mean(dim=0)))}  # tensors; float() lazily
+        log = {"reward_terms": dict(zip(self._reward_names, weighted.mean(dim=0).unbind()))}  # tensors; float() lazily
         any_diverged = bool(diverged.any())
         if any_diverged:
             reward = torch.where(diverged, torch.zeros_like(reward), reward)
@@ -291,10 +291,13 @@ class BatchedEnv:
         return both.index_select(0, self._hold_rows).view(N, dec, -1)
 
     def _push_interval(self, k: int) -> torch.Tensor:
-        """[k] control steps to the next push, drawn from push_interval_s, at least 1."""
+        """[k] control steps to the next push, drawn from push_interval_s, at least 1. The arithmetic in numpy
+        float32 on the CPU draw: torch's float32 ops on these k numbers (each scalar rounded to float32, one
+        rounding per op, truncation toward zero), without a dispatch per op."""
         lo, hi = self.rand_cfg.push_interval_s
-        steps = (lo + (hi - lo) * torch.rand(k, generator=self.gen)) / self.control_dt
-        return steps.long().clamp_min(1).to(self.device)
+        u = torch.rand(k, generator=self.gen).numpy()  # [k] float32
+        steps = (np.float32(lo) + np.float32(hi - lo) * u) / np.float32(self.control_dt)
+        return torch.from_numpy(np.maximum(steps.astype(np.int64), 1)).to(self.device)
 
     def _push(self) -> None:
         rc = self.rand_cfg
@@ -319,8 +322,9 @@ class BatchedEnv:
             # uniform_(-1, 1) gives 2u - 1 of rand's u: the same numbers and random stream, two ops fewer
             u = torch.empty(clean.shape).uniform_(-1, 1, generator=self.gen).to(self.device)
             noisy = u.mul_(self._noise_amp).add_(clean)  # clean + amp (2u - 1), in place
-        # commit=False: a final observation, from the same history without advancing it
-        policy = self.policy_obs.push(noisy) if commit else self.policy_obs.peek(noisy)
+        # commit=False: a final observation, from the same history without advancing it. noisy is new
+        # (noise on, or the frame itself) and the env never updates it in place: the builder keeps it
+        policy = self.policy_obs.push(noisy, owned=True) if commit else self.policy_obs.peek(noisy, owned=True)
         parts = [clean]
         priv = self.task.critic_terms()
         for name, dim in self.critic_dims.items():

@@ -80,7 +80,7 @@ def _uniform(gen: torch.Generator, draws: list[tuple[float, float, tuple[int, ..
     return out
 
 
-def _columns(idx: np.ndarray) -> np.ndarray | slice:
+def index_or_slice(idx: np.ndarray) -> np.ndarray | slice:
     """idx as a slice where it is a run of consecutive indices (numpy then scales a view in place
     instead of gathering and scattering a copy), else idx."""
     idx = np.asarray(idx)
@@ -97,8 +97,8 @@ class ModelRandomizer:
         self.cfg = cfg
         self.m = model
         self.nj = len(joint_act)
-        self.act = _columns(joint_act)  # actuators of the spec joints
-        self.dof = _columns(joint_dof)
+        self.act = index_or_slice(joint_act)  # actuators of the spec joints
+        self.dof = index_or_slice(joint_dof)
         self.base_body = base_body
         self.nominal = {f: np.array(getattr(model, f)) for f in (
             "geom_friction", "body_mass", "body_ipos", "body_inertia", "actuator_gainprm",

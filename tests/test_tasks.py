@@ -138,3 +138,48 @@ def test_unknown_observation_term_for_the_generic_task_is_named(tmp_path):
     p.write_text(yaml.safe_dump(d))
     with pytest.raises(ValueError, match=r"unknown observation term 'lidar'"):
         make("mjcf-locomotion", spec=str(p), num_envs=1)
+
+
+def test_humanoid_reset_rows_built_in_numpy_are_the_torch_formulas_bit_for_bit():
+    """task.reset, its command draw and the env's push interval scale a few CPU-drawn numbers in numpy; they must
+    give what the same draws give through torch's ops (the earlier code), to the last bit."""
+    from s2r.control.rotations import quat_mul_yaw
+
+    env = make("humanoid-walk", num_envs=64, seed=5)
+    env.reset()
+    task, c = env.task, env.task.cfg
+    ids = torch.tensor([1, 5, 6, 17, 40, 63])
+    k, nj, b = len(ids), len(task.qpos_adr), task.base_qpos_adr
+    for _ in range(20):  # many draws: a last-bit difference would show in some
+        g = torch.Generator()
+        g.set_state(env.gen.get_state())
+        qpos, _ = task.reset(ids)
+        u = torch.empty(k * (nj + 1), dtype=torch.float64).uniform_(-1, 1, generator=g)
+        noise, yaw = u[:k * nj].view(k, nj), u[k * nj:] * torch.pi
+        want = task.qpos0.expand(k, -1).clone()
+        want.index_add_(1, task.qpos_adr, c.init_joint_noise * noise)
+        want[:, b + 3:b + 7] = quat_mul_yaw(yaw, want[:, b + 3:b + 7])
+        assert torch.equal(qpos, want)
+        r = torch.rand(k, 4, generator=g)
+        cmd = torch.from_numpy(task.command_lo) + r[:, :3] * torch.from_numpy(task.command_span)
+        cmd.masked_fill_(r[:, 3:] < c.standing_prob, 0.0)
+        assert torch.equal(task.command[ids], cmd)
+        lo, hi = env.rand_cfg.push_interval_s
+        g.set_state(env.gen.get_state())
+        want_push = ((lo + (hi - lo) * torch.rand(k, generator=g)) / env.control_dt).long().clamp_min(1)
+        assert torch.equal(env._push_interval(k), want_push)
+
+
+def test_humanoid_joint_limit_term_is_the_sum_of_both_overshoots_bit_for_bit():
+    env = make("humanoid-walk", num_envs=256, seed=0)
+    env.reset()
+    env.step(torch.zeros(256, env.action_dim))
+    task = env.task
+    g = torch.Generator().manual_seed(0)
+    lo, hi = task.soft_lo, task.soft_hi
+    q = lo + (hi - lo) * (torch.rand(256, len(lo), generator=g) * 1.6 - 0.3)  # inside and beyond both limits
+    q[0], q[1], q[2, :3] = lo, hi, torch.tensor([float("inf"), float("-inf"), float("nan")])
+    task.q = q
+    want = ((lo - q).clamp_min(0) + (q - hi).clamp_min(0)).sum(1)
+    got = task.reward_terms()["joint_limit"]
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from s2r.control.actions import pd_torque
-from s2r.control.rotations import projected_gravity, quat_mul_yaw, quat_rotate_inverse
+from s2r.control.rotations import projected_gravity, quat_rotate_inverse, quat_turn_z
 from s2r.control.terms import RobotState
 from s2r.sim.model import SensorRequest
-from s2r.sim.randomization import RandomizationConfig
+from s2r.sim.randomization import RandomizationConfig, index_or_slice
 from s2r.sim.tasks.base import Task, TaskConfig
 
 
@@ -83,7 +84,7 @@ class HumanoidWalk(Task):
         self.s_vel = [idx.sensors[f"{s}_vel"] for s in self.cfg.feet_sites]
         self.s_touch = [idx.sensors[f"{s}_touch"] for s in self.cfg.feet_sites]
         self.i_touch = torch.tensor([s.start for s in self.s_touch], device=dev)
-        self.i_vel = torch.tensor([i for s in self.s_vel for i in range(s.start, s.stop)], device=dev)
+        self.i_vel_xy = torch.tensor([s.start + i for s in self.s_vel for i in (0, 1)], device=dev)  # feet x, y vel.
         self.command = torch.zeros(N, 3, device=dev)
         self.next_resample = torch.zeros(N, dtype=torch.long, device=dev)
         self.air_time = torch.zeros(N, nf, device=dev)
@@ -92,9 +93,12 @@ class HumanoidWalk(Task):
         self._air_at_touchdown = torch.zeros(N, nf, device=dev)
         self.resample_steps = max(1, int(self.cfg.resample_s / env.control_dt))
         c = self.cfg
-        self.command_lo = torch.tensor([c.command_vx[0], c.command_vy[0], c.command_yaw[0]], device=dev)  # [3]
-        self.command_span = torch.tensor([c.command_vx[1] - c.command_vx[0], c.command_vy[1] - c.command_vy[0],
-                                          c.command_yaw[1] - c.command_yaw[0]], device=dev)  # [3]
+        # [3] float32 numpy: a reset's few rows are drawn and scaled on the CPU (_resample)
+        self.command_lo = np.array([c.command_vx[0], c.command_vy[0], c.command_yaw[0]], dtype=np.float32)
+        self.command_span = np.array([c.command_vx[1] - c.command_vx[0], c.command_vy[1] - c.command_vy[0],
+                                      c.command_yaw[1] - c.command_yaw[0]], dtype=np.float32)
+        self.qpos0_np = self.qpos0.cpu().numpy()  # [nq] float64, for reset rows built in numpy
+        self.qpos_cols = index_or_slice(idx.joint_qpos)  # the spec joints' qpos columns
         lo_hi = torch.as_tensor([j.range for j in self.spec.joints], device=dev)
         mid, half = lo_hi.mean(1), 0.5 * (lo_hi[:, 1] - lo_hi[:, 0])
         self.soft_lo = mid - self.cfg.soft_limit * half
@@ -107,15 +111,19 @@ class HumanoidWalk(Task):
 
     # ---- reset / commands ---------------------------------------------------------------
     def reset(self, env_ids):
-        # a reset of a few envs pays per torch op, not per element: few, fused ops
+        # a reset of a few envs pays per torch op, not per element: the draws from the env's generator (on
+        # the CPU) in torch, the float64 arithmetic on the k rows in numpy (the same roundings, one each),
+        # the yaw's cosine and sine in torch (numpy's may differ in the last bit)
         k, dev, g = len(env_ids), self.env.device, self.env.gen
         b, nj = self.base_qpos_adr, len(self.qpos_adr)
         # joint noise [k, nj] and heading [k] from one draw in [-1, 1): the numbers of one draw each
-        u = torch.empty(k * (nj + 1), dtype=torch.float64).uniform_(-1, 1, generator=g).to(dev)
-        noise, yaw = u[:k * nj].view(k, nj), u[k * nj:] * torch.pi
-        qpos = self.qpos0.expand(k, -1).clone()  # [k, nq]
-        qpos.index_add_(1, self.qpos_adr, self.cfg.init_joint_noise * noise)
-        qpos[:, b + 3:b + 7] = quat_mul_yaw(yaw, qpos[:, b + 3:b + 7])
+        u = torch.empty(k * (nj + 1), dtype=torch.float64).uniform_(-1, 1, generator=g).numpy()
+        noise, yaw = u[:k * nj].reshape(k, nj), u[k * nj:] * np.pi
+        qpos = self.qpos0_np[None].repeat(k, 0)  # [k, nq]
+        qpos[:, self.qpos_cols] += self.cfg.init_joint_noise * noise
+        half = torch.from_numpy(0.5 * yaw[:, None])  # [k, 1]: quat_mul_yaw's half angle
+        qpos[:, b + 3:b + 7] = quat_turn_z(torch.cos(half).numpy(), torch.sin(half).numpy(), qpos[:, b + 3:b + 7])
+        qpos = torch.from_numpy(qpos).to(dev)
         qvel = torch.zeros(k, self.env.model.nv, dtype=torch.float64, device=dev)
         self._resample(env_ids)
         self.air_time.index_fill_(0, env_ids, 0.0)
@@ -126,10 +134,10 @@ class HumanoidWalk(Task):
     def _resample(self, ids):
         """New commands for envs `ids`; the next one resample_steps later (in reset: from step 0)."""
         k, g, c = len(ids), self.env.gen, self.cfg
-        r = torch.rand(k, 4, generator=g).to(self.env.device)
+        r = torch.rand(k, 4, generator=g).numpy()  # float32; numpy float32 arithmetic: torch's numbers, no dispatch
         cmd = self.command_lo + r[:, :3] * self.command_span  # [k, 3] vx, vy, yaw rate, uniform in range
-        cmd.masked_fill_(r[:, 3:] < c.standing_prob, 0.0)
-        self.command.index_copy_(0, ids, cmd)  # command[ids] = cmd
+        cmd[r[:, 3] < np.float32(c.standing_prob)] = 0.0  # torch compares float32 with the float32 scalar
+        self.command.index_copy_(0, ids, torch.from_numpy(cmd).to(self.env.device))  # command[ids] = cmd
         self.next_resample.index_copy_(0, ids, self.env.episode_step.index_select(0, ids) + self.resample_steps)
 
     # ---- step ----------------------------------------------------------------------------
@@ -145,7 +153,7 @@ class HumanoidWalk(Task):
         self.refresh()
         sd = self.env.backend.sensordata.to(self.env.device, torch.float32)
         touch = sd.index_select(1, self.i_touch)  # [N, nf]
-        self.foot_vel = sd.index_select(1, self.i_vel).reshape(-1, len(self.s_vel), 3)
+        self.foot_vel_xy = sd.index_select(1, self.i_vel_xy).view(-1, len(self.s_vel), 2)  # [N, nf, 2] world x, y
         contact = touch > self.cfg.contact_force
         self.first_contact = (self.air_time > 0) & contact
         self.air_time += self.env.control_dt
@@ -191,14 +199,15 @@ class HumanoidWalk(Task):
     def reward_terms(self):
         c, env = self.cfg, self.env
         g, q, qd, lin_b, ang_b = self.gravity_b, self.q, self.qd, self.lin_vel_b, self.ang_vel_b
-        foot_vel = self.foot_vel  # [N, nf, 3]
         command_xy = self.command[:, :2]  # [N, 2]
         moving = torch.linalg.vector_norm(command_xy, dim=1) > 0.1
         p = self.action_proc
         tau = pd_torque(self.q_target, q, qd, p.kp, p.kd, p.torque_limit)  # q_target: this step's ctrl
         lin_err = ((command_xy - lin_b[:, :2]) ** 2).sum(1)
         yaw_err = (self.command[:, 2] - ang_b[:, 2]) ** 2
-        out_of_limits = (self.soft_lo - q).clamp_min(0) + (q - self.soft_hi).clamp_min(0)
+        # (lo - q)+ + (q - hi)+ with lo < hi: at most one term is nonzero, and |clamp(q, lo, hi) - q| is that term
+        # rounded the same way (rounding is symmetric in sign); 3 ops instead of 5, the same numbers
+        out_of_limits = (q.clamp(self.soft_lo, self.soft_hi) - q).abs()
         return {  # exp(err / -sigma): exactly exp(-err / sigma), one op fewer
             "track_lin_vel_xy": torch.exp(lin_err / -c.tracking_sigma),
             "track_ang_vel_z": torch.exp(yaw_err / -c.tracking_sigma),
@@ -207,7 +216,7 @@ class HumanoidWalk(Task):
             "lin_vel_z": lin_b[:, 2] ** 2,
             "ang_vel_xy": (ang_b[:, :2] ** 2).sum(1),
             "feet_air_time": ((self._air_at_touchdown - c.air_time_target_s) * self.first_contact).sum(1) * moving,
-            "foot_slip": ((foot_vel[..., :2] ** 2).sum(-1) * self.contact).sum(1),
+            "foot_slip": ((self.foot_vel_xy ** 2).sum(-1) * self.contact).sum(1),
             "action_rate": ((env.action - env.prev_action) ** 2).sum(1),
             "torque": (tau ** 2).sum(1),
             "joint_limit": out_of_limits.sum(1),
