@@ -2,7 +2,7 @@
 
     python bench/wm_finetune.py --run RUN [--reference REF] [--shift KEY=VALUE ...] [--sac-budgets 1,5]
                                 [--arms none,wm,dyna,sac] [--dyna KEY=VALUE ...] [--eval-episodes E]
-                                [--quick] [--threads N] [--seed S]
+                                [--world-model WM] [--quick] [--threads N] [--seed S]
 
 RUN: a humanoid-stand training run (`s2r train --task humanoid-stand`). The "real" robot is the same task
 shifted (weaker motors, heavier links: SHIFT below, or --shift; the usual randomisation and pushes stay on),
@@ -199,6 +199,9 @@ def main() -> None:
     ap.add_argument("--wm", action="append", default=[], metavar="KEY=VALUE",
                     help="world-model setting (repeatable): wm_envs, wm_steps, fit_steps, width, blocks, "
                          "wm_history, wm_blind (true: sim-only critic terms masked in the model's data)")
+    ap.add_argument("--world-model", type=Path, default=None,
+                    help="use this world model of the nominal task (a file from an earlier run's --work) instead of "
+                         "training one; --wm settings then describe nothing")
     ap.add_argument("--work", type=Path, default=Path("/tmp/s2r_bench_wm_finetune"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -250,8 +253,13 @@ def main() -> None:
     except ValueError as e:
         ap.error(str(e).replace("--env-override", "--wm-data"))
     target = merge_overrides({"episode_length_s": s["episode_s"]}, shift)
-    wm_path, t_wm = (world_model(run, args.work / "wm_nominal.pt", s, args.seed, data_shift)
-                     if {"wm", "dyna"} & set(arms) else (None, 0.0))
+    if args.world_model is not None:
+        if not args.world_model.is_file():
+            ap.error(f"--world-model {args.world_model}: no such file")
+        wm_path, t_wm = args.world_model, 0.0
+    else:
+        wm_path, t_wm = (world_model(run, args.work / "wm_nominal.pt", s, args.seed, data_shift)
+                         if {"wm", "dyna"} & set(arms) else (None, 0.0))
     eval_seed = 2000 + args.seed
     out: dict = {}
 
@@ -318,7 +326,8 @@ def main() -> None:
               + (f"  gap recovered {r['fall_gap_recovered']}" if r.get("fall_gap_recovered") is not None else ""))
     summary = {"bench": "wm_finetune", "quick": args.quick, "run": str(run), "task": task, "target": target,
                "episode_s": s["episode_s"], "eval_episodes": s["eval_envs"], "world_model_s": round(t_wm, 1),
-               "world_model": {k: s[k] for k in WM_KEYS}, "wm_data": data_shift,
+               "world_model": str(args.world_model) if args.world_model else {k: s[k] for k in WM_KEYS},
+               "wm_data": data_shift,
                "settings": {k: v for k, v in s["ft"].items() if k != "imagined"},
                "dyna_settings": {k: v for k, v in s["dyna"].items() if k != "imagined"}, "arms": out,
                "wall_s": round(time.perf_counter() - t0, 1), "threads": args.threads, "machine": machine_info()}

@@ -3,6 +3,7 @@ uncertainty, the imagined env's safety gates and contract, files and the `s2r wm
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -444,6 +445,29 @@ def test_leaving_the_safe_set_terminates_and_is_counted(stand):
     env.reset(seed=0)
     _, r, term, trunc, info = env.step(torch.zeros(6, 13))
     assert term.all() and not trunc.any() and info["counts"]["unsafe"] == 6
+
+
+def test_a_joint_beyond_its_limit_halts_the_rollout_without_claiming_a_fall(stand):
+    """Joint limits: past the range + margin the model left the reachable states (truncated, counted);
+    inside the margin (soft limits let real joints pass the range a little) the rollout goes on."""
+    from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+    model, data = stand
+    far = copy.deepcopy(model)  # the fixture's model stays as it is
+    cfg = ImaginedEnvConfig(min_base_height=None, max_tilt_cos=None)
+    env = ImaginedEnv(far, data, 6, cfg, seed=0)
+    s = data.state[:4].clone()
+    at, n, scale, default, lo, hi = env._joints  # lo, hi: the spec's range widened by the margin (0.05 rad)
+    inside, beyond = s.clone(), s.clone()
+    inside[:, at + 3] = (hi[3] - 0.01 - default[3]) * scale  # 0.04 rad past the knee's range: inside the margin
+    beyond[:, at + 3] = (hi[3] + 0.02 - default[3]) * scale  # 0.07 rad past it
+    assert not env.unsafe(inside).any() and env.unsafe(beyond).all() and not env.fallen(beyond).any()
+    far.state_hi[at + 3] = 10.0  # the clamp lets the prediction through
+    far.decode = lambda last, x0: (beyond[:1].expand(last.shape[0], -1).clone(), torch.zeros(last.shape[0]),
+                                   torch.zeros(last.shape[0], dtype=torch.bool))
+    env.reset(seed=0)
+    _, r, term, trunc, info = env.step(torch.zeros(6, 13))
+    assert trunc.all() and not term.any() and info["counts"]["joint_limit"] == 6 and info["counts"]["unsafe"] == 0
 
 
 def test_uncertainty_above_the_threshold_halts_the_rollout_and_penalises(stand):

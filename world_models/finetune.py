@@ -230,7 +230,7 @@ class WorldModelFinetuner:
         self._next_episode = cfg.target_envs
         self.counts = {"target_steps": 0, "target_episodes": 0, "target_falls": 0, "eval_steps": 0,
                        "eval_falls": 0, "imagined_steps": 0, "imagined_rollouts": 0, "halted_nan": 0,
-                       "halted_uncertain": 0, "unsafe": 0, "model_terminated": 0, "clamped": 0,
+                       "halted_uncertain": 0, "unsafe": 0, "joint_limit": 0, "model_terminated": 0, "clamped": 0,
                        "updates": 0, "real_samples": 0, "imagined_samples": 0, "model_updates": 0}
         self.rounds: list[dict] = []
         self._update_debt = 0.0
@@ -382,7 +382,7 @@ class WorldModelFinetuner:
                     if isinstance(v, Tensor) and not torch.isfinite(v).all():
                         raise FloatingPointError(f"non-finite {k} at finetuning update {self.counts['updates']}; "
                                                  f"nothing was saved")
-        for k in ("halted_nan", "halted_uncertain", "unsafe", "model_terminated", "clamped"):
+        for k in ("halted_nan", "halted_uncertain", "unsafe", "joint_limit", "model_terminated", "clamped"):
             self.counts[k] += ienv.counts[k]
         return stats
 

@@ -14,8 +14,10 @@ Step order (one imagined step, all envs at once):
     3. NaN / exploding predictions        halted (terminated, reward 0, final_obs = last good state), counted
     4. last_action term                   set from the action (known exactly, not predicted)
     5. clamp to the data's state range    model.state_lo / state_hi
-    6. safe set                           base height, attitude (projected gravity), joint limits of the spec
-                                          -> terminated (a fall: bootstrap 0), as LIFT's threshold termination
+    6. safe set                           base height, attitude (projected gravity) -> terminated (a fall:
+                                          bootstrap 0), as LIFT's threshold termination; a joint beyond the
+                                          spec's range + margin -> truncated (the robot's stops do not let it
+                                          get there: the model left the physical states, not a fall)
     7. uncertainty gate                   u > u_max -> truncated (the model does not know: cut the rollout
                                           without claiming a fall), as MOReL's halt
     8. reward                             r - lambda u
@@ -51,7 +53,9 @@ class ImaginedEnvConfig:
     explode_z: float = 50.0  # a predicted state this many data stds from the mean counts as exploding
     min_base_height: float | None = 0.45  # m; None: no height gate (humanoid-walk's fall height)
     max_tilt_cos: float | None = -0.5  # projected gravity z above this is a fall; None: no attitude gate
-    joint_limit_margin: float = 0.0  # rad beyond the spec's joint range still counted safe
+    # rad beyond the spec's joint range still counted safe: MuJoCo's soft limits (and a robot's compliant
+    # stops) let joints pass it; the shifted G1's target data had 4.6 % of states beyond, by up to 0.058 rad
+    joint_limit_margin: float = 0.05
     # term -> uniform noise amplitude (raw units) on the policy observation, as sim/randomization.py's
     # obs_noise: the policy learns in imagination with the sensor noise it will meet on the target
     obs_noise: dict[str, float] = field(default_factory=dict)
@@ -90,8 +94,8 @@ class ImaginedEnv:
         self.hist_a = torch.zeros(num_envs, k - 1, self.action_dim)  # [N, k-1, A]
         self.episode_step = torch.zeros(num_envs, dtype=torch.long)
         self.episode_return = torch.zeros(num_envs)
-        self.counts = {"steps": 0, "halted_nan": 0, "halted_uncertain": 0, "unsafe": 0, "model_terminated": 0,
-                       "clamped": 0}
+        self.counts = {"steps": 0, "halted_nan": 0, "halted_uncertain": 0, "unsafe": 0, "joint_limit": 0,
+                       "model_terminated": 0, "clamped": 0}
 
     def set_starts(self, starts: Transitions) -> None:
         """The real data that rollouts start from (new target data each round of world_models/dyna.py);
@@ -147,18 +151,26 @@ class ImaginedEnv:
             self._last_action = (lay["last_action"][0], term.dim, term.scale, term.clip)
 
     def unsafe(self, state: Tensor) -> Tensor:
-        """state [N, S] -> [N] bool: outside the safe set (height, attitude, joint limits)."""
+        """state [N, S] -> [N] bool: outside the safe set (fallen or beyond a joint limit)."""
+        return self.fallen(state) | self.beyond_joint_limits(state)
+
+    def fallen(self, state: Tensor) -> Tensor:
+        """state [N, S] -> [N] bool: below the base height or past the attitude of a fall (the task's end)."""
         bad = torch.zeros(state.shape[0], dtype=torch.bool)
         c = self.cfg
         if self._height is not None and c.min_base_height is not None:
             bad |= state[:, self._height[0]] < c.min_base_height
         if self._gravity is not None and c.max_tilt_cos is not None:
             bad |= state[:, self._gravity[0] + 2] > c.max_tilt_cos
-        if self._joints is not None:
-            at, n, scale, default, lo, hi = self._joints
-            q = state[:, at:at + n] / scale + default  # joint_pos = (q - default) * scale
-            bad |= ((q < lo) | (q > hi)).any(1)
         return bad
+
+    def beyond_joint_limits(self, state: Tensor) -> Tensor:
+        """state [N, S] -> [N] bool: a joint past the spec's range by more than joint_limit_margin."""
+        if self._joints is None:
+            return torch.zeros(state.shape[0], dtype=torch.bool)
+        at, n, scale, default, lo, hi = self._joints
+        q = state[:, at:at + n] / scale + default  # joint_pos = (q - default) * scale
+        return ((q < lo) | (q > hi)).any(1)
 
     # ---- the env contract -----------------------------------------------------------------
     def _observe(self, ids: Tensor | None = None) -> dict[str, Tensor]:
@@ -222,25 +234,27 @@ class ImaginedEnv:
         n_clamped = int((clamped != nxt).any(1).sum())
         nxt = clamped
         # 6-7
-        unsafe = self.unsafe(nxt) & ~broken
+        unsafe = self.fallen(nxt) & ~broken
         terminated = broken | unsafe | p.terminated
+        joint_limit = self.beyond_joint_limits(nxt) & ~terminated
         uncertain = (u > c.u_max) & ~terminated if c.samples > 1 else torch.zeros(N, dtype=torch.bool)
         self.episode_step += 1
-        truncated = (uncertain | (self.episode_step >= c.horizon)) & ~terminated
+        truncated = (uncertain | joint_limit | (self.episode_step >= c.horizon)) & ~terminated
         # 8
         reward = reward - c.penalty * u
         self.episode_return += reward
         self.counts["steps"] += N
         self.counts["halted_nan"] += int(broken.sum())
         self.counts["unsafe"] += int(unsafe.sum())
+        self.counts["joint_limit"] += int(joint_limit.sum())
         self.counts["model_terminated"] += int((p.terminated & ~broken & ~unsafe).sum())
         self.counts["halted_uncertain"] += int(uncertain.sum())
         self.counts["clamped"] += n_clamped
         # advance the history
         self.hist_s = torch.cat([self.hist_s[:, 1:], nxt[:, None]], 1)
         self.hist_a = acts[:, 1:]  # [N, k-1, A]: the actions before the new state's
-        info: dict[str, Any] = {"uncertainty": u, "unsafe": unsafe, "halted_nan": broken, "uncertain": uncertain,
-                                "counts": dict(self.counts)}
+        info: dict[str, Any] = {"uncertainty": u, "unsafe": unsafe, "joint_limit": joint_limit, "halted_nan": broken,
+                                "uncertain": uncertain, "counts": dict(self.counts)}
         done = terminated | truncated
         if done.any():
             ids = done.nonzero().squeeze(-1)
