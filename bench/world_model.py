@@ -80,7 +80,7 @@ def bench_task(task: str, policy: str, s: dict, noise: tuple[float, float], seed
                  "held_real_falls_steps": int(held.terminated.sum()), "data_s": round(t_data, 1),
                  "diffusion_fit_s": round(t_dm, 1), "ensemble_fit_s": round(t_ens, 1),
                  "diffusion_final_loss": hist[-1][1]}
-    fallen = (ImaginedEnv(dm, held, 1, ImaginedEnvConfig(), spec=spec).unsafe
+    fallen = (ImaginedEnv(dm, held, 1, ImaginedEnvConfig(), spec=spec).fallen
               if held.layout and "critic.base_height" in held.layout else None)
     curves = {}
     for name, step in steppers.items():

@@ -243,7 +243,7 @@ def eval_cmd(
         if held.layout and "critic.base_height" in held.layout:
             from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
 
-            fallen = ImaginedEnv(model, held, 1, ImaginedEnvConfig(), spec=spec).unsafe
+            fallen = ImaginedEnv(model, held, 1, ImaginedEnvConfig(), spec=spec).fallen
         result = {"checkpoint": str(path), "task": task, "transitions": len(held), **one_step_error(step, held, k),
                   "h_step_error": {str(h): float(curve[h - 1]) for h in (1, 5, 10, 20, H) if h <= H},
                   **uncertainty_calibration(diffusion_uncertainty(model, samples, sampling_steps, solver, gen), held,
@@ -338,7 +338,8 @@ def finetune_cmd(
         typer.echo(f"round {row['round']}: target steps {row['target_steps']}, falls {row['target_falls']} | "
                    + (f"identified{ident} | " if ident else "") +
                    f"imagined {row['imagined_steps']} (H={row['horizon']}), halted nan {row['halted_nan']} / "
-                   f"u {row['halted_uncertain']} / safe set {row['unsafe']} | updates {row['updates']} | eval "
+                   f"u {row['halted_uncertain']} / fell {row['unsafe']} / joint limit {row['joint_limit']} | "
+                   f"updates {row['updates']} | eval "
                    f"return {row.get('eval_return_mean', float('nan')):.1f}, fell "
                    f"{row.get('eval_terminated_rate', float('nan')):.2f}", err=True)
 
