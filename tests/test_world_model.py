@@ -495,6 +495,29 @@ def test_predictions_are_clamped_to_the_data_range(stand):
         assert (s >= model.state_lo - 1e-6).all() and (s <= model.state_hi + 1e-6).all()
 
 
+def test_only_clear_departures_from_the_data_range_are_counted_as_clamped(stand):
+    """A prediction a hair outside a dim's range, or any value of a constant dim, is clamped silently; one
+    beyond a tenth of the range is counted."""
+    from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+    model, data = stand
+    m = copy.deepcopy(model)
+    cfg = ImaginedEnvConfig(min_base_height=None, max_tilt_cos=None, joint_limit_margin=10.0)
+    span = m.state_hi - m.state_lo
+    d = int(torch.argmax(span))
+    m.state_lo[0] = m.state_hi[0] = 0.0  # a constant dim: always off by the model's noise
+    for off, counted in ((0.05, 0), (0.2, 6)):
+        s = data.state[:1].clone()
+        s[0, d] = m.state_hi[d] + off * span[d]
+        m.decode = lambda last, x0, s=s: (s.expand(last.shape[0], -1).clone() + 1e-3, torch.zeros(last.shape[0]),
+                                          torch.zeros(last.shape[0], dtype=torch.bool))
+        env = ImaginedEnv(m, data, 6, cfg, seed=0)
+        env.reset(seed=0)
+        obs, _, _, _, info = env.step(torch.zeros(6, 13))
+        assert info["counts"]["clamped"] == counted, off
+        assert (obs["critic"][:, d] == m.state_hi[d]).all() and (obs["critic"][:, 0] == 0).all()
+
+
 def test_nan_predictions_halt_the_rollout_and_are_counted(stand):
     import copy
 
