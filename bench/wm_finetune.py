@@ -50,20 +50,20 @@ from s2r.world_models.imagined_env import ImaginedEnvConfig
 from s2r.world_models.train import FitConfig, train_diffusion
 
 SHIFT = ["randomization.motor_strength=0.8", "randomization.mass_scale=1.1"]  # 20 % weaker motors, 10 % heavier
-WM_KEYS = ("wm_envs", "wm_steps", "fit_steps", "width", "blocks", "wm_history", "wm_blind")  # --wm settings
+WM_KEYS = ("wm_envs", "wm_steps", "fit_steps", "width", "blocks", "wm_history", "wm_blind", "wm_noise")  # --wm
 
 
 def settings(quick: bool) -> dict:
     if quick:
         return dict(episode_s=1.0, eval_envs=8, wm_envs=8, wm_steps=60, width=128, blocks=2, fit_steps=150,
-                    wm_history=2, wm_blind=False,
+                    wm_history=2, wm_blind=False, wm_noise=0.5,
                     ft=dict(rounds=3, real_steps=20, target_envs=2, imagined_envs=32, imagined_steps=6, utd=2.0,
                             batch_size=128, horizon_end=5, model_updates=20, eval_envs=0,
                             imagined=ImaginedEnvConfig(samples=2)),
                     dyna=dict(target_steps=40, target_envs=2, model_updates=20, imagined_steps=1200, horizon=10,
                               eval_envs=1, imagined=ImaginedEnvConfig(samples=2)))
     return dict(episode_s=5.0, eval_envs=32, wm_envs=16, wm_steps=300, width=256, blocks=3, fit_steps=1500,
-                wm_history=2, wm_blind=False,
+                wm_history=2, wm_blind=False, wm_noise=0.5,
                 ft=dict(rounds=10, real_steps=50, target_envs=4, imagined_envs=128, imagined_steps=50, utd=4.0,
                         batch_size=256, horizon_end=20, model_updates=100, eval_envs=0,
                         imagined=ImaginedEnvConfig(samples=4)),
@@ -85,9 +85,9 @@ def tiny_run(out: Path, seed: int) -> Path:
 
 def world_model(run: Path, out: Path, s: dict, seed: int, data_shift: dict) -> tuple[Path, float]:
     """A model of the run's task (its own env, `data_shift` on top: e.g. wider randomisation) from its
-    policy with action noise std in [0, 0.5]. With s["wm_blind"] the sim-only critic terms (randomised
-    physics) read their pretraining mean in the model's data, as they do in finetuning: the model must
-    tell the robot from the history, not from terms a robot cannot measure."""
+    policy with action noise std in [0, s["wm_noise"]] (drawn per env). With s["wm_blind"] the sim-only critic
+    terms (randomised physics) read their pretraining mean in the model's data, as they do in finetuning: the
+    model must tell the robot from the history, not from terms a robot cannot measure."""
     cfg, agent, norm, ck, _ = load_run(run)
     act = policy_act(agent, norm if cfg.normalize_obs else None, "cpu")
     kw = merge_overrides(merge_overrides(cfg.env_overrides, {"episode_length_s": s["episode_s"]}), data_shift)
@@ -101,7 +101,7 @@ def world_model(run: Path, out: Path, s: dict, seed: int, data_shift: dict) -> t
             state_map = NominalSimTerms.for_target(probe, probe.spec, cnorm)
         finally:
             probe.close()
-    data = collect_rollouts(cfg.task, act, s["wm_envs"], s["wm_steps"], (0.0, 0.5), seed, env_kwargs=kw,
+    data = collect_rollouts(cfg.task, act, s["wm_envs"], s["wm_steps"], (0.0, s["wm_noise"]), seed, env_kwargs=kw,
                             state_map=state_map)
     torch.manual_seed(seed)
     model = DiffusionWorldModel(WorldModelConfig(data.state.shape[1], data.action.shape[1], width=s["width"],
@@ -198,7 +198,8 @@ def main() -> None:
                          "randomization.motor_strength=[0.7,1.1] for a model that has seen weaker motors")
     ap.add_argument("--wm", action="append", default=[], metavar="KEY=VALUE",
                     help="world-model setting (repeatable): wm_envs, wm_steps, fit_steps, width, blocks, "
-                         "wm_history, wm_blind (true: sim-only critic terms masked in the model's data)")
+                         "wm_history, wm_blind (true: sim-only critic terms masked in the model's data), wm_noise (the "
+                         "largest action noise std of its data)")
     ap.add_argument("--world-model", type=Path, default=None,
                     help="use this world model of the nominal task (a file from an earlier run's --work) instead of "
                          "training one; --wm settings then describe nothing")

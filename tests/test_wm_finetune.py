@@ -382,8 +382,9 @@ def test_cli_wm_finetune_and_the_finetune_alias(pretrained, tmp_path):
     r = _cli("finetune", "--from", run, "--world-model", wm, "--data", tmp_path / "x.mcap", "--out", tmp_path / "c")
     assert r.exit_code == 2 and "error:" in r.output and "--data" in r.output, r.output
     r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "d", "--learner", "trainer",
-             "--target-steps", 12, "--trainer-steps", 40, "--trainer-horizon", 4, "--trainer-rounds", 2, "--target-envs", 2,
-             "--model-updates", 2, "--eval-envs", 1, "--samples", 2, "--env-override", "episode_length_s=0.3",
+             "--target-steps", 12, "--trainer-steps", 40, "--trainer-horizon", 4, "--trainer-rounds", 2,
+             "--target-envs", 2, "--model-updates", 2, "--eval-envs", 1, "--samples", 2, "--env-override",
+             "episode_length_s=0.3",
              "--export", tmp_path / "d.onnx", "--no-progress")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
