@@ -47,6 +47,8 @@ from __future__ import annotations
 import os
 
 import contextlib
+import functools
+import operator
 import warnings
 
 import mujoco
@@ -146,8 +148,9 @@ class WarpBackend(Backend):
         self._mask_t = t(self._reset_mask)  # [N] bool
         self._rq_t, self._rv_t = t(self._reset_qpos), t(self._reset_qvel)
         self._params = {f: t(getattr(m, f)) for f in RANDOMIZABLE_FIELDS}  # [N, *model.field.shape]
-        OT = mjw.OverflowType
-        self._overflow_bits = int(OT.ALL & ~(OT.ITERATIONS | OT.LS_ITERATIONS))
+        OT = mjw.OverflowType  # every member's bit: mujoco-warp 3.12 (Isaac Lab's pin) has no OverflowType.ALL
+        every = functools.reduce(operator.or_, (int(v) for v in OT.__members__.values()), 0)
+        self._overflow_bits = every & ~int(OT.ITERATIONS | OT.LS_ITERATIONS)
         self._overflow_seen = 0
 
         # controls of one step() call, [nstep, N, nu]: the step graph reads them from here
