@@ -103,6 +103,8 @@ def train_cmd(
     history: int = typer.Option(2, help="k: states and actions the model conditions on"),
     width: int = typer.Option(512),
     blocks: int = typer.Option(4),
+    context_noise: float = typer.Option(0.0, help="L: noise of a level in [0, L] state stds on the context states "
+                                                  "in training (0: off; docs/WORLD_MODELS.md measured 0.3)"),
     held_out: float = typer.Option(0.1, help="share of episodes held out for the final one-step error"),
     checkpoint_every: int = typer.Option(1000, help="gradient steps between checkpoints"),
     seed: int = typer.Option(0),
@@ -117,6 +119,8 @@ def train_cmd(
             _fail(f"{name} must be >= {lo}, got {v}")
     if not 0 < held_out < 1:
         _fail(f"--held-out must be between 0 and 1, got {held_out}")
+    if not (math.isfinite(context_noise) and context_noise >= 0):
+        _fail(f"--context-noise must be a finite number >= 0, got {context_noise}")
     if policy is not None and task is None:
         _fail("--policy drives sim rollouts: give --task too")
     lo_hi = _noise(noise)
@@ -132,12 +136,14 @@ def train_cmd(
         data = _gather(task, policy, recording, envs, rollout_steps, lo_hi, seed, progress)
         train, held = data.split_episodes(held_out, seed)
         torch.manual_seed(seed)
-        cfg = WorldModelConfig(data.state.shape[1], data.action.shape[1], history=history, width=width, blocks=blocks)
+        cfg = WorldModelConfig(data.state.shape[1], data.action.shape[1], history=history, width=width, blocks=blocks,
+                               context_noise=context_noise)
         model = DiffusionWorldModel(cfg)
         out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"task": task, "policy": policy, "recordings": recording, "envs": envs,
                    "rollout_steps": rollout_steps, "noise": list(lo_hi), "steps": steps, "batch_size": batch_size,
-                   "lr": lr, "history": history, "width": width, "blocks": blocks, "held_out": held_out,
+                   "lr": lr, "history": history, "width": width, "blocks": blocks, "context_noise": context_noise,
+                   "held_out": held_out,
                    "seed": seed, "obs_key": data.obs_key, "transitions": len(data)}
         atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2))
         writer = None

@@ -562,13 +562,15 @@ def test_wm_train_then_eval_from_sim_rollouts(tmp_path):
     run = tmp_path / "wm"
     r = _wm("train", "--out", run, "--task", "arm-reach", "--policy", ROOT / "policies/pretrained/panda_reach.onnx",
             "--envs", 4, "--rollout-steps", 60, "--steps", 60, "--width", 64, "--blocks", 1,
-            "--checkpoint-every", 30, "--no-progress")
+            "--checkpoint-every", 30, "--context-noise", 0.3, "--no-progress")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["transitions"] == 240 and math.isfinite(summary["one_step_error"])
+    assert json.loads((run / "config.json").read_text())["context_noise"] == 0.3
     assert (run / "loss.png").stat().st_size > 1000 and list((run / "tb").iterdir())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt_000000030.pt", "ckpt_000000060.pt"]
-    _, spec, _ = load_world_model(run / "checkpoints/ckpt_000000060.pt", expected_spec=RobotSpec.load(PANDA))
+    model, spec, _ = load_world_model(run / "checkpoints/ckpt_000000060.pt", expected_spec=RobotSpec.load(PANDA))
+    assert model.cfg.context_noise == 0.3
     r = _wm("eval", run, "--envs", 2, "--rollout-steps", 40, "--horizon", 10, "--samples", 4, "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])
@@ -583,6 +585,7 @@ def test_wm_train_then_eval_from_sim_rollouts(tmp_path):
     (("--task", "no-such-task"), "unknown task 'no-such-task'"),
     (("--task", "arm-reach", "--noise", "0.5"), "error: --noise takes 'low,high'"),
     (("--recording", "/nonexistent.mcap"), "error: recording /nonexistent.mcap not found"),
+    (("--task", "arm-reach", "--context-noise", "-0.1"), "error: --context-noise must be a finite number >= 0"),
 ])
 def test_wm_train_bad_input_is_one_error_line(tmp_path, args, message):
     r = _wm("train", "--out", tmp_path / "wm", "--rollout-steps", 5, "--no-progress", *args)
@@ -665,3 +668,58 @@ def test_sampler_and_preconditioning_match_diffusers_edm_euler_scheduler():
         torch.testing.assert_close(sch.precondition_outputs(x[i:i + 1], f[i:i + 1], sigma[i]),
                                    c_skip[i] * x[i:i + 1] + c_out[i] * f[i:i + 1])
         torch.testing.assert_close(torch.as_tensor(sch.precondition_noise(sigma[i])).float().reshape(()), c_noise[i])
+
+
+def test_context_noise_has_the_level_it_reports():
+    from s2r.world_models.train import context_noise
+
+    states = torch.zeros(400, 2, 57)
+    std = torch.full((57,), 2.0)
+    noisy, level = context_noise(states, 0.3, std, torch.Generator().manual_seed(0))
+    assert noisy.shape == states.shape and level.shape == (400,)
+    assert (level >= 0).all() and (level <= 0.3).all() and level.max() > 0.25 and level.min() < 0.05
+    per_row = (noisy / std).flatten(1).std(1)  # [400]: the noise of each row, in state stds
+    big = level > 0.05
+    assert ((per_row[big] / level[big] - 1).abs() < 0.25).all()
+
+
+def test_a_model_trained_with_context_noise_reads_noisy_contexts_and_their_level_and_learns_clean_targets(stand,
+                                                                                                       tmp_path):
+    """WorldModelConfig.context_noise (GameNGen's noise augmentation): one more conditioning input, the level;
+    training feeds noisy context states with their level and the clean transitions as targets; imagining reads
+    level 0. Old configs (no such field) are models without it."""
+    from dataclasses import asdict
+
+    from s2r.world_models.diffusion import load_world_model, save_world_model
+
+    _, data = stand
+    S, A = data.state.shape[1], data.action.shape[1]
+    plain = WorldModelConfig(S, A, width=32, blocks=1)
+    cfg = WorldModelConfig(S, A, width=32, blocks=1, context_noise=0.3)
+    assert cfg.cond_dim == plain.cond_dim + 1
+    old = {k: v for k, v in asdict(plain).items() if k != "context_noise"}
+    assert WorldModelConfig(**old).cond_dim == plain.cond_dim
+    m = DiffusionWorldModel(cfg)
+    seen, targets = [], []
+    cond_fn, loss_fn = m.condition, m.loss
+    m.condition = lambda s, a, level=None: (seen.append((s.clone(), level)), cond_fn(s, a, level))[1]
+    m.loss = lambda x0, c, g=None: (targets.append(x0.clone()), loss_fn(x0, c, g))[1]
+    train_diffusion(m, data, FitConfig(steps=3, batch_size=32, seed=0))
+    states, actions, nxt, rew, term, _ = windows(data, 2)
+    clean = m.target(states[:, -1], nxt, rew, term)  # [M, D]
+    assert len(seen) == 3 == len(targets)
+    for (s, level), x0 in zip(seen, targets):
+        assert level is not None and (level <= 0.3).all()
+        row = torch.cdist(x0, clean).argmin(1)  # the window each target row came from
+        assert torch.equal(clean[row], x0)  # targets are the clean transitions
+        noise = ((s - states[row]) / m.state_std).flatten(1).std(1)  # [B]
+        big = level > 0.05
+        assert ((noise[big] / level[big] - 1).abs() < 0.3).all()  # the contexts carry the reported level
+    m.condition = cond_fn
+    c = m.condition(states[:4], actions[:4])
+    assert c.shape == (4, cfg.cond_dim) and (c[:, -1] == 0).all()  # imagining: level 0
+    p = m.predict(states[:4], actions[:4], samples=2, generator=torch.Generator().manual_seed(0))
+    assert p.next_state.shape == (4, S) and torch.isfinite(p.next_state).all()
+    save_world_model(tmp_path / "wm.pt", m, data.spec)
+    back, *_ = load_world_model(tmp_path / "wm.pt")
+    assert back.cfg.context_noise == 0.3 and torch.equal(back.condition(states[:4], actions[:4]), c)

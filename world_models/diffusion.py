@@ -60,14 +60,19 @@ class WorldModelConfig:
     sigma_max: float = 5.0
     rho: float = 7.0
     state_clip: float = 10.0  # normalised conditioning states are clipped to +-this
+    # L: in training, Gaussian noise of a level drawn in [0, L] (normalised state units) on the k context states,
+    # the level an extra input (0 when imagining), the target the clean transition (GameNGen's noise
+    # augmentation): the model learns to step sensibly from states a little off the data, as its own rollouts are
+    # after a few steps. 0: off. Measured in docs/WORLD_MODELS.md (episode survival of imagined rollouts).
+    context_noise: float = 0.0
 
     @property
     def target_dim(self) -> int:  # normalised delta [state_dim] + reward + done channel
         return self.state_dim + 2
 
     @property
-    def cond_dim(self) -> int:
-        return self.history * (self.state_dim + self.action_dim)
+    def cond_dim(self) -> int:  # k states and actions, + the context-noise level when trained with one
+        return self.history * (self.state_dim + self.action_dim) + (1 if self.context_noise > 0 else 0)
 
 
 # ---- EDM math: pure functions, unit-tested against their definitions ---------------------------
@@ -221,10 +226,11 @@ class TransitionModel(nn.Module):
         self.state_lo.copy_(both.min(0).values)
         self.state_hi.copy_(both.max(0).values)
 
-    def condition(self, states: Tensor, actions: Tensor) -> Tensor:
+    def condition(self, states: Tensor, actions: Tensor, noise_level: Tensor | None = None) -> Tensor:
         """states [B, j, S], actions [B, j, A] (oldest first, actions[:, -1] taken in states[:, -1]) -> cond [B, C].
 
-        Uses the last k; refuses fewer (a model trained on k steps of context has no meaning with less)."""
+        Uses the last k; refuses fewer (a model trained on k steps of context has no meaning with less). A model
+        trained with context noise also reads the level [B] of the noise on `states` (None: clean, 0)."""
         k, S, A = self.cfg.history, self.cfg.state_dim, self.cfg.action_dim
         if states.dim() != 3 or actions.dim() != 3:
             raise WorldModelError(f"states must be [batch, history, {S}] and actions [batch, history, {A}], got "
@@ -236,7 +242,10 @@ class TransitionModel(nn.Module):
             raise WorldModelError(f"history too short: the model conditions on the last {k} states and actions, "
                                   f"got {states.shape[1]} states and {actions.shape[1]} actions")
         s = ((states[:, -k:] - self.state_mean) / self.state_std).clamp(-self.cfg.state_clip, self.cfg.state_clip)
-        return torch.cat([s.flatten(1), actions[:, -k:].clamp(-1, 1).flatten(1)], dim=-1)
+        parts = [s.flatten(1), actions[:, -k:].clamp(-1, 1).flatten(1)]
+        if getattr(self.cfg, "context_noise", 0.0) > 0:
+            parts.append(noise_level[:, None] if noise_level is not None else s.new_zeros(s.shape[0], 1))
+        return torch.cat(parts, dim=-1)
 
     def target(self, state: Tensor, next_state: Tensor, reward: Tensor, terminated: Tensor) -> Tensor:
         """(s [B, S], s' [B, S], r [B], terminated [B]) -> x0 [B, S + 2] (normalised delta | reward | 2 done - 1)."""

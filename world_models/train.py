@@ -52,9 +52,10 @@ def train_diffusion(model: DiffusionWorldModel, data: Transitions, cfg: FitConfi
                          f"episode; collect more data or lower the history")
     if fit_normalizers:
         model.fit_normalizers(data.state, data.next_state, data.reward)
+    L = getattr(model.cfg, "context_noise", 0.0)
     with torch.no_grad():
-        cond = model.condition(states, actions)  # [M, C]
-        x0 = model.target(states[:, -1], nxt, rew, term)  # [M, D]
+        cond = model.condition(states, actions) if L == 0 else None  # [M, C]; with context noise: per batch
+        x0 = model.target(states[:, -1], nxt, rew, term)  # [M, D]: the clean transition, noise or not
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
@@ -62,7 +63,13 @@ def train_diffusion(model: DiffusionWorldModel, data: Transitions, cfg: FitConfi
     history, acc, n = [], 0.0, 0
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, len(x0), (cfg.batch_size,), generator=gen)
-        loss = model.loss(x0[idx], cond[idx], gen)
+        if L == 0:
+            c = cond[idx]
+        else:
+            with torch.no_grad():
+                noisy, level = context_noise(states[idx], L, model.state_std, gen)
+                c = model.condition(noisy, actions[idx], level)
+        loss = model.loss(x0[idx], c, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"world model loss is {float(loss)} at step {step}: the data holds NaN/Inf "
                                      f"or the learning rate {cfg.lr} is too high")
@@ -79,6 +86,15 @@ def train_diffusion(model: DiffusionWorldModel, data: Transitions, cfg: FitConfi
             acc, n = 0.0, 0
     model.eval()
     return history
+
+
+def context_noise(states: Tensor, L: float, state_std: Tensor, generator: torch.Generator | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """states [B, k, S] -> (states + level * state_std * N(0, 1) [B, k, S], level [B] ~ U(0, L)): the training
+    noise of WorldModelConfig.context_noise, one level per row on all k context states."""
+    level = torch.rand(states.shape[0], generator=generator) * L
+    noise = torch.randn(states.shape, generator=generator) * level[:, None, None] * state_std
+    return states + noise, level
 
 
 def diffusion_stepper(model: DiffusionWorldModel, steps: int = 3, solver: str = "euler",
