@@ -124,8 +124,8 @@ def check_throughput(res: dict, sz: Sizes, device: str) -> bool:
     for n in sz.throughput_envs:
         row: dict = {"num_envs": n}
         for key, backend, dev in (("warp", "warp", device), ("mujoco_cpu", "mujoco", "cpu")):
-            pps, env, _ = s2r_physics_steps_per_s(TASK, None, n, sz.throughput_seconds, backend=backend,
-                                                  device=dev, randomize=False)
+            pps, env = s2r_physics_steps_per_s(TASK, None, n, sz.throughput_seconds, backend=backend,
+                                               device=dev, randomize=False)
             row["decimation"] = env.decimation
             row[f"{key}_env_steps_per_s"] = _sig(pps / env.decimation)
             row[f"{key}_physics_steps_per_s"] = _sig(pps)

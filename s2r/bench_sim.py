@@ -50,11 +50,10 @@ class _Recorder:
         return self._step(ctrl)
 
 
-def s2r_physics_steps_per_s(task: str, spec: str | None, n: int, seconds: float, record: bool = False,
-                            backend: str = "mujoco", device: str = "cpu", randomize: bool | None = None):
-    """Physics steps/s (env steps/s x decimation) of `n` envs through BatchedEnv.step under random
-    actions, after 5 warm-up steps, for at least `seconds` and 10 steps. -> (rate, env, recorder);
-    the env is left open (the ceiling replay reads its backend). bench/gpu_check.py runs it on `warp`."""
+def _warm_env(task: str, spec: str | None, n: int, backend: str = "mujoco", device: str = "cpu",
+              randomize: bool | None = None):
+    """-> (env, 64 random actions [n, A] on its device) after reset and 5 warm-up steps (the warp backend
+    captures its step graph here); the steps that follow cycle through the actions from index 5."""
     from s2r.sim import BatchedEnv, EnvConfig
 
     env = BatchedEnv(EnvConfig(task=task, spec=spec, num_envs=n, seed=0, backend=backend, device=device,
@@ -62,9 +61,17 @@ def s2r_physics_steps_per_s(task: str, spec: str | None, n: int, seconds: float,
     env.reset()
     gen = torch.Generator().manual_seed(0)
     acts = [(torch.rand(n, env.action_dim, generator=gen) * 2 - 1).to(env.device) for _ in range(64)]
-    for k in range(5):  # warm-up (the warp backend captures its step graph here)
+    for k in range(5):
         env.step(acts[k])
-    rec = _Recorder(env.backend) if record else None
+    return env, acts
+
+
+def s2r_physics_steps_per_s(task: str, spec: str | None, n: int, seconds: float, backend: str = "mujoco",
+                            device: str = "cpu", randomize: bool | None = None):
+    """Physics steps/s (env steps/s x decimation) of `n` envs through BatchedEnv.step under random
+    actions, after 5 warm-up steps, for at least `seconds` and 10 steps. -> (rate, env); the env is left
+    open for the caller. bench/gpu_check.py runs it on `warp`."""
+    env, acts = _warm_env(task, spec, n, backend, device, randomize)
     _sync(env.device)
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds or steps < 10:
@@ -73,7 +80,7 @@ def s2r_physics_steps_per_s(task: str, spec: str | None, n: int, seconds: float,
     _sync(env.device)
     wall = time.perf_counter() - t0
     pps = steps * n * env.decimation / wall
-    return pps, env, rec
+    return pps, env
 
 
 def _sync(device: torch.device) -> None:
@@ -115,15 +122,8 @@ def s2r_vs_ceiling(task: str, spec: str | None, n: int, seconds: float, pairs: i
     """s2r (BatchedEnv.step under random actions, after 5 warm-up steps) against its ceiling in `pairs`
     paired windows of seconds / pairs each (at least 3 steps): physics steps/s of both over all pairs,
     fraction_of_ceiling over the pairs and the pairs' lowest and highest ratio."""
-    from s2r.sim import BatchedEnv, EnvConfig
-
-    env = BatchedEnv(EnvConfig(task=task, spec=spec, num_envs=n, seed=0))
+    env, acts = _warm_env(task, spec, n)
     try:
-        env.reset()
-        gen = torch.Generator().manual_seed(0)
-        acts = [torch.rand(n, env.action_dim, generator=gen) * 2 - 1 for _ in range(64)]
-        for k in range(5):
-            env.step(acts[k])
         rec = _Recorder(env.backend)
         window = seconds / pairs
         count = [5]  # steps so far: the actions go on cycling across windows
