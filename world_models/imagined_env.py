@@ -67,9 +67,6 @@ class ImaginedEnv:
 
     def __init__(self, model: DiffusionWorldModel, starts: Transitions, num_envs: int, cfg: ImaginedEnvConfig,
                  spec: RobotSpec | None = None, seed: int = 0):
-        if starts.state.shape[1] != model.cfg.state_dim:
-            raise WorldModelError(f"start data has states of width {starts.state.shape[1]}, the model "
-                                  f"{model.cfg.state_dim}: they come from different observation layouts")
         spec = spec if spec is not None else starts.spec
         if spec is not None and starts.spec is not None and spec.hash() != starts.spec.hash():
             from s2r.control.spec import check_spec_hash
@@ -78,7 +75,7 @@ class ImaginedEnv:
         self.model, self.cfg, self.spec = model, cfg, spec
         k = model.cfg.history
         self.k = k
-        self.set_starts(starts)
+        self.set_starts(starts)  # refuses start data of another width
         self.num_envs, self.action_dim = num_envs, model.cfg.action_dim
         self.critic_obs_dim = model.cfg.state_dim
         self.max_episode_steps: int | None = cfg.horizon
