@@ -247,8 +247,16 @@ class Trainer:
             self._resume()
         elif cfg.init_from is not None:
             self._init_from(Path(cfg.init_from))
-        if _is_main():  # after a resume succeeded: it may have changed total_steps
-            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        self._written_config: dict | None = None
+        self._write_config()  # after a resume succeeded: it may have changed total_steps
+
+    def _write_config(self) -> None:
+        """config.yaml as the run trains now; rewritten only when the config changed (a caller that raised
+        total_steps to train on, as world_models/dyna.py's rounds do)."""
+        d = config_to_dict(self.cfg)
+        if _is_main() and d != self._written_config:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(d, sort_keys=False))
+            self._written_config = d
 
     # ---- checkpoints ----------------------------------------------------------------
     def _payload(self) -> dict:
@@ -381,6 +389,7 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> dict:
         cfg = self.cfg
+        self._write_config()
         obs = self.env.reset(seed=cfg.seed + 1000 * self.rank)
         ep_returns: list[float] = []
         t0, steps0, upd0 = time.perf_counter(), self.env_steps, self.n_updates

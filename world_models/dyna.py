@@ -36,8 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from s2r.io import atomic_write_text
 from s2r.world_models.finetune import WMFinetuneConfig, WorldModelFinetuner, _jsonable
 from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
@@ -95,7 +93,7 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
     make_target: (num_envs, seed) -> the target system (default: the run's task with env_overrides), for
     collection and evaluation. -> the report (per round in report["rounds"])."""
     from s2r.policies.evaluate import policy_act
-    from s2r.policies.trainer import Trainer, config_to_dict
+    from s2r.policies.trainer import Trainer
 
     cfg = cfg if cfg is not None else DynaConfig()
     cfg.check()
@@ -164,8 +162,6 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
     finally:
         ft.close()
     assert trainer is not None
-    cfg_dict = config_to_dict(trainer.cfg)  # total_steps now counts every round's imagined steps
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
     imagined = envs[0].counts if envs else {}
     history = trainer.eval_history
     eval_steps = sum(int(round(h["length_mean"] * cfg.eval_envs)) for h in history)
