@@ -463,8 +463,8 @@ def test_a_joint_beyond_its_limit_halts_the_rollout_without_claiming_a_fall(stan
     beyond[:, at + 3] = (hi[3] + 0.02 - default[3]) * scale  # 0.07 rad past it
     assert not env.unsafe(inside).any() and env.unsafe(beyond).all() and not env.fallen(beyond).any()
     far.state_hi[at + 3] = 10.0  # the clamp lets the prediction through
-    far.decode = lambda last, x0: (beyond[:1].expand(last.shape[0], -1).clone(), torch.zeros(last.shape[0]),
-                                   torch.zeros(last.shape[0], dtype=torch.bool))
+    far.decode = lambda last, x0, prior=None: (beyond[:1].expand(last.shape[0], -1).clone(),
+                                               torch.zeros(last.shape[0]), torch.zeros(last.shape[0], dtype=torch.bool))
     env.reset(seed=0)
     _, r, term, trunc, info = env.step(torch.zeros(6, 13))
     assert trunc.all() and not term.any() and info["counts"]["joint_limit"] == 6 and info["counts"]["unsafe"] == 0
@@ -509,8 +509,9 @@ def test_only_clear_departures_from_the_data_range_are_counted_as_clamped(stand)
     for off, counted in ((0.05, 0), (0.2, 6)):
         s = data.state[:1].clone()
         s[0, d] = m.state_hi[d] + off * span[d]
-        m.decode = lambda last, x0, s=s: (s.expand(last.shape[0], -1).clone() + 1e-3, torch.zeros(last.shape[0]),
-                                          torch.zeros(last.shape[0], dtype=torch.bool))
+        m.decode = lambda last, x0, prior=None, s=s: (s.expand(last.shape[0], -1).clone() + 1e-3,
+                                                      torch.zeros(last.shape[0]),
+                                                      torch.zeros(last.shape[0], dtype=torch.bool))
         env = ImaginedEnv(m, data, 6, cfg, seed=0)
         env.reset(seed=0)
         obs, _, _, _, info = env.step(torch.zeros(6, 13))
@@ -702,7 +703,7 @@ def test_a_model_trained_with_context_noise_reads_noisy_contexts_and_their_level
     m = DiffusionWorldModel(cfg)
     seen, targets = [], []
     cond_fn, loss_fn = m.condition, m.loss
-    m.condition = lambda s, a, level=None: (seen.append((s.clone(), level)), cond_fn(s, a, level))[1]
+    m.condition = lambda s, a, level=None, prior=None: (seen.append((s.clone(), level)), cond_fn(s, a, level, prior))[1]
     m.loss = lambda x0, c, g=None: (targets.append(x0.clone()), loss_fn(x0, c, g))[1]
     train_diffusion(m, data, FitConfig(steps=3, batch_size=32, seed=0))
     states, actions, nxt, rew, term, _ = windows(data, 2)

@@ -14,6 +14,7 @@ observation, so a model trained on them uses that (see docs/WORLD_MODELS.md).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,13 +39,19 @@ class Transitions:
     spec: RobotSpec | None = None
     obs_key: str = "critic"  # which observation the state is: "critic" or "policy"
     layout: dict[str, list[int]] | None = None  # term name -> [start, dim] in the state (state_layout)
+    prior: Tensor | None = None  # [N, S] the simulator's next state for (state, action), for sim-prior models
+
+    def with_prior(self, sim) -> Transitions:
+        """A copy whose prior is sim.predict(state, action) (world_models/sim_prior.py SimPrior)."""
+        return dataclasses.replace(self, prior=sim.predict(self.state, self.action))
 
     def __len__(self) -> int:
         return int(self.state.shape[0])
 
     def select(self, rows: Tensor) -> Transitions:
         return Transitions(self.state[rows], self.action[rows], self.reward[rows], self.next_state[rows],
-                           self.terminated[rows], self.episode[rows], self.spec, self.obs_key, self.layout)
+                           self.terminated[rows], self.episode[rows], self.spec, self.obs_key, self.layout,
+                           self.prior[rows] if self.prior is not None else None)
 
     def split_episodes(self, held_out: float, seed: int = 0) -> tuple[Transitions, Transitions]:
         """(train, held-out) by whole episodes, so held-out trajectories are never seen in training."""
@@ -56,14 +63,15 @@ class Transitions:
 
 
 def cat_transitions(parts: Sequence[Transitions]) -> Transitions:
-    """Concatenate, renumbering episodes so ids stay unique."""
+    """Concatenate, renumbering episodes so ids stay unique (the sim prior kept only if every part has one)."""
     off, eps = 0, []
     for p in parts:
         eps.append(p.episode - p.episode.min() + off if len(p) else p.episode)
         off = int(eps[-1].max()) + 1 if len(p) else off
     return Transitions(*(torch.cat([getattr(p, k) for p in parts]) for k in
                          ("state", "action", "reward", "next_state", "terminated")), torch.cat(eps),
-                       parts[0].spec, parts[0].obs_key, parts[0].layout)
+                       parts[0].spec, parts[0].obs_key, parts[0].layout,
+                       torch.cat([p.prior for p in parts]) if all(p.prior is not None for p in parts) else None)
 
 
 def state_layout(spec: RobotSpec, critic_dims: dict[str, int] | None) -> dict[str, list[int]]:

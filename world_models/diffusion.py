@@ -7,6 +7,8 @@ used by the imagined env (world_models/imagined_env.py), `s2r wm eval` and bench
 What is diffused, per transition, is one vector x0 [D] with D = state_dim + 2:
     x0 = [ (s' - s - delta_mean) / delta_std  |  (r - reward_mean) / reward_std  |  2 done - 1 ]
 conditioned on c = [ clip((s_{t-k+1..t} - state_mean) / state_std) | a_{t-k+1..t} ] (a in [-1, 1]).
+With a sim prior (WorldModelConfig.sim_prior) the base of the delta is the simulator's next state s_sim' instead
+of s, and c also holds clip((s_sim' - s - prior_mean) / prior_std): the model learns what the simulator misses.
 
 EDM (symbols as in ../shared/ALGORITHMS.md):
     c_in = 1/sqrt(sigma^2 + sigma_d^2)      c_skip = sigma_d^2/(sigma^2 + sigma_d^2)
@@ -65,14 +67,18 @@ class WorldModelConfig:
     # augmentation): the model learns to step sensibly from states a little off the data, as its own rollouts are
     # after a few steps. 0: off. Measured in docs/WORLD_MODELS.md (episode survival of imagined rollouts).
     context_noise: float = 0.0
+    # the model corrects a simulator: its target is s' minus the simulator's next state from the same (s, a)
+    # (world_models/sim_prior.py), and it reads the simulator's step (s_sim' - s) as one more input
+    sim_prior: bool = False
 
     @property
     def target_dim(self) -> int:  # normalised delta [state_dim] + reward + done channel
         return self.state_dim + 2
 
     @property
-    def cond_dim(self) -> int:  # k states and actions, + the context-noise level when trained with one
-        return self.history * (self.state_dim + self.action_dim) + (1 if self.context_noise > 0 else 0)
+    def cond_dim(self) -> int:  # k states and actions, + the context-noise level, + the simulator's step
+        return (self.history * (self.state_dim + self.action_dim) + (1 if self.context_noise > 0 else 0)
+                + (self.state_dim if self.sim_prior else 0))
 
 
 # ---- EDM math: pure functions, unit-tested against their definitions ---------------------------
@@ -208,14 +214,24 @@ class TransitionModel(nn.Module):
         for name, dim in (("state_mean", S), ("state_std", S), ("delta_mean", S), ("delta_std", S),
                           ("reward_mean", 1), ("reward_std", 1), ("state_lo", S), ("state_hi", S)):
             self.register_buffer(name, torch.zeros(dim) if "mean" in name or "lo" in name else torch.ones(dim))
+        self.sim_prior = bool(getattr(cfg, "sim_prior", False))
+        if self.sim_prior:  # statistics of the simulator's step s_sim' - s, for its conditioning input
+            self.register_buffer("prior_mean", torch.zeros(S))
+            self.register_buffer("prior_std", torch.ones(S))
 
     # ---- normalisation ----------------------------------------------------------------------
-    def fit_normalizers(self, state: Tensor, next_state: Tensor, reward: Tensor) -> None:
-        """Fixed statistics of the training data: state [N, S], next_state [N, S], reward [N].
+    def fit_normalizers(self, state: Tensor, next_state: Tensor, reward: Tensor, prior: Tensor | None = None) -> None:
+        """Fixed statistics of the training data: state [N, S], next_state [N, S], reward [N] (and, for a sim-prior
+        model, the simulator's next states prior [N, S]: the delta is then next_state - prior).
 
         Stds are floored (1e-3 states, 1e-6 deltas) so a constant dimension never divides by zero;
         state_lo/hi [S] is the data's range, which the imagined env clamps to."""
-        delta = next_state - state
+        self._check_prior(prior)
+        delta = next_state - (prior if prior is not None else state)
+        if prior is not None:
+            step = prior - state
+            self.prior_mean.copy_(step.mean(0))
+            self.prior_std.copy_(step.std(0).clamp_min(1e-6))
         self.state_mean.copy_(state.mean(0))
         self.state_std.copy_(state.std(0).clamp_min(1e-3))
         self.delta_mean.copy_(delta.mean(0))
@@ -226,11 +242,20 @@ class TransitionModel(nn.Module):
         self.state_lo.copy_(both.min(0).values)
         self.state_hi.copy_(both.max(0).values)
 
-    def condition(self, states: Tensor, actions: Tensor, noise_level: Tensor | None = None) -> Tensor:
+    def _check_prior(self, prior: Tensor | None) -> None:
+        if self.sim_prior and prior is None:
+            raise WorldModelError("this world model corrects a simulator (sim_prior): give the simulator's next "
+                                  "states (world_models/sim_prior.py SimPrior.predict)")
+        if not self.sim_prior and prior is not None:
+            raise WorldModelError("this world model was trained without a sim prior; it takes no simulator states")
+
+    def condition(self, states: Tensor, actions: Tensor, noise_level: Tensor | None = None,
+                  prior: Tensor | None = None) -> Tensor:
         """states [B, j, S], actions [B, j, A] (oldest first, actions[:, -1] taken in states[:, -1]) -> cond [B, C].
 
         Uses the last k; refuses fewer (a model trained on k steps of context has no meaning with less). A model
-        trained with context noise also reads the level [B] of the noise on `states` (None: clean, 0)."""
+        trained with context noise also reads the level [B] of the noise on `states` (None: clean, 0); a sim-prior
+        model reads the simulator's next state prior [B, S] (from the clean last state and action)."""
         k, S, A = self.cfg.history, self.cfg.state_dim, self.cfg.action_dim
         if states.dim() != 3 or actions.dim() != 3:
             raise WorldModelError(f"states must be [batch, history, {S}] and actions [batch, history, {A}], got "
@@ -245,18 +270,27 @@ class TransitionModel(nn.Module):
         parts = [s.flatten(1), actions[:, -k:].clamp(-1, 1).flatten(1)]
         if getattr(self.cfg, "context_noise", 0.0) > 0:
             parts.append(noise_level[:, None] if noise_level is not None else s.new_zeros(s.shape[0], 1))
+        self._check_prior(prior)
+        if prior is not None:
+            if prior.shape != states[:, -1].shape:
+                raise WorldModelError(f"sim prior states must be [batch, {S}], got {tuple(prior.shape)}")
+            step = (prior - states[:, -1] - self.prior_mean) / self.prior_std
+            parts.append(step.clamp(-self.cfg.state_clip, self.cfg.state_clip))
         return torch.cat(parts, dim=-1)
 
-    def target(self, state: Tensor, next_state: Tensor, reward: Tensor, terminated: Tensor) -> Tensor:
-        """(s [B, S], s' [B, S], r [B], terminated [B]) -> x0 [B, S + 2] (normalised delta | reward | 2 done - 1)."""
-        delta = (next_state - state - self.delta_mean) / self.delta_std
+    def target(self, state: Tensor, next_state: Tensor, reward: Tensor, terminated: Tensor,
+               prior: Tensor | None = None) -> Tensor:
+        """(s [B, S], s' [B, S], r [B], terminated [B]) -> x0 [B, S + 2] (normalised delta | reward | 2 done - 1);
+        the delta from the simulator's next state prior [B, S] where given, else from s."""
+        delta = (next_state - (prior if prior is not None else state) - self.delta_mean) / self.delta_std
         r = (reward[:, None] - self.reward_mean) / self.reward_std
         return torch.cat([delta, r, terminated.float()[:, None] * 2 - 1], dim=-1)
 
-    def decode(self, state: Tensor, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x0 [B, S + 2] -> (next_state [B, S], reward [B], terminated [B] bool) around the current state [B, S]."""
+    def decode(self, state: Tensor, x0: Tensor, prior: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """x0 [B, S + 2] -> (next_state [B, S], reward [B], terminated [B] bool) around the current state [B, S]
+        (around the simulator's next state prior [B, S] where given)."""
         S = self.cfg.state_dim
-        next_state = state + x0[:, :S] * self.delta_std + self.delta_mean
+        next_state = (prior if prior is not None else state) + x0[:, :S] * self.delta_std + self.delta_mean
         reward = x0[:, S] * self.reward_std + self.reward_mean
         return next_state, reward, x0[:, S + 1] > 0
 
@@ -297,18 +331,19 @@ class DiffusionWorldModel(TransitionModel):
 
     @torch.no_grad()
     def predict(self, states: Tensor, actions: Tensor, steps: int = 3, solver: str = "euler", samples: int = 1,
-                generator: torch.Generator | None = None) -> Prediction:
-        """One imagined step for states [B, j >= k, S], actions [B, j, A].
+                generator: torch.Generator | None = None, prior: Tensor | None = None) -> Prediction:
+        """One imagined step for states [B, j >= k, S], actions [B, j, A] (and, for a sim-prior model, the
+        simulator's next state prior [B, S] from states[:, -1] and actions[:, -1]).
 
         samples > 1: draw that many, return the first as the prediction and their spread as the
         uncertainty u [B] (mean over dims of the std of the normalised delta, in units of the data's
         delta std: 0 where all samples agree)."""
         if not (isinstance(samples, int) and samples >= 1):
             raise WorldModelError(f"samples must be a whole number >= 1, got {samples!r}")
-        cond = self.condition(states, actions)  # [B, C]
+        cond = self.condition(states, actions, prior=prior)  # [B, C]
         B = cond.shape[0]
         x0 = self.sample(cond.repeat(samples, 1), steps, solver, generator).reshape(samples, B, -1)
-        nxt, r, term = self.decode(states[:, -1], x0[0])
+        nxt, r, term = self.decode(states[:, -1], x0[0], prior)
         u = x0[:, :, : self.cfg.state_dim].std(0, unbiased=False).mean(-1) if samples > 1 else None
         return Prediction(nxt, r, term, u)
 

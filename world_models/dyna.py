@@ -135,7 +135,7 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
                 icfg = dataclasses.replace(cfg.imagined, horizon=cfg.horizon, obs_noise=ft.obs_noise)
 
                 def make_imagined(n: int, seed: int) -> ImaginedEnv:
-                    envs.append(ImaginedEnv(ft.model, starts, n, icfg, spec=ft.spec, seed=seed))
+                    envs.append(ImaginedEnv(ft.model, starts, n, icfg, spec=ft.spec, seed=seed, sim=ft.make_sim(n)))
                     return envs[-1]
 
                 # the run's own settings, initialised from it, its config pointing at the target

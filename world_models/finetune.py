@@ -189,6 +189,9 @@ class WorldModelFinetuner:
             raise WorldModelError(f"world model {wm_path} takes {self.model.cfg.action_dim} actions, the policy "
                                   f"gives {self.dims['action_dim']}")
         self.layout = json.loads(payload["layout"]) if payload.get("layout") else None
+        # a sim-prior model corrects the nominal simulator: rebuild it (one for the data, one per imagined env)
+        self._payload = payload
+        self.sim = self.make_sim(256) if getattr(self.model.cfg, "sim_prior", False) else None
         # ---- the target system: the run's task (optionally shifted) unless a factory is given
         self.task = task or self.base.task
         self.env_overrides = merge_overrides(self.base.env_overrides, env_overrides or {})
@@ -287,14 +290,25 @@ class WorldModelFinetuner:
         self.target_data = new if self.target_data is None else cat_transitions([self.target_data, new])
         return new
 
+    def make_sim(self, num_envs: int):
+        """A SimPrior for the sim-prior model (None for a plain one), num_envs MuJoCo envs per chunk."""
+        if not getattr(self.model.cfg, "sim_prior", False):
+            return None
+        from s2r.world_models.sim_prior import sim_prior_from_payload
+
+        if self.layout is None:
+            raise WorldModelError(f"world model {self.wm_path} corrects a simulator but carries no state layout")
+        return sim_prior_from_payload(self._payload, self.layout, num_envs)
+
     def model_data(self) -> Transitions:
         """The target data as the model reads it: with `identify`, the sim-only terms hold the estimate (the
-        critics' buffers keep the pretraining mean: values outside their training range mislead them)."""
+        critics' buffers keep the pretraining mean: values outside their training range mislead them); for a
+        sim-prior model, with the simulator's next states."""
         data = self.target_data
-        if self.terms is None:
-            return data
-        held = dataclasses.replace(self.nominal, value=self.terms)  # the same columns, held at the estimate
-        return dataclasses.replace(data, state=held(data.state), next_state=held(data.next_state))
+        if self.terms is not None:
+            held = dataclasses.replace(self.nominal, value=self.terms)  # the same columns, held at the estimate
+            data = dataclasses.replace(data, state=held(data.state), next_state=held(data.next_state))
+        return data.with_prior(self.sim) if self.sim is not None else data
 
     # ---- 1b. which robot is this? ---------------------------------------------------------------
     def identify(self) -> dict:
@@ -302,7 +316,8 @@ class WorldModelFinetuner:
         descent over its range). -> the round's identification columns."""
         from s2r.world_models.identify import identify_terms
 
-        res = identify_terms(self.model, self.target_data, self.nominal.columns, self.terms, seed=self.cfg.seed)
+        res = identify_terms(self.model, self.target_data, self.nominal.columns, self.terms, seed=self.cfg.seed,
+                             sim=self.sim)
         self.terms = res.value
         return {**{f"identified_{n}": round(float(v), 4) for n, v in zip(self.nominal.names, res.value)},
                 "identify_error": round(res.error, 4), "identify_error_start": round(res.error_start, 4),
@@ -355,7 +370,7 @@ class WorldModelFinetuner:
         cfg = self.cfg
         icfg = dataclasses.replace(cfg.imagined, horizon=horizon, obs_noise=self.obs_noise)
         ienv = ImaginedEnv(self.model, self.model_data(), cfg.imagined_envs, icfg, spec=self.spec,
-                           seed=cfg.seed + 100 * len(self.rounds))
+                           seed=cfg.seed + 100 * len(self.rounds), sim=self.make_sim(cfg.imagined_envs))
         obs = ienv.reset()
         stats: dict = {}
         for _ in range(cfg.imagined_steps):
@@ -471,6 +486,8 @@ class WorldModelFinetuner:
         self.target.close()
         if self.eval_env is not None:
             self.eval_env.close()
+        if self.sim is not None:
+            self.sim.close()
 
 
 @dataclass

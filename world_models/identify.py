@@ -33,9 +33,10 @@ class Identified:
 
 @torch.no_grad()
 def identify_terms(model: DiffusionWorldModel, data: Transitions, columns: Tensor, start: Tensor, grid: int = 9,
-                   sweeps: int = 2, max_windows: int = 2048, steps: int = 3, seed: int = 0) -> Identified:
+                   sweeps: int = 2, max_windows: int = 2048, steps: int = 3, seed: int = 0, sim=None) -> Identified:
     """columns [c] long: state dims to identify; start [c]: their starting values (e.g. the pretraining
-    mean). -> the values that minimise the model's one-step error on `data` (windows of k steps)."""
+    mean). -> the values that minimise the model's one-step error on `data` (windows of k steps).
+    sim: a sim-prior model's SimPrior (the terms are carried over by it, so its states are computed once)."""
     if grid < 2 or sweeps < 1:
         raise ValueError(f"identification needs grid >= 2 and sweeps >= 1, got {grid}, {sweeps}")
     states, actions, nxt, *_ = windows(data, model.cfg.history)  # [M, k, S], [M, k, A], [M, S]
@@ -47,11 +48,15 @@ def identify_terms(model: DiffusionWorldModel, data: Transitions, columns: Tenso
     keep[columns] = False  # ... other than the ones being identified
     std = nxt.std(0).clamp_min(1e-8)  # [S] scale of each dim (as train.state_scale)
     lo, hi = model.state_lo[columns].float(), model.state_hi[columns].float()  # [c] what the model has seen
+    prior = sim.predict(states[:, -1], actions[:, -1]) if sim is not None else None  # [M, S]
 
     def error(value: Tensor) -> float:
         s = states.clone()
         s[:, :, columns] = value
-        pred = model.predict(s, actions, steps=steps, generator=torch.Generator().manual_seed(seed)).next_state
+        if prior is not None:  # the simulator carries the terms over from the state: the same value
+            prior[:, columns] = value
+        pred = model.predict(s, actions, steps=steps, generator=torch.Generator().manual_seed(seed),
+                             prior=prior).next_state
         return float(_nrmse(pred, nxt, std, keep).mean())
 
     value = torch.minimum(torch.maximum(start.float().clone(), lo), hi)

@@ -10,7 +10,9 @@ Step order (one imagined step, all envs at once):
                                           simulator draws it: uniform, per term; the critic reads it clean)
     1. validate the action                [N, A], finite
     2. sample the model                   (s', r, terminated) from the last k states + actions, `samples`
-                                          draws: the first is the step, their spread is u [N]
+                                          draws: the first is the step, their spread is u [N]; a sim-prior
+                                          model corrects the simulator's next state (sim_prior.py), one
+                                          MuJoCo step per env first
     3. NaN / exploding predictions        halted (terminated, reward 0, final_obs = last good state), counted
     4. last_action term                   set from the action (known exactly, not predicted)
     5. clamp to the data's state range    model.state_lo / state_hi (counted where a state left it by over a
@@ -66,7 +68,13 @@ class ImaginedEnv:
     """BatchedEnvProtocol over a DiffusionWorldModel; see the module docstring for the step order."""
 
     def __init__(self, model: DiffusionWorldModel, starts: Transitions, num_envs: int, cfg: ImaginedEnvConfig,
-                 spec: RobotSpec | None = None, seed: int = 0):
+                 spec: RobotSpec | None = None, seed: int = 0, sim=None):
+        """sim: the SimPrior (world_models/sim_prior.py) a sim-prior model corrects; each step then asks it for
+        the simulator's next state first."""
+        if bool(getattr(model.cfg, "sim_prior", False)) != (sim is not None):
+            raise WorldModelError("a sim-prior world model needs its simulator (sim=SimPrior), and only such a "
+                                  "model takes one")
+        self.sim = sim
         spec = spec if spec is not None else starts.spec
         if spec is not None and starts.spec is not None and spec.hash() != starts.spec.hash():
             from s2r.control.spec import check_spec_hash
@@ -209,9 +217,10 @@ class ImaginedEnv:
             raise WorldModelError("action contains NaN/Inf")
         action = action.clamp(-1, 1)
         acts = torch.cat([self.hist_a, action[:, None]], 1)  # [N, k, A]
-        # 2
+        # 2 (a sim-prior model corrects the simulator's step from the same state and action)
+        prior = self.sim.predict(self.hist_s[:, -1], action) if self.sim is not None else None
         p = self.model.predict(self.hist_s, acts, steps=c.sampling_steps, solver=c.solver, samples=c.samples,
-                               generator=self.gen)
+                               generator=self.gen, prior=prior)
         nxt, reward = p.next_state, p.reward
         u = p.uncertainty if p.uncertainty is not None else torch.zeros(N)
         # 3

@@ -45,17 +45,24 @@ def train_diffusion(model: DiffusionWorldModel, data: Transitions, cfg: FitConfi
                     log: Callable[[int, float], None] | None = None, log_every: int = 50) -> list[tuple[int, float]]:
     """Fit the denoiser on every full-history window of `data`; -> [(step, mean loss since last log)].
 
-    fit_normalizers=False keeps the model's statistics (continued training on new data)."""
-    states, actions, nxt, rew, term, _ = windows(data, model.cfg.history)
+    fit_normalizers=False keeps the model's statistics (continued training on new data). A sim-prior model needs
+    data.prior (Transitions.with_prior)."""
+    states, actions, nxt, rew, term, rows = windows(data, model.cfg.history)
+    prior = None
+    if getattr(model.cfg, "sim_prior", False):
+        if data.prior is None:
+            raise ValueError("this world model corrects a simulator (sim_prior): its data needs the simulator's next "
+                             "states (Transitions.with_prior(SimPrior))")
+        prior = data.prior[rows]
     if len(states) < 2:
         raise ValueError(f"only {len(states)} transitions have {model.cfg.history} steps of history inside their "
                          f"episode; collect more data or lower the history")
     if fit_normalizers:
-        model.fit_normalizers(data.state, data.next_state, data.reward)
+        model.fit_normalizers(data.state, data.next_state, data.reward, data.prior if prior is not None else None)
     L = getattr(model.cfg, "context_noise", 0.0)
     with torch.no_grad():
-        cond = model.condition(states, actions) if L == 0 else None  # [M, C]; with context noise: per batch
-        x0 = model.target(states[:, -1], nxt, rew, term)  # [M, D]: the clean transition, noise or not
+        cond = model.condition(states, actions, prior=prior) if L == 0 else None  # [M, C]; noise: per batch
+        x0 = model.target(states[:, -1], nxt, rew, term, prior)  # [M, D]: the clean transition, noise or not
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
@@ -68,7 +75,7 @@ def train_diffusion(model: DiffusionWorldModel, data: Transitions, cfg: FitConfi
         else:
             with torch.no_grad():
                 noisy, level = context_noise(states[idx], L, model.state_std, gen)
-                c = model.condition(noisy, actions[idx], level)
+                c = model.condition(noisy, actions[idx], level, prior[idx] if prior is not None else None)
         loss = model.loss(x0[idx], c, gen)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"world model loss is {float(loss)} at step {step}: the data holds NaN/Inf "
@@ -98,9 +105,11 @@ def context_noise(states: Tensor, L: float, state_std: Tensor, generator: torch.
 
 
 def diffusion_stepper(model: DiffusionWorldModel, steps: int = 3, solver: str = "euler",
-                      generator: torch.Generator | None = None) -> Stepper:
+                      generator: torch.Generator | None = None, sim=None) -> Stepper:
+    """sim: the SimPrior a sim-prior model corrects (None for a plain model)."""
     def step(states: Tensor, actions: Tensor):
-        p = model.predict(states, actions, steps=steps, solver=solver, generator=generator)
+        prior = sim.predict(states[:, -1], actions[:, -1]) if sim is not None else None
+        p = model.predict(states, actions, steps=steps, solver=solver, generator=generator, prior=prior)
         return p.next_state, p.reward, p.terminated
 
     return step
@@ -298,9 +307,12 @@ def uncertainty_calibration(u_and_pred: Callable[[Tensor, Tensor], tuple[Tensor,
 
 
 def diffusion_uncertainty(model: DiffusionWorldModel, samples: int = 8, steps: int = 3, solver: str = "euler",
-                          generator: torch.Generator | None = None) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+                          generator: torch.Generator | None = None, sim=None
+                          ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
     def f(states: Tensor, actions: Tensor):
-        p = model.predict(states, actions, steps=steps, solver=solver, samples=samples, generator=generator)
+        prior = sim.predict(states[:, -1], actions[:, -1]) if sim is not None else None
+        p = model.predict(states, actions, steps=steps, solver=solver, samples=samples, generator=generator,
+                          prior=prior)
         return p.uncertainty, p.next_state
 
     return f

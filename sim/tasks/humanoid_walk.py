@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from s2r.control.actions import pd_torque
-from s2r.control.rotations import projected_gravity, quat_rotate_inverse, quat_turn_z
+from s2r.control.rotations import projected_gravity, quat_rotate, quat_rotate_inverse, quat_turn_z
 from s2r.control.terms import RobotState
 from s2r.sim.model import SensorRequest
 from s2r.sim.randomization import RandomizationConfig, index_or_slice
@@ -221,6 +221,33 @@ class HumanoidWalk(Task):
             "torque": (tau ** 2).sum(1),
             "joint_limit": out_of_limits.sum(1),
         }
+
+    def pose_from_terms(self, terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(qpos [B, nq], qvel [B, nv]) float64 of the robot in a measured state: raw terms base_ang_vel,
+        projected_gravity, joint_pos, joint_vel, base_lin_vel (base frame), base_height, each [B, dim].
+
+        The base is put at the origin with heading 0: on flat ground neither changes the physics, and the
+        state does not hold them. Roll and pitch come from the gravity direction (normalised), so
+        projected_gravity(quat) gives it back. What a simulator steps from when it predicts a measured
+        robot's next state (world_models/sim_prior.py)."""
+        f64 = {k: v.to(self.env.device, torch.float64) for k, v in terms.items()}
+        g = f64["projected_gravity"]
+        g = g / torch.linalg.vector_norm(g, dim=1, keepdim=True).clamp_min(1e-9)
+        pitch = torch.asin(g[:, 0].clamp(-1.0, 1.0))  # g_b = (sin p, -cos p sin r, -cos p cos r) for yaw 0
+        roll = torch.atan2(-g[:, 1], -g[:, 2])
+        cp, sp, cr, sr = torch.cos(pitch / 2), torch.sin(pitch / 2), torch.cos(roll / 2), torch.sin(roll / 2)
+        quat = torch.stack([cp * cr, cp * sr, sp * cr, -sp * sr], dim=1)  # q_y(pitch) q_x(roll): (w, x, y, z)
+        B, b, bd = g.shape[0], self.base_qpos_adr, self.base_dof_adr
+        qpos = self.qpos0.expand(B, -1).clone()
+        qpos[:, b:b + 2] = 0.0
+        qpos[:, b + 2] = f64["base_height"].reshape(B)
+        qpos[:, b + 3:b + 7] = quat
+        qpos[:, self.qpos_adr] = f64["joint_pos"] + self.qpos0[self.qpos_adr]
+        qvel = torch.zeros(B, self.env.model.nv, dtype=torch.float64, device=self.env.device)
+        qvel[:, bd:bd + 3] = quat_rotate(quat, f64["base_lin_vel"])  # the free joint's linear part: world frame
+        qvel[:, bd + 3:bd + 6] = f64["base_ang_vel"]  # its angular part: base frame
+        qvel[:, self.dof_adr] = f64["joint_vel"]
+        return qpos, qvel
 
     def critic_terms(self):
         return {"base_lin_vel": self.lin_vel_b, "base_height": self.height[:, None],
