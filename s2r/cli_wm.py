@@ -105,6 +105,9 @@ def train_cmd(
     blocks: int = typer.Option(4),
     context_noise: float = typer.Option(0.0, help="L: noise of a level in [0, L] state stds on the context states "
                                                   "in training (0: off; docs/WORLD_MODELS.md measured 0.3)"),
+    sim_prior: bool = typer.Option(False, "--sim-prior/--no-sim-prior",
+                                   help="learn what the task's nominal simulator misses: each step starts from the "
+                                        "simulator's next state (world_models/sim_prior.py; humanoid tasks)"),
     held_out: float = typer.Option(0.1, help="share of episodes held out for the final one-step error"),
     checkpoint_every: int = typer.Option(1000, help="gradient steps between checkpoints"),
     seed: int = typer.Option(0),
@@ -123,6 +126,9 @@ def train_cmd(
         _fail(f"--context-noise must be a finite number >= 0, got {context_noise}")
     if policy is not None and task is None:
         _fail("--policy drives sim rollouts: give --task too")
+    if sim_prior and (task is None or recording):
+        _fail("--sim-prior needs sim rollouts of a --task (the simulator's state is the task's critic observation; "
+              "recordings hold the policy observation only)")
     lo_hi = _noise(noise)
     import torch
 
@@ -134,16 +140,22 @@ def train_cmd(
 
     try:
         data = _gather(task, policy, recording, envs, rollout_steps, lo_hi, seed, progress)
+        sim, prior_extra = None, {}
+        if sim_prior:
+            from s2r.world_models.sim_prior import SimPrior, SimPriorConfig, sim_prior_extra
+
+            sim = SimPrior(SimPriorConfig(task=task, num_envs=min(256, len(data))), data.layout)
+            data, prior_extra = data.with_prior(sim), sim_prior_extra(sim.cfg)
         train, held = data.split_episodes(held_out, seed)
         torch.manual_seed(seed)
         cfg = WorldModelConfig(data.state.shape[1], data.action.shape[1], history=history, width=width, blocks=blocks,
-                               context_noise=context_noise)
+                               context_noise=context_noise, sim_prior=sim_prior)
         model = DiffusionWorldModel(cfg)
         out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"task": task, "policy": policy, "recordings": recording, "envs": envs,
                    "rollout_steps": rollout_steps, "noise": list(lo_hi), "steps": steps, "batch_size": batch_size,
                    "lr": lr, "history": history, "width": width, "blocks": blocks, "context_noise": context_noise,
-                   "held_out": held_out,
+                   "sim_prior": sim_prior, "held_out": held_out,
                    "seed": seed, "obs_key": data.obs_key, "transitions": len(data)}
         atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2))
         writer = None
@@ -158,7 +170,7 @@ def train_cmd(
             from tqdm import tqdm
 
             bar = tqdm(total=steps, desc="world model", unit="step", dynamic_ncols=True)
-        extra = {"run": json.dumps(run_cfg), "obs_key": data.obs_key, "layout": json.dumps(data.layout)}
+        extra = {"run": json.dumps(run_cfg), "obs_key": data.obs_key, "layout": json.dumps(data.layout), **prior_extra}
 
         def log(step: int, loss: float) -> None:
             if writer is not None:
@@ -175,8 +187,8 @@ def train_cmd(
                                log_every=math.gcd(50, checkpoint_every))  # every checkpoint step is a log step
         if bar is not None:
             bar.close()
-        err = one_step_error(diffusion_stepper(model, 3, generator=torch.Generator().manual_seed(seed)), held,
-                             history)
+        err = one_step_error(diffusion_stepper(model, 3, generator=torch.Generator().manual_seed(seed), sim=sim),
+                             held, history)
         extra["held_out_one_step_error"] = err["one_step_error"]
         save_world_model(checkpoint_path(out, steps), model, data.spec, extra)
         prune_checkpoints(out, keep=3)
@@ -242,18 +254,23 @@ def eval_cmd(
                              f"{model.cfg.state_dim}: it was trained on another observation")
         k = model.cfg.history
         gen = torch.Generator().manual_seed(seed)
-        step = diffusion_stepper(model, sampling_steps, solver, gen)
+        sim = None
+        if model.cfg.sim_prior:  # the simulator it corrects, rebuilt from its file
+            from s2r.world_models.sim_prior import sim_prior_from_payload
+
+            sim = sim_prior_from_payload(payload, held.layout or {}, 256)
+        step = diffusion_stepper(model, sampling_steps, solver, gen, sim=sim)
         H = horizon
         curve = horizon_errors(step, held, k, H, clamp=(model.state_lo, model.state_hi))
         fallen = None
         if held.layout and "critic.base_height" in held.layout:
             from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
 
-            fallen = ImaginedEnv(model, held, 1, ImaginedEnvConfig(), spec=spec).fallen
+            fallen = ImaginedEnv(model, held, 1, ImaginedEnvConfig(), spec=spec, sim=sim).fallen
         result = {"checkpoint": str(path), "task": task, "transitions": len(held), **one_step_error(step, held, k),
                   "h_step_error": {str(h): float(curve[h - 1]) for h in (1, 5, 10, 20, H) if h <= H},
-                  **uncertainty_calibration(diffusion_uncertainty(model, samples, sampling_steps, solver, gen), held,
-                                            k),
+                  **uncertainty_calibration(diffusion_uncertainty(model, samples, sampling_steps, solver, gen,
+                                                                  sim=sim), held, k),
                   "failures": failure_agreement(step, held, k, fallen=fallen)}
     except _user_errors() as e:
         _fail(str(e))

@@ -153,3 +153,24 @@ def test_a_sim_prior_model_needs_its_simulator_everywhere(nominal, sim, tmp_path
     rebuilt.close()
     with pytest.raises(WorldModelError, match="does not say which"):
         sim_prior_from_payload({}, data.layout, 8)
+
+
+def test_wm_train_with_a_sim_prior_then_eval(tmp_path):
+    from typer.testing import CliRunner
+
+    from s2r.cli import app
+
+    run = tmp_path / "wm"
+    r = CliRunner().invoke(app, ["wm", "train", "--out", str(run), "--task", "humanoid-stand", "--envs", "4",
+                                 "--rollout-steps", "40", "--steps", "40", "--width", "64", "--blocks", "1",
+                                 "--sim-prior", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["transitions"] == 160 and summary["one_step_error"] < 1.0
+    assert json.loads((run / "config.json").read_text())["sim_prior"] is True
+    model, _, payload = load_world_model(run / "checkpoints/ckpt_000000040.pt")
+    assert model.cfg.sim_prior and json.loads(payload["sim_prior"])["task"] == "humanoid-stand"
+    r = CliRunner().invoke(app, ["wm", "eval", str(run), "--envs", "2", "--rollout-steps", "30", "--horizon", "5",
+                                 "--samples", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert set(json.loads(r.output.strip().splitlines()[-1])["h_step_error"]) == {"1", "5"}

@@ -587,6 +587,8 @@ def test_wm_train_then_eval_from_sim_rollouts(tmp_path):
     (("--task", "arm-reach", "--noise", "0.5"), "error: --noise takes 'low,high'"),
     (("--recording", "/nonexistent.mcap"), "error: recording /nonexistent.mcap not found"),
     (("--task", "arm-reach", "--context-noise", "-0.1"), "error: --context-noise must be a finite number >= 0"),
+    (("--recording", "/nonexistent.mcap", "--sim-prior"), "error: --sim-prior needs sim rollouts of a --task"),
+    (("--task", "arm-reach", "--sim-prior"), "cannot be set to a measured state (it has no pose_from_terms)"),
 ])
 def test_wm_train_bad_input_is_one_error_line(tmp_path, args, message):
     r = _wm("train", "--out", tmp_path / "wm", "--rollout-steps", 5, "--no-progress", *args)
