@@ -63,7 +63,7 @@ def settings(quick: bool) -> dict:
                             batch_size=128, horizon_end=5, model_updates=20, eval_envs=0,
                             imagined=ImaginedEnvConfig(samples=2)),
                     dyna=dict(target_steps=40, target_envs=2, model_updates=20, imagined_steps=1200, horizon=10,
-                              eval_envs=1, imagined=ImaginedEnvConfig(samples=2)))
+                              eval_envs=1, agreement_rollouts=4, imagined=ImaginedEnvConfig(samples=2)))
     return dict(episode_s=5.0, eval_envs=32, wm_envs=16, wm_steps=300, width=256, blocks=3, fit_steps=1500,
                 wm_history=2, wm_blind=False, wm_noise=0.5, context_noise=0.0, sim_prior=False,
                 ft=dict(rounds=10, real_steps=50, target_envs=4, imagined_envs=128, imagined_steps=50, utd=4.0,
@@ -312,6 +312,7 @@ def main() -> None:
                        **{k: v for k, v in rep.items() if k.startswith("imagined_") and k != "imagined_steps"},
                        **{k: v for k, v in rep["rounds"][-1].items() if k.startswith("identif")},
                        "rounds": [{k: row[k] for k in ("round", "target_steps", "target_falls", "imagined_steps",
+                                                       "imagined_fall_rate", "target_fall_rate",
                                                        "eval_terminated_rate", "eval_return_mean") if k in row}
                                   for row in rep["rounds"]],
                        **evaluate((agent_d, norm_d), target, task, s["eval_envs"], eval_seed),

@@ -424,9 +424,12 @@ def test_the_trainer_learns_inside_the_model_and_the_target_only_runs_the_policy
     shift = {"task_overrides": {"randomization": {"motor_strength": [0.8, 0.8]}}}
     make = lambda n, seed: Counted(make_env("humanoid-stand", n, seed=seed, **SHORT, **shift))  # noqa: E731
     cfg = DynaConfig(target_steps=24, target_envs=2, model_updates=5, imagined_steps=60, horizon=5, eval_envs=2,
-                     imagined=ImaginedEnvConfig(samples=2))
+                     agreement_rollouts=4, imagined=ImaginedEnvConfig(samples=2))
     rep = dyna_finetune(run, wm, tmp_path / "dyna", cfg, env_overrides=shift, make_target=make)
     assert rep["target_steps"] == 24 and rep["imagined_steps"] == 60 and rep["updates"] > 0
+    row = rep["rounds"][0]  # survival agreement: the target's falls per finished episode beside the model's
+    assert row["agreement_rollouts"] == 4 and 0 <= row["imagined_fall_rate"] <= 1
+    assert rep["target_episodes"] == 0 and row["target_fall_rate"] is None  # 12 steps per env: none finished
     assert sum(stepped) == 24 + rep["eval_steps"]  # collection + evaluation: the trainer never stepped it
     assert rep["eval_after"]["env_steps"] == 60 and 0 < rep["eval_steps"] <= 2 * 20
     assert len(rep["eval_history"]) == 1  # evaluated once at its last step, not again after it
@@ -499,3 +502,29 @@ def test_dyna_rounds_collect_with_the_trainers_current_policy(pretrained, tmp_pa
     assert cfg_out.total_steps == 60
     with pytest.raises(ValueError, match="round"):
         DynaConfig(target_steps=8, target_envs=2, rounds=3).check()
+
+
+def test_survival_agreement_reports_the_models_falls_for_the_policy(pretrained):
+    """A model whose every step is a fallen state makes the policy fall in every imagined episode; the target's
+    rate is its falls per finished episode."""
+    from s2r.world_models.dyna import survival_agreement
+    from s2r.world_models.finetune import WMFinetuneConfig, WorldModelFinetuner
+
+    run, wm = pretrained
+    ft = WorldModelFinetuner(run, wm, WMFinetuneConfig(rounds=1, real_steps=30, target_envs=2, eval_envs=0),
+                             env_overrides=SHORT)
+    try:
+        data = ft.collect()
+        icfg = ImaginedEnvConfig(horizon=20, samples=1)
+        ok = survival_agreement(ft, ft.deterministic_action, data, 6, icfg, (3, 4))
+        assert ok["target_fall_rate"] == 0.75 and ok["agreement_rollouts"] == 6 and 0 <= ok["imagined_fall_rate"] <= 1
+        h = ft.layout["critic.base_height"][0]
+        fallen = data.state[:1].clone()
+        fallen[0, h] = 0.1  # below the safe set's 0.45 m
+        ft.model.decode = lambda last, x0, prior=None: (fallen.expand(last.shape[0], -1).clone(),
+                                                        torch.zeros(last.shape[0]),
+                                                        torch.zeros(last.shape[0], dtype=torch.bool))
+        assert survival_agreement(ft, ft.deterministic_action, data, 6, icfg, (0, 0)) == {
+            "imagined_fall_rate": 1.0, "target_fall_rate": None, "agreement_rollouts": 6}
+    finally:
+        ft.close()

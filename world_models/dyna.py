@@ -60,6 +60,9 @@ class DynaConfig:
     nominal_sim_terms: bool = True  # the critics read the sim-only terms at their pretraining mean
     eval_every: int | None = None  # imagined steps between target evaluations (None: at the end only)
     eval_envs: int = 32  # deterministic evaluation episodes on the target
+    # imagined episodes of the policy the target just ran, from the first steps of its target episodes: the model's
+    # fall rate for it beside the target's (survival agreement, reported per round; 0: not measured)
+    agreement_rollouts: int = 64
     seed: int = 0
 
     def check(self) -> None:
@@ -69,6 +72,9 @@ class DynaConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"trainer-in-the-model setting {name} must be a whole number >= 1, got {v!r}")
+        if isinstance(self.agreement_rollouts, bool) or not isinstance(self.agreement_rollouts, int) \
+                or self.agreement_rollouts < 0:
+            raise ValueError(f"agreement_rollouts must be a whole number >= 0, got {self.agreement_rollouts!r}")
         for name in ("imagined_envs", "eval_every"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -131,8 +137,15 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
                          f"{ft.counts['target_falls']} falls; model: {cfg.model_updates} updates, loss {loss:.4f}"
                          + "".join(f", {k} {v}" for k, v in ident.items() if k.startswith("identified_")))
             # 3-4. the run's own trainer in the model, evaluated on the target
+            icfg = dataclasses.replace(cfg.imagined, horizon=cfg.horizon, obs_noise=ft.obs_noise)
+            falls_before = (ft.counts["target_falls"] - (rows[-1]["target_falls"] if rows else 0),
+                            ft.counts["target_episodes"] - (rows[-1]["target_episodes"] if rows else 0))
+            agree = survival_agreement(ft, act or ft.deterministic_action, data, cfg.agreement_rollouts, icfg,
+                                       falls_before, seed=cfg.seed + r) if cfg.agreement_rollouts else {}
+            if progress and agree:
+                progress(f"round {r + 1}/{cfg.rounds} survival agreement: imagined fall rate "
+                         f"{agree['imagined_fall_rate']:.3f}, target {agree['target_fall_rate']}")
             if trainer is None:
-                icfg = dataclasses.replace(cfg.imagined, horizon=cfg.horizon, obs_noise=ft.obs_noise)
 
                 def make_imagined(n: int, seed: int) -> ImaginedEnv:
                     envs.append(ImaginedEnv(ft.model, starts, n, icfg, spec=ft.spec, seed=seed, sim=ft.make_sim(n)))
@@ -152,7 +165,8 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
             ev = trainer.train()
             rows.append({"round": r + 1, "target_steps": ft.counts["target_steps"],
                          "target_falls": ft.counts["target_falls"], "target_episodes": ft.counts["target_episodes"],
-                         "new_rows": len(data), "model_loss": loss, **ident, "imagined_steps": trainer.env_steps,
+                         "new_rows": len(data), "model_loss": loss, **ident, **agree,
+                         "imagined_steps": trainer.env_steps,
                          "updates": trainer.n_updates, **{f"eval_{k}": v for k, v in ev.items()},
                          "wall_s": round(time.perf_counter() - t0, 2)})
             if progress:
@@ -174,3 +188,35 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
                    "data_rows": len(ft.target_data), "wall_s": round(time.perf_counter() - t0, 2)})
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
+
+
+def survival_agreement(ft: WorldModelFinetuner, act: Callable, data, rollouts: int, icfg, target: tuple[int, int],
+                       seed: int = 0) -> dict:
+    """Does the model let the policy the target just ran fall as often as the target did? `rollouts` imagined
+    episodes of `act` (deterministic) from the first steps of this round's target episodes, as long as the
+    trainer's imagined episodes; target = (falls, finished episodes) of the round's collection.
+    -> {"imagined_fall_rate", "target_fall_rate", "agreement_rollouts"}. A model that makes a policy fall far more
+    (or less) often than the target does teaches the trainer its own falls (docs/WORLD_MODELS.md)."""
+    from s2r.policies.evaluate import evaluate_policy
+
+    early = _early_rows(ft.target_data.episode, ft.model.cfg.history + 4)  # episodes may span rounds
+    starts = ft.model_data().select(early[early >= len(ft.target_data) - len(data)])  # this round's
+    env = ImaginedEnv(ft.model, starts, rollouts, icfg, spec=ft.spec, seed=seed, sim=ft.make_sim(rollouts))
+    try:
+        out = evaluate_policy(env, act, seed=seed)
+    finally:
+        env.close()
+    falls, episodes = target
+    return {"imagined_fall_rate": round(out["terminated_rate"], 4),
+            "target_fall_rate": round(falls / episodes, 4) if episodes else None,
+            "agreement_rollouts": rollouts}
+
+
+def _early_rows(episode, n: int):
+    """Indices of the rows among the first n of their episode (rows of one episode are consecutive)."""
+    import torch
+
+    new = torch.ones(len(episode), dtype=torch.bool)
+    new[1:] = episode[1:] != episode[:-1]
+    start = torch.cummax(torch.where(new, torch.arange(len(episode)), 0), 0).values  # each row's episode start
+    return (torch.arange(len(episode)) - start < n).nonzero().squeeze(-1)

@@ -284,4 +284,5 @@ class ImaginedEnv:
         return out
 
     def close(self) -> None:
-        pass
+        if self.sim is not None:
+            self.sim.close()
