@@ -306,7 +306,7 @@ def main() -> None:
         dcfg = DynaConfig(seed=args.seed, **s["dyna"])
         dyna_dir = args.work / f"dyna_{int(time.time())}"
         rep = dyna_finetune(run, wm_path, dyna_dir, dcfg, env_overrides=target)
-        _, agent_d, norm_d, *_ = load_run(dyna_dir)
+        _, agent_d, norm_d, *_ = load_run(rep["checkpoint"])  # the last, or the one the model selected
         out["dyna"] = {**{k: rep[k] for k in ("target_steps", "target_falls", "target_episodes", "imagined_steps",
                                               "updates")},
                        **{k: v for k, v in rep.items() if k.startswith("imagined_") and k != "imagined_steps"},
@@ -315,6 +315,7 @@ def main() -> None:
                                                        "imagined_fall_rate", "target_fall_rate",
                                                        "eval_terminated_rate", "eval_return_mean") if k in row}
                                   for row in rep["rounds"]],
+                       **({"selection": rep["selection"], "selected": rep["checkpoint"]} if rep["selection"] else {}),
                        **evaluate((agent_d, norm_d), target, task, s["eval_envs"], eval_seed),
                        "run": str(dyna_dir), "wall_s": round(time.perf_counter() - t, 1)}
 

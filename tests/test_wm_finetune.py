@@ -528,3 +528,23 @@ def test_survival_agreement_reports_the_models_falls_for_the_policy(pretrained):
             "imagined_fall_rate": 1.0, "target_fall_rate": None, "agreement_rollouts": 6}
     finally:
         ft.close()
+
+
+def test_dyna_can_keep_the_checkpoint_the_model_scores_best(pretrained, tmp_path):
+    """select="model": every checkpoint is scored in imagination (no target steps), the best one is the result."""
+    from s2r.policies.checkpoint import list_checkpoints
+    from s2r.world_models.dyna import DynaConfig, dyna_finetune
+
+    run, wm = pretrained
+    cfg = DynaConfig(target_steps=24, target_envs=2, model_updates=5, imagined_steps=60, horizon=5, eval_envs=1,
+                     agreement_rollouts=0, select="model", select_rollouts=3, checkpoint_every=20,
+                     imagined=ImaginedEnvConfig(samples=2))
+    rep = dyna_finetune(run, wm, tmp_path / "dyna", cfg, env_overrides=SHORT)
+    sel = rep["selection"]
+    assert [c["env_steps"] for c in sel] == [s for s, _ in list_checkpoints(tmp_path / "dyna")] and len(sel) >= 3
+    assert rep["checkpoint"] == max(sel, key=lambda c: c["imagined_return"])["checkpoint"]
+    assert all(0 <= c["imagined_fall_rate"] <= 1 for c in sel)
+    assert rep["target_steps"] == 24  # choosing spent no target step
+    for bad, msg in ((dict(select="best"), "select must be"), (dict(select_rollouts=0), "select_rollouts")):
+        with pytest.raises(ValueError, match=msg):
+            dyna_finetune(run, wm, tmp_path / "x", dataclasses.replace(cfg, **bad))

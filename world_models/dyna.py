@@ -63,6 +63,12 @@ class DynaConfig:
     # imagined episodes of the policy the target just ran, from the first steps of its target episodes: the model's
     # fall rate for it beside the target's (survival agreement, reported per round; 0: not measured)
     agreement_rollouts: int = 64
+    # which checkpoint is the result: "last", or "model": every checkpoint (one per checkpoint_every imagined steps,
+    # the pretrained policy's among them) is scored by its mean return in `select_rollouts` imagined episodes from the
+    # first steps of the target's episodes, and the best is kept: no target step is spent on choosing
+    select: str = "last"
+    select_rollouts: int = 128
+    checkpoint_every: int | None = None  # imagined steps between checkpoints (None: eval_every, else once a round)
     seed: int = 0
 
     def check(self) -> None:
@@ -75,7 +81,12 @@ class DynaConfig:
         if isinstance(self.agreement_rollouts, bool) or not isinstance(self.agreement_rollouts, int) \
                 or self.agreement_rollouts < 0:
             raise ValueError(f"agreement_rollouts must be a whole number >= 0, got {self.agreement_rollouts!r}")
-        for name in ("imagined_envs", "eval_every"):
+        if self.select not in ("last", "model"):
+            raise ValueError(f"select must be 'last' or 'model', got {self.select!r}")
+        if isinstance(self.select_rollouts, bool) or not isinstance(self.select_rollouts, int) \
+                or self.select_rollouts < 1:
+            raise ValueError(f"select_rollouts must be a whole number >= 1, got {self.select_rollouts!r}")
+        for name in ("imagined_envs", "eval_every", "checkpoint_every"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"trainer-in-the-model setting {name} must be a whole number >= 1 or None, "
@@ -157,7 +168,8 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
                 tcfg = dataclasses.replace(
                     base, task=ft.task, env_overrides=ft.env_overrides, init_from=str(run), total_steps=per_round,
                     num_envs=cfg.imagined_envs or base.num_envs, eval_every=every, eval_episodes=cfg.eval_envs,
-                    checkpoint_every=every, seed=cfg.seed, progress=False)
+                    checkpoint_every=cfg.checkpoint_every or every, seed=cfg.seed, progress=False,
+                    keep_checkpoints=10**6 if cfg.select == "model" else base.keep_checkpoints)
                 trainer = Trainer(tcfg, out, make_env=make_imagined, make_eval_env=ft.make_target)
             else:
                 envs[0].set_starts(starts)
@@ -173,6 +185,7 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
                 progress(f"round {r + 1}/{cfg.rounds} imagined: {trainer.env_steps} steps, {trainer.n_updates} "
                          f"updates | target evaluation: return {ev.get('return_mean', float('nan')):.1f}, "
                          f"falls {ev.get('terminated_rate', float('nan')):.3f}")
+        selection = select_in_model(ft, out, cfg, icfg) if cfg.select == "model" else []
     finally:
         ft.close()
     assert trainer is not None
@@ -184,7 +197,9 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
                    "imagined_steps": trainer.env_steps, "updates": trainer.n_updates,
                    **{f"imagined_{k}": v for k, v in imagined.items() if k != "steps"},
                    "eval_steps": eval_steps, "eval_history": history, "eval_after": history[-1] if history else {},
-                   "rounds": rows, "checkpoint": str(trainer.last_checkpoint), "run": str(out),
+                   "rounds": rows, "selection": selection,
+                   "checkpoint": max(selection, key=lambda c: c["imagined_return"])["checkpoint"] if selection
+                   else str(trainer.last_checkpoint), "run": str(out),
                    "data_rows": len(ft.target_data), "wall_s": round(time.perf_counter() - t0, 2)})
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     return report
@@ -197,15 +212,8 @@ def survival_agreement(ft: WorldModelFinetuner, act: Callable, data, rollouts: i
     trainer's imagined episodes; target = (falls, finished episodes) of the round's collection.
     -> {"imagined_fall_rate", "target_fall_rate", "agreement_rollouts"}. A model that makes a policy fall far more
     (or less) often than the target does teaches the trainer its own falls (docs/WORLD_MODELS.md)."""
-    from s2r.policies.evaluate import evaluate_policy
-
     early = _early_rows(ft.target_data.episode, ft.model.cfg.history + 4)  # episodes may span rounds
-    starts = ft.model_data().select(early[early >= len(ft.target_data) - len(data)])  # this round's
-    env = ImaginedEnv(ft.model, starts, rollouts, icfg, spec=ft.spec, seed=seed, sim=ft.make_sim(rollouts))
-    try:
-        out = evaluate_policy(env, act, seed=seed)
-    finally:
-        env.close()
+    out = imagined_episodes(ft, act, early[early >= len(ft.target_data) - len(data)], rollouts, icfg, seed)
     falls, episodes = target
     return {"imagined_fall_rate": round(out["terminated_rate"], 4),
             "target_fall_rate": round(falls / episodes, 4) if episodes else None,
@@ -220,3 +228,33 @@ def _early_rows(episode, n: int):
     new[1:] = episode[1:] != episode[:-1]
     start = torch.cummax(torch.where(new, torch.arange(len(episode)), 0), 0).values  # each row's episode start
     return (torch.arange(len(episode)) - start < n).nonzero().squeeze(-1)
+
+
+def imagined_episodes(ft: WorldModelFinetuner, act: Callable, rows, rollouts: int, icfg, seed: int) -> dict:
+    """evaluate_policy in an ImaginedEnv of `rollouts` envs whose starts are the target data's `rows`."""
+    from s2r.policies.evaluate import evaluate_policy
+
+    env = ImaginedEnv(ft.model, ft.model_data().select(rows), rollouts, icfg, spec=ft.spec, seed=seed,
+                      sim=ft.make_sim(rollouts))
+    try:
+        return evaluate_policy(env, act, seed=seed)
+    finally:
+        env.close()
+
+
+def select_in_model(ft: WorldModelFinetuner, out: Path, cfg: DynaConfig, icfg) -> list[dict]:
+    """Score every checkpoint of the run in `out` by its deterministic policy's imagined episodes (the same starts
+    and random numbers for each: the first steps of all target episodes) -> one row per checkpoint."""
+    from s2r.policies.checkpoint import list_checkpoints
+    from s2r.policies.evaluate import load_run, policy_act
+
+    rows = _early_rows(ft.target_data.episode, ft.model.cfg.history + 4)
+    scores = []
+    for _, path in list_checkpoints(out):
+        tcfg, agent, norm, ck, _ = load_run(path)
+        res = imagined_episodes(ft, policy_act(agent, norm if tcfg.normalize_obs else None, "cpu"), rows,
+                                cfg.select_rollouts, icfg, seed=cfg.seed + 12345)
+        scores.append({"checkpoint": str(path), "env_steps": int(ck["env_steps"]),
+                       "imagined_return": round(res["return_mean"], 3),
+                       "imagined_fall_rate": round(res["terminated_rate"], 4)})
+    return scores
