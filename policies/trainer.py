@@ -387,7 +387,9 @@ class Trainer:
             env.close()
 
     # ---- the loop ------------------------------------------------------------------------
-    def train(self) -> dict:
+    def train(self, close_env: bool = True) -> dict:
+        """Train to cfg.total_steps; -> the final evaluation. close_env=False keeps the training env open for a
+        later train() with a larger total_steps (world_models/dyna.py's rounds)."""
         cfg = self.cfg
         self._write_config()
         obs = self.env.reset(seed=cfg.seed + 1000 * self.rank)
@@ -471,7 +473,8 @@ class Trainer:
             self.save()
             if self.writer is not None:
                 self.writer.close()
-        self.env.close()
+        if close_env:
+            self.env.close()
         return final
 
     def _restart_after_eval(self) -> dict[str, torch.Tensor]:

@@ -548,3 +548,18 @@ def test_dyna_can_keep_the_checkpoint_the_model_scores_best(pretrained, tmp_path
     for bad, msg in ((dict(select="best"), "select must be"), (dict(select_rollouts=0), "select_rollouts")):
         with pytest.raises(ValueError, match=msg):
             dyna_finetune(run, wm, tmp_path / "x", dataclasses.replace(cfg, **bad))
+
+
+def test_dyna_rounds_with_a_sim_prior_model_keep_their_simulator(pretrained, tmp_path):
+    """The imagined env of a sim-prior model owns a MuJoCo simulator; the trainer's later rounds step it again,
+    so the trainer must not close it between rounds (it did: round 2 stepped a closed simulator)."""
+    from s2r.world_models.dyna import DynaConfig, dyna_finetune
+
+    run, _ = pretrained
+    r = _cli("wm", "train", "--out", tmp_path / "wm", "--task", "humanoid-stand", "--policy", run, "--envs", 4,
+             "--rollout-steps", 30, "--steps", 30, "--width", 32, "--blocks", 1, "--sim-prior", "--no-progress")
+    assert r.exit_code == 0, r.output
+    cfg = DynaConfig(target_steps=32, target_envs=2, model_updates=5, imagined_steps=80, rounds=2, horizon=5,
+                     eval_envs=1, agreement_rollouts=2, imagined=ImaginedEnvConfig(samples=2))
+    rep = dyna_finetune(run, tmp_path / "wm", tmp_path / "dyna", cfg, env_overrides=SHORT)
+    assert [row["imagined_steps"] for row in rep["rounds"]] == [40, 80] and rep["target_steps"] == 32

@@ -174,7 +174,7 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
             else:
                 envs[0].set_starts(starts)
                 trainer.cfg.total_steps = per_round * (r + 1) if r + 1 < cfg.rounds else cfg.imagined_steps
-            ev = trainer.train()
+            ev = trainer.train(close_env=r + 1 == cfg.rounds)  # the imagined env (and its simulator) goes on
             rows.append({"round": r + 1, "target_steps": ft.counts["target_steps"],
                          "target_falls": ft.counts["target_falls"], "target_episodes": ft.counts["target_episodes"],
                          "new_rows": len(data), "model_loss": loss, **ident, **agree,
