@@ -309,6 +309,11 @@ def finetune_cmd(
     trainer_rounds: int = typer.Option(1, help="--learner trainer: collect -> model -> trainer cycles, the "
                                                "target and trainer steps split over them; from the second the "
                                                "target runs the trainer's current policy (MBPO's loop)"),
+    trainer_select: str = typer.Option("last", help="--learner trainer: the result is the last checkpoint, or "
+                                   "'model': the one whose policy scores best in imagined episodes from the target's "
+                                   "episode starts (no target steps spent choosing)"),
+    trainer_checkpoint_every: Optional[int] = typer.Option(None, help="--learner trainer: imagined steps between "
+                                                           "checkpoints (candidates for --trainer-select model)"),
     rounds: int = typer.Option(10, help="collect -> model -> imagine -> update rounds"),
     real_steps: int = typer.Option(50, help="K: vectorised deterministic steps on the target per round"),
     target_envs: int = typer.Option(4, help="parallel target instances"),
@@ -376,7 +381,8 @@ def finetune_cmd(
 
             dcfg = DynaConfig(target_steps=target_steps, target_envs=target_envs, model_updates=model_updates,
                               model_lr=model_lr, imagined_steps=trainer_steps, horizon=trainer_horizon,
-                              rounds=trainer_rounds, identify=identify,
+                              rounds=trainer_rounds, identify=identify, select=trainer_select,
+                              checkpoint_every=trainer_checkpoint_every,
                               imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
                               nominal_sim_terms=nominal_sim_terms, eval_envs=max(1, eval_envs), seed=seed)
             dcfg.check()

@@ -384,13 +384,18 @@ def test_cli_wm_finetune_and_the_finetune_alias(pretrained, tmp_path):
     r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "d", "--learner", "trainer",
              "--target-steps", 12, "--trainer-steps", 40, "--trainer-horizon", 4, "--trainer-rounds", 2,
              "--target-envs", 2, "--model-updates", 2, "--eval-envs", 1, "--samples", 2, "--env-override",
-             "episode_length_s=0.3",
+             "episode_length_s=0.3", "--trainer-select", "model", "--trainer-checkpoint-every", 10,
              "--export", tmp_path / "d.onnx", "--no-progress")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output.strip().splitlines()[-1])
     assert rep["target_steps"] == 12 and rep["imagined_steps"] == 40 and (tmp_path / "d.onnx").is_file()
     assert [row["target_steps"] for row in rep["rounds"]] == [6, 12]
     assert rep["export_max_abs_err"] < 1e-4
+    assert [c["env_steps"] for c in rep["selection"]] == [10, 20, 30, 40]  # the export is the selected one
+    assert rep["checkpoint"] == max(rep["selection"], key=lambda c: c["imagined_return"])["checkpoint"]
+    r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "f", "--learner", "trainer",
+             "--trainer-select", "best")
+    assert r.exit_code == 2 and "select must be 'last' or 'model'" in r.output, r.output
     r = _cli("wm", "finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "e", "--learner", "dreamer")
     assert r.exit_code == 2 and "--learner must be finetune or trainer" in r.output, r.output
 
