@@ -22,8 +22,13 @@ there before it trains further. With `identify`, the randomised-physics terms of
 estimated from the target data each round (world_models/identify.py; needs a model trained with them varying),
 so imagination steps the identified robot and the trainer's critics read the estimate.
 
+Each round also reports the model's survival agreement (the imagined fall rate of the policy the target just
+ran, beside the target's). With `select="model"` the result is the checkpoint whose deterministic policy scores
+best in imagined episodes from the target's episode starts, not the last: choosing costs no target step.
+
 The output is an ordinary training run (checkpoints, eval.csv, TensorBoard) whose config targets the
-shifted task, so `s2r eval` and `s2r export` read it. Measured in docs/WORLD_MODELS.md.
+shifted task, so `s2r eval` and `s2r export` read it (report["checkpoint"] is the result). Measured in
+docs/WORLD_MODELS.md.
 """
 
 from __future__ import annotations
