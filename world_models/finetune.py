@@ -302,13 +302,12 @@ class WorldModelFinetuner:
 
     def model_data(self) -> Transitions:
         """The target data as the model reads it: with `identify`, the sim-only terms hold the estimate (the
-        critics' buffers keep the pretraining mean: values outside their training range mislead them); for a
-        sim-prior model, with the simulator's next states."""
+        critics' buffers keep the pretraining mean: values outside their training range mislead them)."""
         data = self.target_data
-        if self.terms is not None:
-            held = dataclasses.replace(self.nominal, value=self.terms)  # the same columns, held at the estimate
-            data = dataclasses.replace(data, state=held(data.state), next_state=held(data.next_state))
-        return data.with_prior(self.sim) if self.sim is not None else data
+        if self.terms is None:
+            return data
+        held = dataclasses.replace(self.nominal, value=self.terms)  # the same columns, held at the estimate
+        return dataclasses.replace(data, state=held(data.state), next_state=held(data.next_state))
 
     # ---- 1b. which robot is this? ---------------------------------------------------------------
     def identify(self) -> dict:
@@ -336,6 +335,8 @@ class WorldModelFinetuner:
             return float("nan")
         fit = FitConfig(steps=self.cfg.model_updates, batch_size=self.cfg.model_batch_size, lr=self.cfg.model_lr,
                         seed=self.cfg.seed + len(self.rounds))
+        if self.sim is not None:  # a sim-prior model trains on the simulator's next states (imagination needs none)
+            data = data.with_prior(self.sim)
         try:
             hist = train_diffusion(m, data, fit, fit_normalizers=False, log_every=max(1, self.cfg.model_updates))
         except ValueError:  # no window with k steps of history yet (a first round of 1 step)

@@ -74,7 +74,6 @@ class SimPrior:
         self.scale = {t.name: t.scale for t in self.env.spec.observation.terms}
         self.carried = [layout[k] for k in CARRIED_TERMS if k in layout]
         self.env.reset()
-        self.calls = 0
 
     def _terms(self, state: Tensor) -> dict[str, Tensor]:
         def raw(name: str) -> Tensor:
@@ -100,7 +99,6 @@ class SimPrior:
                 s = torch.cat([s, s[:1].expand(N - k, -1)])
                 a = torch.cat([a, a[:1].expand(N - k, -1)])
             out[lo:lo + k] = self._step(s, a)[:k]
-        self.calls += 1
         return out
 
     def _step(self, state: Tensor, action: Tensor) -> Tensor:
