@@ -332,7 +332,9 @@ def finetune_cmd(
     identify: bool = typer.Option(False, "--identify/--no-identify",
                                   help="estimate the randomised-physics terms from target data with the model (it "
                                        "must have seen them vary); the model uses the estimate, the critics the "
-                                       "pretraining mean (--learner trainer: the estimate)"),
+                                       "pretraining mean (--learner trainer: the estimate); a sim-prior model: "
+                                       "the simulator's motor strength, mass and friction scales by its own "
+                                       "one-step error, and imagination steps the estimate"),
     nominal_sim_terms: bool = typer.Option(True, "--nominal-sim-terms/--measured-sim-terms",
                                            help="critics read the task's randomised-physics terms at their pretraining "
                                                 "mean (unknown on a robot) or as the target reports them"),

@@ -568,3 +568,27 @@ def test_dyna_rounds_with_a_sim_prior_model_keep_their_simulator(pretrained, tmp
                      eval_envs=1, agreement_rollouts=2, imagined=ImaginedEnvConfig(samples=2))
     rep = dyna_finetune(run, tmp_path / "wm", tmp_path / "dyna", cfg, env_overrides=SHORT)
     assert [row["imagined_steps"] for row in rep["rounds"]] == [40, 80] and rep["target_steps"] == 32
+
+
+def test_identify_with_a_sim_prior_model_moves_the_simulator_toward_the_target(pretrained, tmp_path):
+    """With a sim-prior model, `identify` estimates the simulator's physics scales from the target data; every
+    simulator made afterwards (imagined envs, selection) steps the estimate, and the model's state terms stay."""
+    run, _ = pretrained
+    r = _cli("wm", "train", "--out", tmp_path / "wm", "--task", "humanoid-stand", "--policy", run, "--envs", 4,
+             "--rollout-steps", 30, "--steps", 30, "--width", 32, "--blocks", 1, "--sim-prior", "--no-progress")
+    assert r.exit_code == 0, r.output
+    shift = {"task_overrides": {"randomization": {"motor_strength": [0.6, 0.6]}}}
+    ft = WorldModelFinetuner(run, tmp_path / "wm", small(real_steps=40, eval_envs=0, identify=True),
+                             env_overrides={**SHORT, **shift})
+    try:
+        ft.collect()
+        row = ft.identify()
+        assert set(ft.physics) == {"motor_strength", "mass_scale", "friction"} and ft.sim.physics == ft.physics
+        assert row["identify_error"] < row["identify_error_start"]
+        assert ft.physics["motor_strength"] / ft.physics["mass_scale"] < 0.85  # weaker than nominal, as it is
+        sim = ft.make_sim(4)
+        assert sim.physics == ft.physics
+        sim.close()
+        assert torch.equal(ft.model_data().state, ft.target_data.state)  # the state terms stay at the mean
+    finally:
+        ft.close()

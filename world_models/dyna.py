@@ -20,7 +20,9 @@ on (same agent, buffer, step count) for imagined_steps / R steps in rollouts sta
 that has moved into states where the model still holds the pretraining robot's dynamics is shown the target's
 there before it trains further. With `identify`, the randomised-physics terms of the model's state are
 estimated from the target data each round (world_models/identify.py; needs a model trained with them varying),
-so imagination steps the identified robot and the trainer's critics read the estimate.
+so imagination steps the identified robot and the trainer's critics read the estimate; with a sim-prior model
+the simulator's own motor strength, mass and friction scales are estimated instead (identify_physics), and
+every simulator of the imagined envs steps them.
 
 Each round also reports the model's survival agreement (the imagined fall rate of the policy the target just
 ran, beside the target's). With `select="model"` the result is the checkpoint whose deterministic policy scores
@@ -57,7 +59,8 @@ class DynaConfig:
     model_lr: float = 3e-4
     imagined_steps: int = 100_000  # the trainer's env steps inside the model, in all (split over rounds)
     rounds: int = 1  # collect -> model -> imagine cycles; from the second the target runs the trainer's policy
-    identify: bool = False  # estimate the randomised-physics terms from the target data each round
+    identify: bool = False  # estimate the randomised physics from the target data each round (a sim-prior model:
+    #   the simulator's scales, identify.identify_physics)
     imagined_envs: int | None = None  # None: the run's num_envs
     horizon: int = 250  # imagined steps before truncation (a target episode: 5 s at 50 Hz)
     imagined: ImaginedEnvConfig = field(default_factory=ImaginedEnvConfig)  # gates, lambda, u_max, samples

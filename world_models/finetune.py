@@ -86,7 +86,8 @@ class WMFinetuneConfig:
     anchor_weight: float = 1.0  # pull tanh(mu) toward the pretrained policy's on every batch row (0: off)
     target_obs_noise: bool = True  # imagined policy observations carry the target sim's sensor noise (its
     #   randomisation's obs_noise; a robot target has none to read: set imagined.obs_noise)
-    identify: bool = False  # estimate the sim-only terms from target data for the model (world_models/identify.py)
+    identify: bool = False  # estimate the robot's physics from target data (world_models/identify.py): the sim-only
+    #   terms for a plain model, the simulator's scales for a sim-prior model
     horizon_start: int = 1  # imagined horizon of the first round ...
     horizon_end: int = 20  # ... ramped linearly to this in the last (LIFT: 1 -> 20)
     model_updates: int = 200  # EDM gradient steps on the target data per round (0: the model stays fixed)
@@ -191,6 +192,7 @@ class WorldModelFinetuner:
         self.layout = json.loads(payload["layout"]) if payload.get("layout") else None
         # a sim-prior model corrects the nominal simulator: rebuild it (one for the data, one per imagined env)
         self._payload = payload
+        self.physics: dict[str, float] = {}  # the sim prior's model scales: identified from target data (identify)
         self.sim = self.make_sim(256) if getattr(self.model.cfg, "sim_prior", False) else None
         # ---- the target system: the run's task (optionally shifted) unless a factory is given
         self.task = task or self.base.task
@@ -298,7 +300,10 @@ class WorldModelFinetuner:
 
         if self.layout is None:
             raise WorldModelError(f"world model {self.wm_path} corrects a simulator but carries no state layout")
-        return sim_prior_from_payload(self._payload, self.layout, num_envs)
+        sim = sim_prior_from_payload(self._payload, self.layout, num_envs)
+        if self.physics:
+            sim.set_physics(self.physics)
+        return sim
 
     def model_data(self) -> Transitions:
         """The target data as the model reads it: with `identify`, the sim-only terms hold the estimate (the
@@ -311,12 +316,19 @@ class WorldModelFinetuner:
 
     # ---- 1b. which robot is this? ---------------------------------------------------------------
     def identify(self) -> dict:
-        """Estimate the sim-only terms from all target data so far (the model's one-step error, coordinate
-        descent over its range). -> the round's identification columns."""
-        from s2r.world_models.identify import identify_terms
+        """Which robot is this, from all target data so far. A sim-prior model: the simulator's motor
+        strength, mass and friction scales, by its own one-step error (the sim prior then steps the estimate;
+        the model's state terms stay at the pretraining mean). A plain model: the sim-only terms of its state,
+        by the model's one-step error over its range. -> the round's identification columns."""
+        from s2r.world_models.identify import identify_physics, identify_terms
 
-        res = identify_terms(self.model, self.target_data, self.nominal.columns, self.terms, seed=self.cfg.seed,
-                             sim=self.sim)
+        if self.sim is not None:
+            phys = identify_physics(self.sim, self.target_data, start=self.physics or None)
+            self.physics = phys.value
+            return {**{f"identified_{k}": round(v, 4) for k, v in phys.value.items()},
+                    "identify_error": round(phys.error, 4), "identify_error_start": round(phys.error_start, 4),
+                    "identify_on_edge": len(phys.on_edge)}
+        res = identify_terms(self.model, self.target_data, self.nominal.columns, self.terms, seed=self.cfg.seed)
         self.terms = res.value
         return {**{f"identified_{n}": round(float(v), 4) for n, v in zip(self.nominal.names, res.value)},
                 "identify_error": round(res.error, 4), "identify_error_start": round(res.error_start, 4),

@@ -21,6 +21,11 @@ into MuJoCo's qpos/qvel (`pose_from_terms`: base at the origin, heading 0). Per 
     3. the next critic observation (a fall's final observation where the task terminated); the terms
        that are not physics (the command, the randomised-physics summary) are carried over from s
 
+`set_physics` moves the simulator itself toward the robot (fixed scales on motor strength, mass, friction,
+as domain randomisation applies them); `identify.identify_physics` picks those scales from the robot's data
+by the simulator's own one-step error. The simulator extrapolates where a learned model cannot, so a robot
+outside the pretraining range is still found, and the residual left for the model shrinks.
+
 Training-side only (MuJoCo and torch), like the rest of world_models/.
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +79,27 @@ class SimPrior:
         self.layout = layout
         self.scale = {t.name: t.scale for t in self.env.spec.observation.terms}
         self.carried = [layout[k] for k in CARRIED_TERMS if k in layout]
+        self.physics: dict[str, float] = {}  # the fixed model scales in use ({}: the nominal model)
         self.env.reset()
+
+    def set_physics(self, physics: dict[str, float]) -> None:
+        """Step a robot that differs from the nominal model by fixed scales, every env alike: fields of
+        sim.randomization's RandomizationConfig, e.g. {"motor_strength": 0.8, "mass_scale": 1.1}, applied
+        as domain randomisation applies them ({} restores the nominal model)."""
+        from s2r.sim.randomization import SCALE_FIELDS, ModelRandomizer, RandomizationConfig
+
+        for k, v in physics.items():
+            if k not in SCALE_FIELDS:
+                raise WorldModelError(f"sim prior physics: unknown scale {k!r}; expected one of {list(SCALE_FIELDS)}")
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise WorldModelError(f"sim prior physics: {k} must be a finite number > 0, got {v!r}")
+        ranges = {f: (1.0, 1.0) for f in SCALE_FIELDS} | {k: (float(v), float(v)) for k, v in physics.items()}
+        env = self.env
+        fixed = ModelRandomizer(RandomizationConfig(enabled=True, com_offset=0.0, **ranges), env.model,
+                                env.index.joint_act, env.index.joint_dof, None)
+        params, _ = fixed.sample(env.num_envs, torch.Generator().manual_seed(0))  # (v, v) ranges: no randomness
+        env.backend.set_params(torch.arange(env.num_envs), params)
+        self.physics = {k: float(v) for k, v in physics.items()}
 
     def _terms(self, state: Tensor) -> dict[str, Tensor]:
         def raw(name: str) -> Tensor:

@@ -65,7 +65,8 @@ def train_diffusion(model: DiffusionWorldModel, data: Transitions, cfg: FitConfi
         x0 = model.target(states[:, -1], nxt, rew, term, prior)  # [M, D]: the clean transition, noise or not
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
     model.train()
     history, acc, n = [], 0.0, 0
     for step in range(1, cfg.steps + 1):
