@@ -90,9 +90,9 @@ def identify_physics(sim, data: Transitions, fields: tuple[str, ...] = ("motor_s
     measured (state, action) is closest to the measured one. A coarse sweep of `grid` values over [lo, hi] per
     field, then Hooke-Jeeves pattern search (moves of +-h per field, a pattern move along each improvement,
     h halved down to `tol`): the pattern move follows valleys where fields trade off (motor strength against
-    mass). The objective adds prior_weight x mean(log(scale / start)^2): where the data cannot tell (along
-    such a valley a robot with latency and pushes moves the error by a few thousandths), the estimate stays
-    near the start. The simulator is deterministic, so no common random numbers are needed; it extrapolates,
+    mass). The objective adds prior_weight x mean(log(scale)^2), a pull toward the nominal model: where the
+    data cannot tell (along such a valley a robot with latency and pushes moves the error by a few
+    thousandths), the estimate stays near it instead of drifting from one call's start to the next. The simulator is deterministic, so no common random numbers are needed; it extrapolates,
     so the range may lie far outside what a learned model saw."""
     if grid < 3 or not 0 < lo < hi or not 0 < tol or max_evals < 1 or not prior_weight >= 0:
         raise ValueError(f"physics identification needs grid >= 3, 0 < lo < hi, tol > 0, max_evals >= 1 and "
@@ -108,7 +108,6 @@ def identify_physics(sim, data: Transitions, fields: tuple[str, ...] = ("motor_s
     at, dim = sim.layout["last_action"]
     keep[at:at + dim] = False
     seen: dict[tuple, float] = {}  # x -> the simulator's one-step error
-    x0 = tuple(min(max(float((start or {}).get(f, 1.0)), lo), hi) for f in fields)
 
     def clip(x: tuple) -> tuple:
         return tuple(round(min(max(v, lo), hi), 6) for v in x)
@@ -118,7 +117,7 @@ def identify_physics(sim, data: Transitions, fields: tuple[str, ...] = ("motor_s
         if x not in seen:
             sim.set_physics(dict(zip(fields, x)))
             seen[x] = float(_nrmse(sim.predict(state, action), nxt, std, keep).mean())
-        return seen[x] + prior_weight * sum(math.log(v / v0) ** 2 for v, v0 in zip(x, x0)) / len(x)
+        return seen[x] + prior_weight * sum(math.log(v) ** 2 for v in x) / len(x)
 
     def explore(x: tuple, h: float) -> tuple:  # +-h along each field in turn, keeping what improves
         for j in range(len(fields)):
@@ -129,8 +128,9 @@ def identify_physics(sim, data: Transitions, fields: tuple[str, ...] = ("motor_s
                     break
         return x
 
-    x = clip(x0)
-    err0 = error(x)
+    x = clip(tuple(float((start or {}).get(f, 1.0)) for f in fields))
+    error(x)
+    err0 = seen[x]
     for j in range(len(fields)):  # 1. coarse sweep
         for v in torch.linspace(lo, hi, grid).tolist():
             y = clip(x[:j] + (v,) + x[j + 1:])
