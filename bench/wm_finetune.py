@@ -1,7 +1,8 @@
 """Sim-to-"real" on a shifted robot: world-model finetuning vs model-free SAC finetuning vs none, one run.
 
     python bench/wm_finetune.py --run RUN [--reference REF] [--shift KEY=VALUE ...] [--sac-budgets 1,5]
-                                [--arms none,wm,dyna,sac] [--dyna KEY=VALUE ...] [--eval-episodes E]
+                                [--arms none,wm,dyna,sac,trainer] [--dyna KEY=VALUE ...] [--eval-episodes E]
+                                [--trainer-budgets 10000,50000]
                                 [--world-model WM] [--quick] [--threads N] [--seed S]
 
 RUN: a humanoid-stand training run (`s2r train --task humanoid-stand`). The "real" robot is the same task
@@ -21,6 +22,9 @@ the others; it defines the gap that finetuning should recover: (none - arm) / (n
            (as a trainer would), the same updates per target step; evaluated after each budget of
            --sac-budgets (multiples of the wm arm's target steps: 1,5 asks whether world-model finetuning
            needs 5x fewer target steps).
+  3b. trainer: model-free finetuning with dyna's learner, on the target itself: the run's own trainer
+           (init_from the run, its recipe) explores there; evaluated after each of --trainer-budgets target
+           steps, its falls counted. What dyna's target steps and falls compare with.
 Per arm: target steps used, falls on the target during finetuning, final fall rate and return over the
 E evaluation episodes. Last line: one JSON object.
 """
@@ -183,6 +187,50 @@ def model_free(run: Path, target: dict, ft: dict, updates: int, seed: int, budge
     return at
 
 
+class FallCounter:
+    """The target env, counting its terminated (fallen) and ended episodes while a trainer explores on it."""
+
+    def __init__(self, env):
+        self.env, self.falls, self.episodes = env, 0, 0
+
+    def step(self, action):
+        out = self.env.step(action)
+        self.falls += int(out[2].sum())
+        self.episodes += int((out[2] | out[3]).sum())
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+def model_free_trainer(run: Path, target: dict, budgets: list[int], seed: int, task: str, eval_envs: int,
+                       eval_seed: int, out_dir: Path) -> dict:
+    """The run's own trainer continued on the target (stochastic actions there), as dyna continues it in the
+    model: the same agent, recipe and initialisation, with target steps instead of imagined ones."""
+    from s2r.policies.trainer import Trainer
+
+    base = load_run(run)[0]
+    made: list[FallCounter] = []
+
+    def make(n: int, env_seed: int) -> FallCounter:
+        made.append(FallCounter(make_env(task, n, seed=env_seed, **target)))
+        return made[-1]
+
+    tcfg = dataclasses.replace(base, task=task, env_overrides=merge_overrides(base.env_overrides, target),
+                               init_from=str(run), total_steps=budgets[0], eval_every=10**12,
+                               checkpoint_every=10**12, seed=seed, progress=False)
+    trainer = Trainer(tcfg, out_dir, make_env=make)
+    at: dict = {}
+    for i, b in enumerate(budgets):
+        trainer.cfg.total_steps = b
+        trainer.train(close_env=i + 1 == len(budgets))
+        at[b] = {"target_steps": trainer.env_steps, "target_falls": made[0].falls,
+                 "target_episodes": made[0].episodes, "updates": trainer.n_updates,
+                 **evaluate((trainer.agent, trainer.obs_norm if trainer.cfg.normalize_obs else None), target, task,
+                            eval_envs, eval_seed)}
+    return at
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=None, help="humanoid-stand run dir (default with --quick: train one)")
@@ -198,7 +246,10 @@ def main() -> None:
                     help="a DynaConfig setting of the dyna arm (repeatable), e.g. target_steps=10000, "
                          "imagined_steps=100000, horizon=250, model_updates=2000")
     ap.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per arm (default 32)")
-    ap.add_argument("--arms", default="none,wm,dyna,sac", help="which of none, wm, dyna, sac to run (comma-separated)")
+    ap.add_argument("--arms", default="none,wm,dyna,sac",
+                    help="which of none, wm, dyna, sac, trainer to run (comma-separated)")
+    ap.add_argument("--trainer-budgets", default="10000,50000",
+                    help="trainer arm: evaluate after these numbers of target steps (comma-separated)")
     ap.add_argument("--reference", type=Path, default=None,
                     help="a run trained on the target: the gap finetuning should recover")
     ap.add_argument("--shift", action="append", default=None, metavar="KEY=VALUE",
@@ -241,8 +292,13 @@ def main() -> None:
             except yaml.YAMLError:
                 ap.error(f"{flag} {item!r}: the value is not YAML")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not arms or set(arms) - {"none", "wm", "dyna", "sac"}:
-        ap.error(f"--arms takes a comma-separated subset of none, wm, dyna, sac; got {args.arms!r}")
+    if not arms or set(arms) - {"none", "wm", "dyna", "sac", "trainer"}:
+        ap.error(f"--arms takes a comma-separated subset of none, wm, dyna, sac, trainer; got {args.arms!r}")
+    try:
+        trainer_budgets = sorted({int(b) for b in args.trainer_budgets.split(",") if b.strip()})
+        assert trainer_budgets and trainer_budgets[0] >= 1
+    except (ValueError, AssertionError):
+        ap.error(f"--trainer-budgets takes whole numbers >= 1, comma-separated; got {args.trainer_budgets!r}")
     if "sac" in arms and "wm" not in arms:
         ap.error("--arms: the sac arm makes as many updates as the wm arm; run it together with wm")
     try:
@@ -326,6 +382,14 @@ def main() -> None:
         for b, r in at.items():
             out["sac" if b == 1 else f"sac_x{b}"] = r
         out["sac" if 1 in at else f"sac_x{min(at)}"]["wall_s"] = round(time.perf_counter() - t, 1)
+
+    if "trainer" in arms:
+        t = time.perf_counter()
+        at = model_free_trainer(run, target, trainer_budgets, args.seed, task, s["eval_envs"], eval_seed,
+                                args.work / f"trainer_{int(time.time())}")
+        for b, r in at.items():
+            out[f"trainer_{b}"] = r
+        out[f"trainer_{trainer_budgets[-1]}"]["wall_s"] = round(time.perf_counter() - t, 1)
 
     if "none" in out and "reference" in out:  # share of the none -> reference gap that each arm closes
         gap = out["none"]["terminated_rate"] - out["reference"]["terminated_rate"]
