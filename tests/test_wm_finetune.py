@@ -592,3 +592,24 @@ def test_identify_with_a_sim_prior_model_moves_the_simulator_toward_the_target(p
         assert torch.equal(ft.model_data().state, ft.target_data.state)  # the state terms stay at the mean
     finally:
         ft.close()
+
+
+def test_the_bench_model_free_arm_continues_the_runs_trainer_on_the_target_and_counts_its_falls(pretrained,
+                                                                                                  tmp_path):
+    """bench/wm_finetune.py's 'trainer' arm: dyna's learner exploring on the target itself, evaluated per budget."""
+    import importlib.util
+
+    from s2r.policies.evaluate import load_run
+
+    spec = importlib.util.spec_from_file_location("bench_wm_finetune", ROOT / "bench/wm_finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run, _ = pretrained
+    target = {"episode_length_s": 1.0, "task_overrides": {"randomization": {"motor_strength": [0.05, 0.05]}}}  # falls
+    at = bench.model_free_trainer(run, target, [100, 200], 0, "humanoid-stand", 2, 5, tmp_path / "mf")
+    assert list(at) == [100, 200] and [r["target_steps"] for r in at.values()] == [100, 200]
+    assert 0 < at[100]["target_falls"] <= at[200]["target_falls"] <= at[200]["target_episodes"]
+    assert at[200]["updates"] > at[100]["updates"] > 0
+    start = load_run(run)[1].actor.state_dict()
+    after = load_run(tmp_path / "mf")[1].actor.state_dict()
+    assert any(not torch.equal(start[k], after[k]) for k in start)  # it learned on the target
