@@ -92,8 +92,9 @@ def identify_physics(sim, data: Transitions, fields: tuple[str, ...] = ("motor_s
     h halved down to `tol`): the pattern move follows valleys where fields trade off (motor strength against
     mass). The objective adds prior_weight x mean(log(scale)^2), a pull toward the nominal model: where the
     data cannot tell (along such a valley a robot with latency and pushes moves the error by a few
-    thousandths), the estimate stays near it instead of drifting from one call's start to the next. The simulator is deterministic, so no common random numbers are needed; it extrapolates,
-    so the range may lie far outside what a learned model saw."""
+    thousandths), the estimate stays near it instead of drifting from one call's start to the next. The
+    simulator is deterministic, so no common random numbers are needed; it extrapolates, so the range may lie
+    far outside what a learned model saw."""
     if grid < 3 or not 0 < lo < hi or not 0 < tol or max_evals < 1 or not prior_weight >= 0:
         raise ValueError(f"physics identification needs grid >= 3, 0 < lo < hi, tol > 0, max_evals >= 1 and "
                          f"prior_weight >= 0, got {grid}, {lo}, {hi}, {tol}, {max_evals}, {prior_weight}")
