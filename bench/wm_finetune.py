@@ -231,6 +231,16 @@ def model_free_trainer(run: Path, target: dict, budgets: list[int], seed: int, t
     return at
 
 
+def parse_budgets(ap: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
+    """'1,5' -> [1, 5] (sorted, unique); anything else ends the run with a message naming the flag."""
+    try:
+        budgets = sorted({int(b) for b in text.split(",") if b.strip()})
+        assert budgets and budgets[0] >= 1
+    except (ValueError, AssertionError):
+        ap.error(f"{flag} takes comma-separated whole numbers >= 1, got {text!r}")
+    return budgets
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=None, help="humanoid-stand run dir (default with --quick: train one)")
@@ -294,18 +304,10 @@ def main() -> None:
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - {"none", "wm", "dyna", "sac", "trainer"}:
         ap.error(f"--arms takes a comma-separated subset of none, wm, dyna, sac, trainer; got {args.arms!r}")
-    try:
-        trainer_budgets = sorted({int(b) for b in args.trainer_budgets.split(",") if b.strip()})
-        assert trainer_budgets and trainer_budgets[0] >= 1
-    except (ValueError, AssertionError):
-        ap.error(f"--trainer-budgets takes whole numbers >= 1, comma-separated; got {args.trainer_budgets!r}")
     if "sac" in arms and "wm" not in arms:
         ap.error("--arms: the sac arm makes as many updates as the wm arm; run it together with wm")
-    try:
-        budgets = sorted({int(b) for b in args.sac_budgets.split(",") if b.strip()})
-        assert budgets and budgets[0] >= 1
-    except (ValueError, AssertionError):
-        ap.error(f"--sac-budgets takes comma-separated whole numbers >= 1, got {args.sac_budgets!r}")
+    budgets, trainer_budgets = (parse_budgets(ap, flag, text) for flag, text in (
+        ("--sac-budgets", args.sac_budgets), ("--trainer-budgets", args.trainer_budgets)))
     t0 = time.perf_counter()
     args.work.mkdir(parents=True, exist_ok=True)
     run = args.run

@@ -86,16 +86,15 @@ class SimPrior:
         """Step a robot that differs from the nominal model by fixed scales, every env alike: fields of
         sim.randomization's RandomizationConfig, e.g. {"motor_strength": 0.8, "mass_scale": 1.1}, applied
         as domain randomisation applies them ({} restores the nominal model)."""
-        from s2r.sim.randomization import SCALE_FIELDS, ModelRandomizer, RandomizationConfig
+        from s2r.sim.randomization import SCALE_FIELDS, ModelRandomizer, RandomizationConfig, fixed_shift_overrides
 
         for k, v in physics.items():
             if k not in SCALE_FIELDS:
                 raise WorldModelError(f"sim prior physics: unknown scale {k!r}; expected one of {list(SCALE_FIELDS)}")
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise WorldModelError(f"sim prior physics: {k} must be a finite number > 0, got {v!r}")
-        ranges = {f: (1.0, 1.0) for f in SCALE_FIELDS} | {k: (float(v), float(v)) for k, v in physics.items()}
         env = self.env
-        fixed = ModelRandomizer(RandomizationConfig(enabled=True, com_offset=0.0, **ranges), env.model,
+        fixed = ModelRandomizer(RandomizationConfig(**fixed_shift_overrides(physics)["randomization"]), env.model,
                                 env.index.joint_act, env.index.joint_dof, None)
         params, _ = fixed.sample(env.num_envs, torch.Generator().manual_seed(0))  # (v, v) ranges: no randomness
         env.backend.set_params(torch.arange(env.num_envs), params)
