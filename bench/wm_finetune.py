@@ -17,7 +17,8 @@ the others; it defines the gap that finetuning should recover: (none - arm) / (n
            rollouts (horizon ramp) -> SAC updates with real_ratio real data;
   2b. dyna: world_models/dyna.py: T deterministic target steps -> model update -> the run's own trainer
            (init_from the run) for I env steps inside the model (--dyna KEY=VALUE: DynaConfig settings;
-           rounds=R repeats the cycle with the trainer's current policy on the target, T and I split over R);
+           rounds=R repeats the cycle with the trainer's current policy on the target, T and I split over R;
+           imagine=sim identify=true: in the simulator at the identified physics instead of the model);
   3. sac:  model-free SAC finetuning on the target: the same pretrained agent acts stochastically there
            (as a trainer would), the same updates per target step; evaluated after each budget of
            --sac-budgets (multiples of the wm arm's target steps: 1,5 asks whether world-model finetuning
@@ -366,7 +367,7 @@ def main() -> None:
         rep = dyna_finetune(run, wm_path, dyna_dir, dcfg, env_overrides=target)
         _, agent_d, norm_d, *_ = load_run(rep["checkpoint"])  # the last, or the one the model selected
         out["dyna"] = {**{k: rep[k] for k in ("target_steps", "target_falls", "target_episodes", "imagined_steps",
-                                              "updates")},
+                                              "updates")}, "imagine": dcfg.imagine, "sim_randomize": dcfg.sim_randomize,
                        **{k: v for k, v in rep.items() if k.startswith("imagined_") and k != "imagined_steps"},
                        **{k: v for k, v in rep["rounds"][-1].items() if k.startswith("identif")},
                        "rounds": [{k: row[k] for k in ("round", "target_steps", "target_falls", "imagined_steps",

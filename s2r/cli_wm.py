@@ -312,6 +312,9 @@ def finetune_cmd(
     trainer_select: str = typer.Option("last", help="--learner trainer: the result is the last checkpoint, or "
                                    "'model': the one whose policy scores best in imagined episodes from the target's "
                                    "episode starts (no target steps spent choosing)"),
+    trainer_imagine: str = typer.Option("model", help="--learner trainer: explore in the world 'model', or in the "
+                                        "'sim'ulator a sim-prior model corrects, at the physics --identify estimates "
+                                        "(the task's randomisation centred on it; no learned residual)"),
     trainer_checkpoint_every: Optional[int] = typer.Option(None, help="--learner trainer: imagined steps between "
                                                            "checkpoints (candidates for --trainer-select model)"),
     rounds: int = typer.Option(10, help="collect -> model -> imagine -> update rounds"),
@@ -335,6 +338,10 @@ def finetune_cmd(
                                        "pretraining mean (--learner trainer: the estimate); a sim-prior model: "
                                        "the simulator's motor strength, mass and friction scales by its own "
                                        "one-step error, and imagination steps the estimate"),
+    sim_randomize: bool = typer.Option(True, "--sim-randomize/--no-sim-randomize",
+                                       help="a sim-prior model: each imagined rollout steps one robot of the task's "
+                                            "domain randomisation around the (identified) physics, with its pushes; "
+                                            "off: one fixed robot"),
     nominal_sim_terms: bool = typer.Option(True, "--nominal-sim-terms/--measured-sim-terms",
                                            help="critics read the task's randomised-physics terms at their pretraining "
                                                 "mean (unknown on a robot) or as the target reports them"),
@@ -383,7 +390,9 @@ def finetune_cmd(
 
             dcfg = DynaConfig(target_steps=target_steps, target_envs=target_envs, model_updates=model_updates,
                               model_lr=model_lr, imagined_steps=trainer_steps, horizon=trainer_horizon,
-                              rounds=trainer_rounds, identify=identify, select=trainer_select,
+                              rounds=trainer_rounds, identify=identify, sim_randomize=sim_randomize,
+                              imagine=trainer_imagine,
+                              select=trainer_select,
                               checkpoint_every=trainer_checkpoint_every,
                               imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
                               nominal_sim_terms=nominal_sim_terms, eval_envs=max(1, eval_envs), seed=seed)
@@ -409,7 +418,7 @@ def finetune_cmd(
                                lr_actor=lr_actor, nominal_sim_terms=nominal_sim_terms, horizon_start=h0,
                                horizon_end=h1, model_updates=model_updates, model_lr=model_lr,
                                imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
-                               eval_envs=eval_envs, seed=seed, identify=identify,
+                               eval_envs=eval_envs, seed=seed, identify=identify, sim_randomize=sim_randomize,
                                **({} if anchor_weight is None else {"anchor_weight": anchor_weight}))
         cfg.check()
         overrides = None

@@ -112,6 +112,7 @@ class BatchedEnv:
             base_body = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, self.spec.base_body)
         self.randomizer = ModelRandomizer(self.rand_cfg, self.model, self.index.joint_act,
                                           self.index.joint_dof, base_body)
+        self._task_ranges = self.rand_cfg  # what centre_randomization scales
         # per-env randomised physics in a nutshell (critic terms): rows of one [3, N] tensor, so a reset
         # writes its envs with one indexed copy, and each term is contiguous (torch.cat's fast path)
         self._dr_summary = torch.ones(3, N, device=dev)
@@ -231,6 +232,33 @@ class BatchedEnv:
         # 11
         self._obs = self._observe()
         return self._obs, reward, terminated, truncated, info
+
+    def reset_envs(self, ids: torch.Tensor) -> None:
+        """Start new episodes in the envs `ids` only (new randomised physics, latency and push schedule, the
+        task's reset state); the others go on. For callers that end episodes themselves (world_models'
+        simulator prior ends them with its imagined rollouts)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
+        if len(ids) == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= self.num_envs:
+            raise EnvError(f"reset_envs: env ids must lie in [0, {self.num_envs}), got {ids.tolist()[:10]}")
+        self._reset_envs(ids)
+        self.policy_obs.reset(ids)
+        self.task.refresh()
+        self._obs = self._observe()
+
+    def centre_randomization(self, scales: dict[str, float]) -> None:
+        """Centre the domain randomisation's model scales on `scales` (RandomizationConfig fields, e.g. an
+        identified {"motor_strength": 0.6, "mass_scale": 0.9}): each range becomes the task's range times its
+        scale ({} restores the task's). Envs draw from the new ranges at their next reset."""
+        from s2r.sim.randomization import SCALE_FIELDS
+
+        bad = {k: v for k, v in scales.items() if k not in SCALE_FIELDS or not (math.isfinite(v) and v > 0)}
+        if bad:
+            raise EnvError(f"centre_randomization: {bad} are not model scales > 0 (fields: {list(SCALE_FIELDS)})")
+        base = self._task_ranges
+        self.randomizer.cfg = replace(base, **{k: (getattr(base, k)[0] * v, getattr(base, k)[1] * v)
+                                               for k, v in scales.items()})
 
     def default_ctrl(self) -> torch.Tensor:
         """[N, nu] actuator controls that hold the default pose (what a reset applies)."""

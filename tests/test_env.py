@@ -90,6 +90,21 @@ def test_a_fall_terminates_only_that_env_and_resets_it():
     assert info["final_obs"]["critic"][1, env.spec.observation.frame_dim + 3] < 0.5  # base height term
 
 
+def test_reset_envs_starts_new_episodes_and_robots_in_those_envs_only():
+    env = make(num_envs=4, seed=2)
+    env.reset()
+    for _ in range(3):
+        env.step(zeros(env))
+    friction = [env.backend.env_model(i).geom_friction[0, 0] for i in range(4)]
+    env.reset_envs(torch.tensor([2]))
+    assert env.episode_step.tolist() == [3, 3, 0, 3]
+    now = [env.backend.env_model(i).geom_friction[0, 0] for i in range(4)]
+    assert [a != b for a, b in zip(friction, now)] == [False, False, True, False]  # a new robot in env 2 only
+    env.reset_envs(torch.zeros(0, dtype=torch.long))  # nothing to reset
+    with pytest.raises(EnvError, match=r"env ids must lie in \[0, 4\)"):
+        env.reset_envs(torch.tensor([4]))
+
+
 def test_same_seed_same_rollout_and_other_seed_differs():
     def rollout(seed):
         env = make(num_envs=4, seed=seed)

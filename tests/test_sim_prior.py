@@ -212,3 +212,50 @@ def test_the_sim_prior_steps_a_robot_with_other_physics(shifted, sim):
         identify_physics(sim, shifted, grid=2)
     with pytest.raises(WorldModelError, match="no transitions"):
         identify_physics(sim, shifted.select(torch.zeros(0, dtype=torch.long)))
+
+
+def test_a_randomised_sim_prior_steps_one_robot_of_the_family_per_env(nominal):
+    """Imagination's simulator (randomize): per env one robot of the task's domain randomisation, centred on
+    the physics set, and the task's pushes; new robots where rollouts restart."""
+    from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+    pushes = {"task_overrides": {"randomization": {"push_interval_s": [0.02, 0.02]}}}  # a push every control step
+    n = 16
+    sim = SimPrior(SimPriorConfig(num_envs=n), nominal.layout, randomize=True)
+    calm = SimPrior(SimPriorConfig(num_envs=n), nominal.layout)
+    kicked = SimPrior(SimPriorConfig(num_envs=n, **pushes), nominal.layout, randomize=True)
+    still = SimPrior(SimPriorConfig(num_envs=n, task_overrides={"randomization": {"push_velocity": 0.0}}),
+                     nominal.layout, randomize=True)  # the same robots (same seed), no pushes
+    try:
+        lo, hi = sim.env.randomizer.cfg.motor_strength
+        sim.set_physics({"motor_strength": 0.8})
+        assert sim.env.randomizer.cfg.motor_strength == pytest.approx((0.8 * lo, 0.8 * hi))
+        strength = sim.env.dr_summary["strength"].clone()  # [n] each env's mean motor strength
+        assert len(set(strength.tolist())) == n and (strength > 0.8 * lo - 1e-6).all() and (strength < 0.8 * hi).all()
+        assert (sim.env.latency == 0).all()  # latency is the residual's, not the simulator's
+        # one state and action for every env: the robots step it differently, around the fixed robot's step
+        s, a = nominal.state[:1].expand(n, -1), nominal.action[:1].expand(n, -1)
+        calm.set_physics({"motor_strength": 0.8})
+        fixed = calm.predict(s, a)
+        nxt = sim.predict(s, a)
+        spread = (nxt - nxt.mean(0)).abs().amax(0)  # [S]
+        assert spread.max() > 1e-3 and (nxt - fixed).abs().max() < 0.5
+        sim.reset_envs(torch.tensor([0, 3]))  # new robots there only
+        moved = sim.env.dr_summary["strength"] != strength
+        assert moved.tolist() == [i in (0, 3) for i in range(n)]
+        # pushes: the base's velocity jumps by up to push_velocity in x and y, as in training
+        v_at, _ = nominal.layout["critic.base_lin_vel"]
+        scale = {t.name: t.scale for t in kicked.env.spec.observation.terms}.get("critic.base_lin_vel", 1.0)
+        diff = kicked.predict(s, a) - still.predict(s, a)  # [n, S]
+        dv = diff[:, v_at:v_at + 2] / scale  # [n, 2] m/s
+        assert kicked.push_velocity == 0.3 and dv.abs().max() > 0.2 and (dv.abs() <= 0.3 + 1e-6).all()
+        assert (diff[:, :v_at] == 0).all() and (diff[:, v_at + 2:] == 0).all()  # the kick alone
+        with pytest.raises(WorldModelError, match="one row per env"):
+            sim.predict(s[:4], a[:4])
+        model = DiffusionWorldModel(WorldModelConfig(state_dim=nominal.state.shape[1], action_dim=nominal.action.shape[1],
+                                                     history=1, width=32, blocks=1, sim_prior=True))
+        with pytest.raises(WorldModelError, match="one MuJoCo env per imagined env"):
+            ImaginedEnv(model, nominal, n // 2, ImaginedEnvConfig(), sim=sim)
+    finally:
+        for x in (sim, calm, kicked, still):
+            x.close()

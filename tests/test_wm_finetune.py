@@ -15,6 +15,7 @@ import torch
 from s2r.control.spec import RobotSpec, SpecError
 from s2r.sim.gym import make_env
 from s2r.sim.overrides import parse_env_overrides
+from s2r.world_models.diffusion import WorldModelError
 from s2r.world_models.finetune import WMFinetuneConfig, WorldModelFinetuner, finetune_with_world_model
 from s2r.world_models.imagined_env import ImaginedEnvConfig
 
@@ -396,6 +397,9 @@ def test_cli_wm_finetune_and_the_finetune_alias(pretrained, tmp_path):
     r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "f", "--learner", "trainer",
              "--trainer-select", "best")
     assert r.exit_code == 2 and "select must be 'last' or 'model'" in r.output, r.output
+    r = _cli("finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "g", "--learner", "trainer",
+             "--trainer-imagine", "sim")
+    assert r.exit_code == 2 and "needs identify" in r.output, r.output
     r = _cli("wm", "finetune", "--from", run, "--world-model", wm, "--out", tmp_path / "e", "--learner", "dreamer")
     assert r.exit_code == 2 and "--learner must be finetune or trainer" in r.output, r.output
 
@@ -555,30 +559,66 @@ def test_dyna_can_keep_the_checkpoint_the_model_scores_best(pretrained, tmp_path
             dyna_finetune(run, wm, tmp_path / "x", dataclasses.replace(cfg, **bad))
 
 
-def test_dyna_rounds_with_a_sim_prior_model_keep_their_simulator(pretrained, tmp_path):
+@pytest.fixture(scope="module")
+def sim_prior_wm(pretrained, tmp_path_factory):
+    """A tiny sim-prior world model of humanoid-stand (s2r wm train --sim-prior) from the pretrained run."""
+    out = tmp_path_factory.mktemp("sim_prior_wm") / "wm"
+    r = _cli("wm", "train", "--out", out, "--task", "humanoid-stand", "--policy", pretrained[0], "--envs", 4,
+             "--rollout-steps", 30, "--steps", 30, "--width", 32, "--blocks", 1, "--sim-prior", "--no-progress")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_dyna_rounds_with_a_sim_prior_model_keep_their_simulator(pretrained, sim_prior_wm, tmp_path):
     """The imagined env of a sim-prior model owns a MuJoCo simulator; the trainer's later rounds step it again,
     so the trainer must not close it between rounds (it did: round 2 stepped a closed simulator)."""
     from s2r.world_models.dyna import DynaConfig, dyna_finetune
 
     run, _ = pretrained
-    r = _cli("wm", "train", "--out", tmp_path / "wm", "--task", "humanoid-stand", "--policy", run, "--envs", 4,
-             "--rollout-steps", 30, "--steps", 30, "--width", 32, "--blocks", 1, "--sim-prior", "--no-progress")
-    assert r.exit_code == 0, r.output
     cfg = DynaConfig(target_steps=32, target_envs=2, model_updates=5, imagined_steps=80, rounds=2, horizon=5,
                      eval_envs=1, agreement_rollouts=2, imagined=ImaginedEnvConfig(samples=2))
-    rep = dyna_finetune(run, tmp_path / "wm", tmp_path / "dyna", cfg, env_overrides=SHORT)
+    rep = dyna_finetune(run, sim_prior_wm, tmp_path / "dyna", cfg, env_overrides=SHORT)
     assert [row["imagined_steps"] for row in rep["rounds"]] == [40, 80] and rep["target_steps"] == 32
 
 
-def test_identify_with_a_sim_prior_model_moves_the_simulator_toward_the_target(pretrained, tmp_path):
+def test_dyna_can_train_in_the_simulator_at_the_identified_physics(pretrained, sim_prior_wm, tmp_path, monkeypatch):
+    """imagine="sim": the trainer explores in the pretraining task with its randomisation centred on the
+    physics identified each round (what identification alone buys); the target still runs only the policy."""
+    import s2r.sim.gym as gym_mod
+    from s2r.world_models.dyna import DynaConfig, dyna_finetune
+
+    run, wm = pretrained
+    made = []
+
+    def spy(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    real = gym_mod.make_env
+    monkeypatch.setattr(gym_mod, "make_env", spy)
+    shift = {"task_overrides": {"randomization": {"motor_strength": [0.6, 0.6]}}}
+    cfg = DynaConfig(target_steps=48, target_envs=2, model_updates=5, imagined_steps=80, rounds=2, identify=True,
+                     imagine="sim", eval_envs=1, agreement_rollouts=0, imagined=ImaginedEnvConfig(samples=2))
+    rep = dyna_finetune(run, sim_prior_wm, tmp_path / "dyna", cfg, env_overrides={**SHORT, **shift})
+    assert [row["imagined_steps"] for row in rep["rounds"]] == [40, 80] and rep["updates"] > 0
+    assert rep["target_steps"] == 48 and not any(k.startswith("imagined_halted") for k in rep)
+    # the trainer's env: the pretraining task (the target's shift is not known to it), centred on the last estimate
+    sim_env, = (e for e in made if "motor_strength" not in e.cfg.task_overrides.get("randomization", {}))
+    last = rep["rounds"][-1]
+    lo, hi = sim_env.randomizer.cfg.motor_strength
+    assert (lo + hi) / 2 == pytest.approx(last["identified_motor_strength"], abs=1e-4)  # the report rounds
+    with pytest.raises(ValueError, match="needs identify"):
+        dyna_finetune(run, sim_prior_wm, tmp_path / "x", dataclasses.replace(cfg, identify=False))
+    with pytest.raises(WorldModelError, match="plain model"):
+        dyna_finetune(run, wm, tmp_path / "y", cfg)
+
+
+def test_identify_with_a_sim_prior_model_moves_the_simulator_toward_the_target(pretrained, sim_prior_wm):
     """With a sim-prior model, `identify` estimates the simulator's physics scales from the target data; every
     simulator made afterwards (imagined envs, selection) steps the estimate, and the model's state terms stay."""
     run, _ = pretrained
-    r = _cli("wm", "train", "--out", tmp_path / "wm", "--task", "humanoid-stand", "--policy", run, "--envs", 4,
-             "--rollout-steps", 30, "--steps", 30, "--width", 32, "--blocks", 1, "--sim-prior", "--no-progress")
-    assert r.exit_code == 0, r.output
     shift = {"task_overrides": {"randomization": {"motor_strength": [0.6, 0.6]}}}
-    ft = WorldModelFinetuner(run, tmp_path / "wm", small(real_steps=40, eval_envs=0, identify=True),
+    ft = WorldModelFinetuner(run, sim_prior_wm, small(real_steps=40, eval_envs=0, identify=True),
                              env_overrides={**SHORT, **shift})
     try:
         ft.collect()

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from s2r.io import atomic_write_text
+from s2r.world_models.diffusion import WorldModelError
 from s2r.world_models.finetune import WMFinetuneConfig, WorldModelFinetuner, _jsonable
 from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
 
@@ -61,6 +62,12 @@ class DynaConfig:
     rounds: int = 1  # collect -> model -> imagine cycles; from the second the target runs the trainer's policy
     identify: bool = False  # estimate the randomised physics from the target data each round (a sim-prior model:
     #   the simulator's scales, identify.identify_physics)
+    sim_randomize: bool = True  # a sim-prior model: each imagined rollout steps one robot of the task's domain
+    #   randomisation around the identified physics, with its pushes (WMFinetuneConfig.sim_randomize)
+    # where the trainer explores: "model", the world model (imagined rollouts from the target's states); "sim", the
+    # simulator a sim-prior model corrects, as the whole task (its resets, pushes, latency, sensor noise, its
+    # randomisation centred on the identified physics) without the learned residual: identification alone
+    imagine: str = "model"
     imagined_envs: int | None = None  # None: the run's num_envs
     horizon: int = 250  # imagined steps before truncation (a target episode: 5 s at 50 Hz)
     imagined: ImaginedEnvConfig = field(default_factory=ImaginedEnvConfig)  # gates, lambda, u_max, samples
@@ -89,6 +96,10 @@ class DynaConfig:
         if isinstance(self.agreement_rollouts, bool) or not isinstance(self.agreement_rollouts, int) \
                 or self.agreement_rollouts < 0:
             raise ValueError(f"agreement_rollouts must be a whole number >= 0, got {self.agreement_rollouts!r}")
+        if self.imagine not in ("model", "sim"):
+            raise ValueError(f"imagine must be 'model' or 'sim', got {self.imagine!r}")
+        if self.imagine == "sim" and not self.identify:
+            raise ValueError("imagine='sim' trains in the simulator at the identified physics: it needs identify")
         if self.select not in ("last", "model"):
             raise ValueError(f"select must be 'last' or 'model', got {self.select!r}")
         if isinstance(self.select_rollouts, bool) or not isinstance(self.select_rollouts, int) \
@@ -131,14 +142,19 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
     ft_cfg = WMFinetuneConfig(rounds=cfg.rounds, real_steps=per_env, target_envs=cfg.target_envs,
                               model_updates=cfg.model_updates, model_batch_size=cfg.model_batch_size,
                               model_lr=cfg.model_lr, imagined=cfg.imagined, target_obs_noise=cfg.target_obs_noise,
-                              nominal_sim_terms=cfg.nominal_sim_terms, identify=cfg.identify, eval_envs=0,
+                              nominal_sim_terms=cfg.nominal_sim_terms, identify=cfg.identify,
+                              sim_randomize=cfg.sim_randomize, eval_envs=0,
                               seed=cfg.seed, real_capacity=max(per_env * cfg.target_envs * cfg.rounds, 1))
     ft = WorldModelFinetuner(run, world_model, ft_cfg, make_target=make_target, env_overrides=env_overrides,
                              task=task)
+    if cfg.imagine == "sim" and ft.sim is None:
+        ft.close()
+        raise WorldModelError(f"imagine='sim' trains in the simulator a sim-prior model corrects; {ft.wm_path} is a "
+                              f"plain model (s2r wm train --sim-prior)")
     report: dict = {"from": str(ft.run_path), "source": ft.source, "world_model": str(ft.wm_path),
                     "task": ft.task, "env_overrides": ft.env_overrides, "config": _jsonable(cfg)}
     rows: list[dict] = []
-    envs: list[ImaginedEnv] = []
+    envs: list = []  # the trainer's env: an ImaginedEnv, or the task's BatchedEnv (imagine="sim")
     trainer: Trainer | None = None
     per_round = cfg.imagined_steps // cfg.rounds
     try:
@@ -166,8 +182,15 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
                          f"{agree['imagined_fall_rate']:.3f}, target {agree['target_fall_rate']}")
             if trainer is None:
 
-                def make_imagined(n: int, seed: int) -> ImaginedEnv:
-                    envs.append(ImaginedEnv(ft.model, starts, n, icfg, spec=ft.spec, seed=seed, sim=ft.make_sim(n)))
+                def make_imagined(n: int, seed: int):
+                    if cfg.imagine == "sim":  # the pretraining task, its robots drawn around the estimate
+                        from s2r.sim.gym import make_env
+
+                        envs.append(make_env(ft.task, n, seed=seed, **ft.base.env_overrides))
+                        envs[-1].centre_randomization(ft.physics)
+                    else:
+                        envs.append(ImaginedEnv(ft.model, starts, n, icfg, spec=ft.spec, seed=seed,
+                                                sim=ft.make_sim(n, cfg.sim_randomize)))
                     return envs[-1]
 
                 # the run's own settings, initialised from it, its config pointing at the target
@@ -180,7 +203,12 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
                     keep_checkpoints=10**6 if cfg.select == "model" else base.keep_checkpoints)
                 trainer = Trainer(tcfg, out, make_env=make_imagined, make_eval_env=ft.make_target)
             else:
-                envs[0].set_starts(starts)
+                if cfg.imagine == "sim":  # the simulator's robots follow this round's estimate
+                    envs[0].centre_randomization(ft.physics)
+                else:
+                    envs[0].set_starts(starts)
+                    if envs[0].sim is not None:  # ... and so do the imagined ones
+                        envs[0].sim.set_physics(ft.physics)
                 trainer.cfg.total_steps = per_round * (r + 1) if r + 1 < cfg.rounds else cfg.imagined_steps
             ev = trainer.train(close_env=r + 1 == cfg.rounds)  # the imagined env (and its simulator) goes on
             rows.append({"round": r + 1, "target_steps": ft.counts["target_steps"],
@@ -197,7 +225,7 @@ def dyna_finetune(run: str | Path, world_model: str | Path, out: str | Path, cfg
     finally:
         ft.close()
     assert trainer is not None
-    imagined = envs[0].counts if envs else {}
+    imagined = getattr(envs[0], "counts", {}) if envs else {}  # the imagined env's gates (none in the simulator)
     history = trainer.eval_history
     eval_steps = sum(int(round(h["length_mean"] * cfg.eval_envs)) for h in history)
     report.update({"target_steps": ft.counts["target_steps"], "target_falls": ft.counts["target_falls"],
@@ -243,7 +271,7 @@ def imagined_episodes(ft: WorldModelFinetuner, act: Callable, rows, rollouts: in
     from s2r.policies.evaluate import evaluate_policy
 
     env = ImaginedEnv(ft.model, ft.model_data().select(rows), rollouts, icfg, spec=ft.spec, seed=seed,
-                      sim=ft.make_sim(rollouts))
+                      sim=ft.make_sim(rollouts, ft.cfg.sim_randomize))
     try:
         return evaluate_policy(env, act, seed=seed)
     finally:

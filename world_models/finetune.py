@@ -88,6 +88,8 @@ class WMFinetuneConfig:
     #   randomisation's obs_noise; a robot target has none to read: set imagined.obs_noise)
     identify: bool = False  # estimate the robot's physics from target data (world_models/identify.py): the sim-only
     #   terms for a plain model, the simulator's scales for a sim-prior model
+    sim_randomize: bool = True  # a sim-prior model's imagined rollouts each step one robot of the task's domain
+    #   randomisation around the (identified) physics, pushes included (sim_prior.py); False: one fixed robot
     horizon_start: int = 1  # imagined horizon of the first round ...
     horizon_end: int = 20  # ... ramped linearly to this in the last (LIFT: 1 -> 20)
     model_updates: int = 200  # EDM gradient steps on the target data per round (0: the model stays fixed)
@@ -292,15 +294,16 @@ class WorldModelFinetuner:
         self.target_data = new if self.target_data is None else cat_transitions([self.target_data, new])
         return new
 
-    def make_sim(self, num_envs: int):
-        """A SimPrior for the sim-prior model (None for a plain one), num_envs MuJoCo envs per chunk."""
+    def make_sim(self, num_envs: int, randomize: bool = False):
+        """A SimPrior for the sim-prior model (None for a plain one), num_envs MuJoCo envs per chunk, at the
+        physics identified so far (randomize: one randomised robot per env, for imagined rollouts)."""
         if not getattr(self.model.cfg, "sim_prior", False):
             return None
         from s2r.world_models.sim_prior import sim_prior_from_payload
 
         if self.layout is None:
             raise WorldModelError(f"world model {self.wm_path} corrects a simulator but carries no state layout")
-        sim = sim_prior_from_payload(self._payload, self.layout, num_envs)
+        sim = sim_prior_from_payload(self._payload, self.layout, num_envs, randomize=randomize)
         if self.physics:
             sim.set_physics(self.physics)
         return sim
@@ -383,7 +386,7 @@ class WorldModelFinetuner:
         cfg = self.cfg
         icfg = dataclasses.replace(cfg.imagined, horizon=horizon, obs_noise=self.obs_noise)
         ienv = ImaginedEnv(self.model, self.model_data(), cfg.imagined_envs, icfg, spec=self.spec,
-                           seed=cfg.seed + 100 * len(self.rounds), sim=self.make_sim(cfg.imagined_envs))
+                           seed=cfg.seed + 100 * len(self.rounds), sim=self.make_sim(cfg.imagined_envs, cfg.sim_randomize))
         obs = ienv.reset()
         stats: dict = {}
         for _ in range(cfg.imagined_steps):

@@ -12,7 +12,9 @@ Step order (one imagined step, all envs at once):
     2. sample the model                   (s', r, terminated) from the last k states + actions, `samples`
                                           draws: the first is the step, their spread is u [N]; a sim-prior
                                           model corrects the simulator's next state (sim_prior.py), one
-                                          MuJoCo step per env first
+                                          MuJoCo step per env first (a randomised prior: one robot of the
+                                          task's randomisation per env, a new one per rollout, pushed as
+                                          in training)
     3. NaN / exploding predictions        halted (terminated, reward 0, final_obs = last good state), counted
     4. last_action term                   set from the action (known exactly, not predicted)
     5. clamp to the data's state range    model.state_lo / state_hi (counted where a state left it by over a
@@ -74,6 +76,9 @@ class ImaginedEnv:
         if bool(getattr(model.cfg, "sim_prior", False)) != (sim is not None):
             raise WorldModelError("a sim-prior world model needs its simulator (sim=SimPrior), and only such a "
                                   "model takes one")
+        if sim is not None and sim.randomize and sim.env.num_envs != num_envs:
+            raise WorldModelError(f"a randomised sim prior needs one MuJoCo env per imagined env: it has "
+                                  f"{sim.env.num_envs}, the imagined env {num_envs}")
         self.sim = sim
         spec = spec if spec is not None else starts.spec
         if spec is not None and starts.spec is not None and spec.hash() != starts.spec.hash():
@@ -193,6 +198,8 @@ class ImaginedEnv:
         self.episode_return[ids] = 0
         if self.builder is not None:
             self.builder.reset(ids)
+        if self.sim is not None:  # a randomised sim prior: a new robot for each new rollout
+            self.sim.reset_envs(ids)
 
     def reset(self, seed: int | None = None) -> dict[str, Tensor]:
         if seed is not None:

@@ -26,6 +26,16 @@ as domain randomisation applies them); `identify.identify_physics` picks those s
 by the simulator's own one-step error. The simulator extrapolates where a learned model cannot, so a robot
 outside the pretraining range is still found, and the residual left for the model shrinks.
 
+With `randomize` (imagination, not the model's training data) each MuJoCo env is one robot of the task's
+domain randomisation, centred on the physics set: model scales drawn per env, the base's centre of mass,
+and the task's pushes, which the simulator integrates as it would in training. A policy trained in one
+fixed identified robot learns that robot; the target is a family of them (its randomisation, its pushes).
+`reset_envs` draws new ones when the imagined rollouts of those envs restart. A push adds its kick to the
+next state's base velocity (x, y of the base frame: the world's for the upright, heading-0 pose the state
+is rebuilt in), since the state is all the next step starts from. Latency stays out: the residual learned
+it against the unrandomised simulator (which has none), so adding it here would count it twice. Rows of
+`predict` map to envs by position, so a randomised prior steps exactly num_envs rows.
+
 Training-side only (MuJoCo and torch), like the rest of world_models/.
 """
 
@@ -57,12 +67,27 @@ class SimPriorConfig:
 class SimPrior:
     """predict(state [B, S], action [B, A]) -> next state [B, S] of the nominal, unrandomised simulator."""
 
-    def __init__(self, cfg: SimPriorConfig, layout: dict[str, list[int]]):
+    def __init__(self, cfg: SimPriorConfig, layout: dict[str, list[int]], randomize: bool = False):
         from s2r.sim.env import BatchedEnv, EnvConfig
+        from s2r.sim.overrides import merge_overrides
 
         self.cfg = cfg
-        self.env = BatchedEnv(EnvConfig(task=cfg.task, num_envs=cfg.num_envs, seed=cfg.seed, randomize=False,
-                                        episode_length_s=1e9, nthread=1, task_overrides=dict(cfg.task_overrides)))
+        self.randomize = bool(randomize)
+        overrides = dict(cfg.task_overrides)
+        if self.randomize:  # no latency (the residual's) and no sensor noise (the critic state is clean)
+            overrides = merge_overrides(overrides, {"randomization": {"latency_steps": [0, 0]}})
+            overrides["randomization"]["obs_noise"] = {}
+        self.env = BatchedEnv(EnvConfig(task=cfg.task, num_envs=cfg.num_envs, seed=cfg.seed,
+                                        randomize=self.randomize, episode_length_s=1e9, nthread=1,
+                                        task_overrides=overrides))
+        # the task's pushes, given by _kick: the env's own would go with the MuJoCo state rebuilt each step
+        rc = self.env.rand_cfg
+        self.push_velocity = rc.push_velocity if self.randomize else 0.0  # m/s, uniform +- on x and y
+        self.push_interval = rc.push_interval_s  # s, uniform
+        self.env.rand_cfg = dataclasses.replace(rc, push_velocity=0.0)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.episode_step = torch.zeros(cfg.num_envs, dtype=torch.long)  # per env, since its last reset_envs
+        self.next_push = self._push_steps(cfg.num_envs)
         self.task = self.env.task
         if not hasattr(self.task, "pose_from_terms"):
             raise WorldModelError(f"task '{cfg.task}' cannot be set to a measured state (it has no pose_from_terms); "
@@ -79,13 +104,14 @@ class SimPrior:
         self.layout = layout
         self.scale = {t.name: t.scale for t in self.env.spec.observation.terms}
         self.carried = [layout[k] for k in CARRIED_TERMS if k in layout]
-        self.physics: dict[str, float] = {}  # the fixed model scales in use ({}: the nominal model)
+        self.physics: dict[str, float] = {}  # the model scales in use ({}: the nominal model)
         self.env.reset()
 
     def set_physics(self, physics: dict[str, float]) -> None:
         """Step a robot that differs from the nominal model by fixed scales, every env alike: fields of
         sim.randomization's RandomizationConfig, e.g. {"motor_strength": 0.8, "mass_scale": 1.1}, applied
-        as domain randomisation applies them ({} restores the nominal model)."""
+        as domain randomisation applies them ({} restores the nominal model). A randomised prior multiplies
+        the task's ranges of those fields by the scales instead, and draws every env anew."""
         from s2r.sim.randomization import SCALE_FIELDS, ModelRandomizer, RandomizationConfig, fixed_shift_overrides
 
         for k, v in physics.items():
@@ -94,11 +120,41 @@ class SimPrior:
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise WorldModelError(f"sim prior physics: {k} must be a finite number > 0, got {v!r}")
         env = self.env
+        self.physics = {k: float(v) for k, v in physics.items()}
+        if self.randomize:
+            env.centre_randomization(self.physics)
+            self.reset_envs(torch.arange(env.num_envs))
+            return
         fixed = ModelRandomizer(RandomizationConfig(**fixed_shift_overrides(physics)["randomization"]), env.model,
                                 env.index.joint_act, env.index.joint_dof, None)
         params, _ = fixed.sample(env.num_envs, torch.Generator().manual_seed(0))  # (v, v) ranges: no randomness
         env.backend.set_params(torch.arange(env.num_envs), params)
-        self.physics = {k: float(v) for k, v in physics.items()}
+
+    def reset_envs(self, ids: Tensor) -> None:
+        """New robots (model scales, centre of mass, push schedule) for the envs `ids` of a randomised prior;
+        an unrandomised one has a single robot, so nothing changes."""
+        if self.randomize:
+            ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+            self.env.reset_envs(ids)
+            self.episode_step[ids] = 0
+            self.next_push[ids] = self._push_steps(len(ids))
+
+    def _push_steps(self, k: int) -> Tensor:
+        """[k] control steps to the next push, uniform over push_interval, at least 1 (as the env draws them)."""
+        lo, hi = self.push_interval
+        return ((lo + (hi - lo) * torch.rand(k, generator=self.gen)) / self.env.control_dt).long().clamp_min(1)
+
+    def _kick(self, nxt: Tensor) -> None:
+        """The pushes due after this step, on the next states' base velocity [N, S] in place."""
+        self.episode_step += 1
+        due = self.episode_step >= self.next_push  # [N]
+        if self.push_velocity <= 0 or not due.any():
+            return
+        at, _ = self.layout["critic.base_lin_vel"]
+        k = int(due.sum())
+        kick = (torch.rand(k, 2, generator=self.gen) * 2 - 1) * self.push_velocity  # [k, 2] m/s
+        nxt[due, at:at + 2] += kick * self.scale.get("critic.base_lin_vel", 1.0)
+        self.next_push[due] = self.episode_step[due] + self._push_steps(k)
 
     def _terms(self, state: Tensor) -> dict[str, Tensor]:
         def raw(name: str) -> Tensor:
@@ -117,6 +173,9 @@ class SimPrior:
                                   f"{tuple(action.shape)}")
         out = torch.empty_like(state)
         N = self.env.num_envs
+        if self.randomize and state.shape[0] != N:
+            raise WorldModelError(f"a randomised sim prior steps one row per env (its robot), {N} rows; got "
+                                  f"{state.shape[0]}")
         for lo in range(0, state.shape[0], N):
             s, a = state[lo:lo + N], action[lo:lo + N]
             k = s.shape[0]
@@ -144,6 +203,8 @@ class SimPrior:
             nxt[done] = info["final_obs"]["critic"][done]
         for at, dim in self.carried:
             nxt[:, at:at + dim] = state[:, at:at + dim]
+        if self.randomize:
+            self._kick(nxt)
         return nxt
 
     def close(self) -> None:
@@ -159,11 +220,13 @@ def sim_prior_extra(cfg: SimPriorConfig) -> dict:
     return {PAYLOAD_KEY: json.dumps(dataclasses.asdict(cfg))}
 
 
-def sim_prior_from_payload(payload: dict, layout: dict[str, list[int]], num_envs: int) -> SimPrior:
-    """The SimPrior a sim-prior model was trained against, num_envs MuJoCo envs per chunk."""
+def sim_prior_from_payload(payload: dict, layout: dict[str, list[int]], num_envs: int,
+                           randomize: bool = False) -> SimPrior:
+    """The SimPrior a sim-prior model was trained against, num_envs MuJoCo envs per chunk (randomize: one
+    randomised robot per env, for imagination)."""
     text = payload.get(PAYLOAD_KEY)
     if not text:
         raise WorldModelError("this world model corrects a simulator (sim_prior) but its file does not say which "
                               "(no 'sim_prior' entry); retrain it with `s2r wm train --sim-prior`")
     cfg = SimPriorConfig(**json.loads(text))
-    return SimPrior(dataclasses.replace(cfg, num_envs=num_envs), layout)
+    return SimPrior(dataclasses.replace(cfg, num_envs=num_envs), layout, randomize=randomize)
