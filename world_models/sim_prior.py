@@ -65,7 +65,8 @@ class SimPriorConfig:
 
 
 class SimPrior:
-    """predict(state [B, S], action [B, A]) -> next state [B, S] of the nominal, unrandomised simulator."""
+    """predict(state [B, S], action [B, A]) -> next state [B, S] of the simulator: the nominal model, at the
+    physics set, or (randomize) one randomised, pushed robot per env."""
 
     def __init__(self, cfg: SimPriorConfig, layout: dict[str, list[int]], randomize: bool = False):
         from s2r.sim.env import BatchedEnv, EnvConfig
