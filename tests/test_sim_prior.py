@@ -252,8 +252,9 @@ def test_a_randomised_sim_prior_steps_one_robot_of_the_family_per_env(nominal):
         assert (diff[:, :v_at] == 0).all() and (diff[:, v_at + 2:] == 0).all()  # the kick alone
         with pytest.raises(WorldModelError, match="one row per env"):
             sim.predict(s[:4], a[:4])
-        model = DiffusionWorldModel(WorldModelConfig(state_dim=nominal.state.shape[1], action_dim=nominal.action.shape[1],
-                                                     history=1, width=32, blocks=1, sim_prior=True))
+        model = DiffusionWorldModel(WorldModelConfig(state_dim=nominal.state.shape[1],
+                                                     action_dim=nominal.action.shape[1], history=1, width=32,
+                                                     blocks=1, sim_prior=True))
         with pytest.raises(WorldModelError, match="one MuJoCo env per imagined env"):
             ImaginedEnv(model, nominal, n // 2, ImaginedEnvConfig(), sim=sim)
     finally:

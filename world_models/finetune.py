@@ -386,7 +386,8 @@ class WorldModelFinetuner:
         cfg = self.cfg
         icfg = dataclasses.replace(cfg.imagined, horizon=horizon, obs_noise=self.obs_noise)
         ienv = ImaginedEnv(self.model, self.model_data(), cfg.imagined_envs, icfg, spec=self.spec,
-                           seed=cfg.seed + 100 * len(self.rounds), sim=self.make_sim(cfg.imagined_envs, cfg.sim_randomize))
+                           seed=cfg.seed + 100 * len(self.rounds),
+                           sim=self.make_sim(cfg.imagined_envs, cfg.sim_randomize))
         obs = ienv.reset()
         stats: dict = {}
         for _ in range(cfg.imagined_steps):
