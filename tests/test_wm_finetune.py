@@ -569,16 +569,33 @@ def sim_prior_wm(pretrained, tmp_path_factory):
     return out
 
 
-def test_dyna_rounds_with_a_sim_prior_model_keep_their_simulator(pretrained, sim_prior_wm, tmp_path):
+def test_dyna_rounds_with_a_sim_prior_model_keep_their_simulator(pretrained, sim_prior_wm, tmp_path, monkeypatch):
     """The imagined env of a sim-prior model owns a MuJoCo simulator; the trainer's later rounds step it again,
-    so the trainer must not close it between rounds (it did: round 2 stepped a closed simulator)."""
+    so the trainer must not close it between rounds (it did: round 2 stepped a closed simulator). With identify,
+    that simulator steps each round's estimate (it kept round 1's), one randomised robot per imagined env."""
+    import s2r.world_models.dyna as dyna_mod
     from s2r.world_models.dyna import DynaConfig, dyna_finetune
 
+    made = []
+
+    class Spy(dyna_mod.ImaginedEnv):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(dyna_mod, "ImaginedEnv", Spy)
     run, _ = pretrained
-    cfg = DynaConfig(target_steps=32, target_envs=2, model_updates=5, imagined_steps=80, rounds=2, horizon=5,
-                     eval_envs=1, agreement_rollouts=2, imagined=ImaginedEnvConfig(samples=2))
-    rep = dyna_finetune(run, sim_prior_wm, tmp_path / "dyna", cfg, env_overrides=SHORT)
-    assert [row["imagined_steps"] for row in rep["rounds"]] == [40, 80] and rep["target_steps"] == 32
+    shift = {"task_overrides": {"randomization": {"motor_strength": [0.8, 0.8]}}}
+    cfg = DynaConfig(target_steps=48, target_envs=2, model_updates=5, imagined_steps=80, rounds=2, horizon=5,
+                     identify=True, eval_envs=1, agreement_rollouts=3, imagined=ImaginedEnvConfig(samples=2))
+    rep = dyna_finetune(run, sim_prior_wm, tmp_path / "dyna", cfg, env_overrides={**SHORT, **shift})
+    assert [row["imagined_steps"] for row in rep["rounds"]] == [40, 80] and rep["target_steps"] == 48
+    trainer_env, = (e for e in made if e.num_envs != cfg.agreement_rollouts)  # the agreement envs come and go
+    assert trainer_env.sim.randomize and trainer_env.sim.env.num_envs == trainer_env.num_envs
+    fields = ("motor_strength", "mass_scale", "friction")
+    first, last = ({f: row[f"identified_{f}"] for f in fields} for row in (rep["rounds"][0], rep["rounds"][-1]))
+    assert first != last  # the estimate moved in round 2 ...
+    assert trainer_env.sim.physics == pytest.approx(last, abs=1e-4)  # ... and the trainer's imagined robots with it
 
 
 def test_dyna_can_train_in_the_simulator_at_the_identified_physics(pretrained, sim_prior_wm, tmp_path, monkeypatch):
