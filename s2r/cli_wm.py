@@ -391,8 +391,7 @@ def finetune_cmd(
             dcfg = DynaConfig(target_steps=target_steps, target_envs=target_envs, model_updates=model_updates,
                               model_lr=model_lr, imagined_steps=trainer_steps, horizon=trainer_horizon,
                               rounds=trainer_rounds, identify=identify, sim_randomize=sim_randomize,
-                              imagine=trainer_imagine,
-                              select=trainer_select,
+                              imagine=trainer_imagine, select=trainer_select,
                               checkpoint_every=trainer_checkpoint_every,
                               imagined=ImaginedEnvConfig(penalty=penalty, u_max=u_max, samples=samples),
                               nominal_sim_terms=nominal_sim_terms, eval_envs=max(1, eval_envs), seed=seed)

@@ -112,7 +112,6 @@ class BatchedEnv:
             base_body = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, self.spec.base_body)
         self.randomizer = ModelRandomizer(self.rand_cfg, self.model, self.index.joint_act,
                                           self.index.joint_dof, base_body)
-        self._task_ranges = self.rand_cfg  # what centre_randomization scales
         # per-env randomised physics in a nutshell (critic terms): rows of one [3, N] tensor, so a reset
         # writes its envs with one indexed copy, and each term is contiguous (torch.cat's fast path)
         self._dr_summary = torch.ones(3, N, device=dev)
@@ -256,7 +255,7 @@ class BatchedEnv:
         bad = {k: v for k, v in scales.items() if k not in SCALE_FIELDS or not (math.isfinite(v) and v > 0)}
         if bad:
             raise EnvError(f"centre_randomization: {bad} are not model scales > 0 (fields: {list(SCALE_FIELDS)})")
-        base = self._task_ranges
+        base = self.task.cfg.randomization  # the task's ranges (rand_cfg may be a caller's variant of them)
         self.randomizer.cfg = replace(base, **{k: (getattr(base, k)[0] * v, getattr(base, k)[1] * v)
                                                for k, v in scales.items()})
 
