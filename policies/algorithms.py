@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_loss, pmoe_actor_loss,
-                                 q_filtered_bc_loss, sac_actor_loss, sac_critic_loss, update_b)
+from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_loss, dsac_t_huber_critic_loss,
+                                 pmoe_actor_loss, q_filtered_bc_loss, sac_actor_loss, sac_critic_loss, update_b)
 from s2r.policies.networks import CriticEnsemble, PMOEActor, TanhGaussianActor, tanh_gaussian_sample
 
 POLICY_HEADS = ("gaussian", "pmoe")
+DSAC_CRITIC_LOSSES = {"published": dsac_t_critic_loss, "huber": dsac_t_huber_critic_loss}
 _ADAM = {"fused": True}  # one kernel per optimiser step (CPU and CUDA), not one per parameter
 
 
@@ -54,6 +55,9 @@ class AgentConfig:
     # DSAC-T
     tau_b: float = 0.005
     dsac_eps: float = 0.1
+    # critic loss: "published" (the paper's omega = b^2 + eps) | "huber" (the authors' later code: a weight
+    # b^2 / (sigma^2 + eps) clamped to [0.1, 10] and Huber terms, delta 50); see losses.py
+    dsac_critic: str = "published"
     # speed options (CUDA)
     bf16: bool = False  # autocast the forward passes to bfloat16
     compile: bool = False  # torch.compile the networks
@@ -257,7 +261,11 @@ class DSACT(OffPolicyAgent):
     distributional = True
 
     def __init__(self, cfg: AgentConfig, obs_dim: int, critic_obs_dim: int, act_dim: int, device="cpu"):
+        if cfg.dsac_critic not in DSAC_CRITIC_LOSSES:
+            raise ValueError(f"unknown DSAC-T critic loss '{cfg.dsac_critic}' (agent.dsac_critic); "
+                             f"choose one of {sorted(DSAC_CRITIC_LOSSES)}")
         super().__init__(cfg, obs_dim, critic_obs_dim, act_dim, device)
+        self.critic_loss = DSAC_CRITIC_LOSSES[cfg.dsac_critic]
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.register_buffer("b", torch.full((2,), -1.0, device=self.device))  # <0: set from first batch
 
@@ -272,8 +280,8 @@ class DSACT(OffPolicyAgent):
             mu, sigma = self.critic(cobs, act)
         mu, sigma = mu.float(), sigma.float()
         self.b = update_b(self.b, sigma.detach().mean(-1), self.cfg.tau_b)  # b from this batch's sigma
-        c_loss, stats = dsac_t_critic_loss(mu, sigma, reward, done, next_mu.float(), next_sigma.float(),
-                                           next_logp.float(), alpha, discount, self.b, eps=self.cfg.dsac_eps)
+        c_loss, stats = self.critic_loss(mu, sigma, reward, done, next_mu.float(), next_sigma.float(),
+                                         next_logp.float(), alpha, discount, self.b, eps=self.cfg.dsac_eps)
         self._step(self.critic_opt, c_loss, list(self.critic.parameters()))
         self.n_updates += 1
         if int(self.n_updates) % self.cfg.policy_delay == 0:

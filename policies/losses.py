@@ -99,6 +99,28 @@ def dsac_t_critic_loss(mu: Tensor, sigma: Tensor, reward: Tensor, done: Tensor, 
        L_i = omega mean_B[ -(y_q - mu)_sg / (sigma_sg^2 + eps) mu
                            - ((mu_sg - y_z_b)^2 - sigma_sg^2) / (sigma_sg^3 + eps) sigma ],  L = L_1 + L_2.
     """
+    y_q, y_z_b, b = _dsac_t_targets(mu, reward, done, next_mu, next_sigma, next_log_prob, alpha, gamma, b,
+                                    clip, generator, noise)
+    mu_sg, sigma_sg = mu.detach(), sigma.detach()  # [2, B]
+    omega = b.pow(2) + eps  # [] or [2, 1]
+    loss_i = omega * (
+        -(y_q - mu_sg) / (sigma_sg.pow(2) + eps) * mu
+        - ((mu_sg - y_z_b).pow(2) - sigma_sg.pow(2)) / (sigma_sg.pow(3) + eps) * sigma
+    ).mean(-1, keepdim=True)  # [2, 1]
+    loss = loss_i.sum()
+    stats = {
+        "critic_loss": loss.detach(),
+        "q": mu_sg.mean(),
+        "y_q": y_q.mean(),
+        "sigma_mean": sigma_sg.mean(-1),  # [2]: feed to update_b
+        "omega": omega.mean(),
+    }
+    return loss, stats
+
+
+def _dsac_t_targets(mu: Tensor, reward: Tensor, done: Tensor, next_mu: Tensor, next_sigma: Tensor,
+                    next_log_prob: Tensor, alpha, gamma, b, clip: float, generator, noise) -> tuple[Tensor, ...]:
+    """Refinements 1 and 2, shared by both critic losses: -> y_q [B], y_z_b [2, B], b as [] or [2, 1]."""
     _check_per_sample(mu, reward=reward, done=done, next_log_prob=next_log_prob)
     if b is None:
         raise ValueError("b is unset: call b = update_b(b, sigma.detach().mean(-1)) before the loss "
@@ -115,20 +137,43 @@ def dsac_t_critic_loss(mu: Tensor, sigma: Tensor, reward: Tensor, done: Tensor, 
         z_next = q_next + noise.clamp(-clip, clip) * sigma_next  # [B]
         y_q = reward + gamma * (1 - done) * (q_next - _sg(alpha) * next_log_prob)  # [B]
         y_z = reward + gamma * (1 - done) * (z_next - _sg(alpha) * next_log_prob)  # [B]
-        mu_sg, sigma_sg = mu.detach(), sigma.detach()  # [2, B]
+        mu_sg = mu.detach()
         y_z_b = mu_sg + torch.clamp(y_z - mu_sg, -clip * b, clip * b)  # [2, B]
-        omega = b.pow(2) + eps  # [] or [2, 1]
-    loss_i = omega * (
-        -(y_q - mu_sg) / (sigma_sg.pow(2) + eps) * mu
-        - ((mu_sg - y_z_b).pow(2) - sigma_sg.pow(2)) / (sigma_sg.pow(3) + eps) * sigma
-    ).mean(-1, keepdim=True)  # [2, 1]
+    return y_q, y_z_b, b
+
+
+def dsac_t_huber_critic_loss(mu: Tensor, sigma: Tensor, reward: Tensor, done: Tensor, next_mu: Tensor,
+                             next_sigma: Tensor, next_log_prob: Tensor, alpha: float | Tensor,
+                             gamma: float | Tensor, b: Tensor, eps: float = 0.1, clip: float = 3.0,
+                             delta: float = 50.0, ratio_range: tuple[float, float] = (0.1, 10.0),
+                             generator: torch.Generator | None = None,
+                             noise: Tensor | None = None) -> tuple[Tensor, dict]:
+    """DSAC-T critic loss as in the authors' later code (DSAC-v2 repository): same targets as
+    `dsac_t_critic_loss`, but a per-sample weight and Huber terms in place of omega and squares.
+
+    rho = clamp(b^2 / (sigma_sg^2 + eps), 0.1, 10)       (bounded: the published 1/sigma^3 blows up
+                                                           where a critic is very sure)
+    H(x, y) = Huber(x - y; delta)                         (0.5 e^2 inside |e| < delta, linear outside)
+    L_i = mean_B rho [ H(mu, y_q) + sigma (sigma_sg^2 - H(mu_sg, y_z_b)) / (sigma_sg + eps) ],  L = L_1 + L_2
+    so dL/dmu = rho (mu - y_q) (clipped at +-delta rho) and sigma settles where sigma^2 = E[H], i.e. at
+    half the squared spread of y_z inside the Huber band (the 0.5 of H; the authors' form).
+    Same arguments and stats as `dsac_t_critic_loss` (stats carry "rho" instead of "omega").
+    """
+    y_q, y_z_b, b = _dsac_t_targets(mu, reward, done, next_mu, next_sigma, next_log_prob, alpha, gamma, b,
+                                    clip, generator, noise)
+    mu_sg, sigma_sg = mu.detach(), sigma.detach()  # [2, B]
+    with torch.no_grad():
+        rho = (b.pow(2) / (sigma_sg.pow(2) + eps)).clamp(*ratio_range)  # [2, B]
+        h_z = F.huber_loss(mu_sg, y_z_b, delta=delta, reduction="none")  # [2, B]
+    h_q = F.huber_loss(mu, y_q.expand_as(mu), delta=delta, reduction="none")  # [2, B], grad to mu only
+    loss_i = (rho * (h_q + sigma * (sigma_sg.pow(2) - h_z) / (sigma_sg + eps))).mean(-1)  # [2]
     loss = loss_i.sum()
     stats = {
         "critic_loss": loss.detach(),
         "q": mu_sg.mean(),
         "y_q": y_q.mean(),
         "sigma_mean": sigma_sg.mean(-1),  # [2]: feed to update_b
-        "omega": omega.mean(),
+        "rho": rho.mean(),
     }
     return loss, stats
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
-from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_loss, pmoe_actor_loss,
+from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_loss, dsac_t_huber_critic_loss,
+                                 pmoe_actor_loss,
                                  sac_actor_loss, sac_critic_loss, update_b)
 from s2r.policies.networks import (CriticEnsemble, EnsembleLayerNorm, EnsembleLinear, PMOEActor,
                                    TanhGaussianActor, mlp, tanh_gaussian_sample)
@@ -266,6 +267,61 @@ def test_dsac_t_critic_recovers_mean_and_std_of_a_gaussian_return():
         opt.step()
     assert mu_param.detach().flatten().tolist() == pytest.approx([1.0, 1.0], abs=0.05)
     assert F.softplus(raw_sigma).detach().flatten().tolist() == pytest.approx([0.5, 0.5], abs=0.05)
+
+
+def dsac_t_huber(mu, sigma, reward, b, done=1.0, delta=50.0):
+    """One-sample Huber-form DSAC-T critic loss with leaf mu, sigma [2, 1]; done=1: y_q = y_z = reward."""
+    mu = torch.tensor(mu, requires_grad=True)
+    sigma = torch.tensor(sigma, requires_grad=True)
+    loss, stats = dsac_t_huber_critic_loss(mu, sigma, reward=t([reward]), done=t([done]), next_mu=torch.zeros(2, 1),
+                                           next_sigma=torch.ones(2, 1), next_log_prob=t([0.0]), alpha=0.0, gamma=1.0,
+                                           b=torch.tensor(b), noise=torch.zeros(1), delta=delta)
+    loss.backward()
+    return loss, mu.grad, sigma.grad, stats
+
+
+def test_dsac_t_huber_loss_value_and_gradients_by_hand():
+    # mu = 1, sigma = 1, b = 1, y_q = 3, y_z_b = 3 (inside 3b): rho = 1 / 1.1
+    # H(mu, y_q) = 0.5 * 4 = 2;  sigma term: 1 * (1 - 2) / 1.1;  L_i = rho (2 - 1/1.1);  L = 2 L_i
+    loss, g_mu, g_sigma, stats = dsac_t_huber(((1.0,), (1.0,)), ((1.0,), (1.0,)), reward=3.0, b=1.0)
+    rho = 1 / 1.1
+    assert loss.item() == pytest.approx(2 * rho * (2 - 1 / 1.1), rel=1e-6)
+    torch.testing.assert_close(g_mu, torch.full((2, 1), rho * (1 - 3)))  # rho (mu - y_q): mu rises
+    torch.testing.assert_close(g_sigma, torch.full((2, 1), rho * (1 - 2) / 1.1))  # sigma^2 < H: sigma grows
+    assert stats["rho"].item() == pytest.approx(rho)
+
+
+def test_dsac_t_huber_weight_is_clamped_and_the_mean_gradient_is_bounded_by_delta():
+    # b = 10, sigma = 0.01: b^2 / (1e-4 + 0.1) = 999 -> clamped to 10;  b = 0.01, sigma = 3: ~1e-5 -> 0.1
+    _, g_mu, _, stats = dsac_t_huber(((0.0,), (0.0,)), ((0.01,), (0.01,)), reward=1.0, b=10.0)
+    assert stats["rho"].item() == pytest.approx(10.0)
+    torch.testing.assert_close(g_mu, torch.full((2, 1), -10.0))
+    _, _, _, stats = dsac_t_huber(((0.0,), (0.0,)), ((3.0,), (3.0,)), reward=1.0, b=0.01)
+    assert stats["rho"].item() == pytest.approx(0.1)
+    # a TD error of 1000 with delta 50: |dL/dmu| = rho * 50, where the published form's grows with the error
+    _, g_mu, _, _ = dsac_t_huber(((0.0,), (0.0,)), ((1.0,), (1.0,)), reward=1000.0, b=1.0)
+    torch.testing.assert_close(g_mu, torch.full((2, 1), -50 / 1.1))
+    _, g_mu_pub, _, _ = dsac_t(((0.0,), (0.0,)), ((1.0,), (1.0,)), reward=1000.0, b=1.0)
+    torch.testing.assert_close(g_mu_pub, torch.full((2, 1), -1000.0))  # omega / (sigma^2 + eps) * 1000
+
+
+def test_dsac_t_huber_critic_recovers_the_mean_and_half_the_variance_of_a_gaussian_return():
+    """r ~ N(1, 0.5^2), terminal: mu -> 1 and sigma^2 -> 0.5 * 0.25 (the Huber term's 0.5), sigma -> ~0.354."""
+    torch.manual_seed(0)
+    mu_param, raw_sigma = torch.zeros(2, 1, requires_grad=True), torch.zeros(2, 1, requires_grad=True)
+    opt = torch.optim.Adam([mu_param, raw_sigma], lr=0.02)
+    b, B = None, 256
+    for _ in range(600):
+        mu, sigma = mu_param.expand(2, B), F.softplus(raw_sigma).expand(2, B)
+        b = update_b(b, sigma.detach().mean(-1))
+        reward = 1.0 + 0.5 * torch.randn(B)
+        loss, _ = dsac_t_huber_critic_loss(mu, sigma, reward, torch.ones(B), torch.zeros(2, B), torch.ones(2, B),
+                                           torch.zeros(B), alpha=0.0, gamma=0.99, b=b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert mu_param.detach().flatten().tolist() == pytest.approx([1.0, 1.0], abs=0.05)
+    assert F.softplus(raw_sigma).detach().flatten().tolist() == pytest.approx([0.5 / 2**0.5] * 2, abs=0.05)
 
 
 def test_dsac_t_actor_loss_uses_the_smaller_mean():

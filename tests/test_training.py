@@ -188,6 +188,20 @@ def test_unknown_algorithm_and_head_are_named():
     assert r.returncode == 2 and "NoSuchEnv-v9" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_dsac_t_takes_the_huber_critic_loss_by_name_and_refuses_an_unknown_one():
+    torch.manual_seed(0)
+    batch = dict(obs=torch.randn(32, 3), critic_obs=torch.randn(32, 3), action=torch.rand(32, 1) * 2 - 1,
+                 next_obs=torch.randn(32, 3), next_critic_obs=torch.randn(32, 3), reward=torch.randn(32),
+                 done=torch.zeros(32), discount=torch.full((32,), 0.99))
+    for name, weight in (("published", "omega"), ("huber", "rho")):
+        agent = make_agent(AgentConfig(algo="dsac-t", dsac_critic=name, actor_hidden=(16,), critic_hidden=(16,)),
+                           3, 3, 1)
+        stats = agent.update(batch)
+        assert weight in stats and torch.isfinite(stats["critic_loss"])
+    with pytest.raises(ValueError, match="unknown DSAC-T critic loss 'l1'.*huber"):
+        make_agent(AgentConfig(algo="dsac-t", dsac_critic="l1"), 3, 3, 1)
+
+
 def test_eval_of_a_corrupt_checkpoint_is_refused(tmp_path):
     Trainer(small(total_steps=200, learning_starts=100, checkpoint_every=200), tmp_path).train()
     ck = latest_checkpoint(tmp_path)
