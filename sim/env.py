@@ -101,6 +101,7 @@ class BatchedEnv:
         self.episode_return = torch.zeros(N, device=dev)
         self.latency = torch.zeros(N, dtype=torch.long, device=dev)  # physics steps
         self.next_push = torch.zeros(N, dtype=torch.long, device=dev)
+        self.last_pushes: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's: env ids [k], kicks [k, 2] m/s
         self._substep = torch.arange(self.decimation, device=dev)  # [dec] physics step within a control step
         self._prev_row = 2 * torch.arange(N, device=dev)[:, None]  # [N, 1] env i's previous ctrl: row 2i (_hold)
         self._hold_rows: torch.Tensor | None = None  # [N * dec], from the latencies (_hold)
@@ -327,6 +328,7 @@ class BatchedEnv:
         return torch.from_numpy(np.maximum(steps.astype(np.int64), 1)).to(self.device)
 
     def _push(self) -> None:
+        self.last_pushes = None
         rc = self.rand_cfg
         if not rc.enabled or rc.push_velocity <= 0 or self.index.base_dof is None:
             return
@@ -339,6 +341,7 @@ class BatchedEnv:
         kick = (torch.rand(len(ids), 2, generator=self.gen, dtype=torch.float64) * 2 - 1) * rc.push_velocity
         qvel[:, self.index.base_dof:self.index.base_dof + 2] += kick.to(qvel.device, qvel.dtype)
         self.backend.set_qvel(sim_ids, qvel)
+        self.last_pushes = (ids, kick)
         self.next_push.index_copy_(0, ids, self.episode_step.index_select(0, ids) + self._push_interval(len(ids)))
 
     def _observe(self, commit: bool = True) -> dict[str, torch.Tensor]:

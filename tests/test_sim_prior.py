@@ -248,7 +248,7 @@ def test_a_randomised_sim_prior_steps_one_robot_of_the_family_per_env(nominal):
         scale = {t.name: t.scale for t in kicked.env.spec.observation.terms}.get("critic.base_lin_vel", 1.0)
         diff = kicked.predict(s, a) - still.predict(s, a)  # [n, S]
         dv = diff[:, v_at:v_at + 2] / scale  # [n, 2] m/s
-        assert kicked.push_velocity == 0.3 and dv.abs().max() > 0.2 and (dv.abs() <= 0.3 + 1e-6).all()
+        assert kicked.env.rand_cfg.push_velocity == 0.3 and dv.abs().max() > 0.2 and (dv.abs() <= 0.3 + 1e-6).all()
         assert (diff[:, :v_at] == 0).all() and (diff[:, v_at + 2:] == 0).all()  # the kick alone
         with pytest.raises(WorldModelError, match="one row per env"):
             sim.predict(s[:4], a[:4])

@@ -81,14 +81,6 @@ class SimPrior:
         self.env = BatchedEnv(EnvConfig(task=cfg.task, num_envs=cfg.num_envs, seed=cfg.seed,
                                         randomize=self.randomize, episode_length_s=1e9, nthread=1,
                                         task_overrides=overrides))
-        # the task's pushes, given by _kick: the env's own would go with the MuJoCo state rebuilt each step
-        rc = self.env.rand_cfg
-        self.push_velocity = rc.push_velocity if self.randomize else 0.0  # m/s, uniform +- on x and y
-        self.push_interval = rc.push_interval_s  # s, uniform
-        self.env.rand_cfg = dataclasses.replace(rc, push_velocity=0.0)
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.episode_step = torch.zeros(cfg.num_envs, dtype=torch.long)  # per env, since its last reset_envs
-        self.next_push = self._push_steps(cfg.num_envs)
         self.task = self.env.task
         if not hasattr(self.task, "pose_from_terms"):
             raise WorldModelError(f"task '{cfg.task}' cannot be set to a measured state (it has no pose_from_terms); "
@@ -135,27 +127,16 @@ class SimPrior:
         """New robots (model scales, centre of mass, push schedule) for the envs `ids` of a randomised prior;
         an unrandomised one has a single robot, so nothing changes."""
         if self.randomize:
-            ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-            self.env.reset_envs(ids)
-            self.episode_step[ids] = 0
-            self.next_push[ids] = self._push_steps(len(ids))
-
-    def _push_steps(self, k: int) -> Tensor:
-        """[k] control steps to the next push, uniform over push_interval, at least 1 (as the env draws them)."""
-        lo, hi = self.push_interval
-        return ((lo + (hi - lo) * torch.rand(k, generator=self.gen)) / self.env.control_dt).long().clamp_min(1)
+            self.env.reset_envs(torch.as_tensor(ids, dtype=torch.long).reshape(-1))
 
     def _kick(self, nxt: Tensor) -> None:
-        """The pushes due after this step, on the next states' base velocity [N, S] in place."""
-        self.episode_step += 1
-        due = self.episode_step >= self.next_push  # [N]
-        if self.push_velocity <= 0 or not due.any():
+        """The env's pushes of this step on the next states' base velocity [N, S], in place: the env put them
+        into MuJoCo's velocities after it observed, and the next step rebuilds MuJoCo's state from nxt."""
+        if self.env.last_pushes is None:
             return
+        ids, kick = self.env.last_pushes  # [k], [k, 2] m/s
         at, _ = self.layout["critic.base_lin_vel"]
-        k = int(due.sum())
-        kick = (torch.rand(k, 2, generator=self.gen) * 2 - 1) * self.push_velocity  # [k, 2] m/s
-        nxt[due, at:at + 2] += kick * self.scale.get("critic.base_lin_vel", 1.0)
-        self.next_push[due] = self.episode_step[due] + self._push_steps(k)
+        nxt[ids, at:at + 2] += kick.to(nxt.dtype) * self.scale.get("critic.base_lin_vel", 1.0)
 
     def _terms(self, state: Tensor) -> dict[str, Tensor]:
         def raw(name: str) -> Tensor:
