@@ -108,14 +108,7 @@ def dsac_t_critic_loss(mu: Tensor, sigma: Tensor, reward: Tensor, done: Tensor, 
         - ((mu_sg - y_z_b).pow(2) - sigma_sg.pow(2)) / (sigma_sg.pow(3) + eps) * sigma
     ).mean(-1, keepdim=True)  # [2, 1]
     loss = loss_i.sum()
-    stats = {
-        "critic_loss": loss.detach(),
-        "q": mu_sg.mean(),
-        "y_q": y_q.mean(),
-        "sigma_mean": sigma_sg.mean(-1),  # [2]: feed to update_b
-        "omega": omega.mean(),
-    }
-    return loss, stats
+    return loss, _dsac_t_stats(loss, mu_sg, sigma_sg, y_q, omega=omega.mean())
 
 
 def _dsac_t_targets(mu: Tensor, reward: Tensor, done: Tensor, next_mu: Tensor, next_sigma: Tensor,
@@ -140,6 +133,12 @@ def _dsac_t_targets(mu: Tensor, reward: Tensor, done: Tensor, next_mu: Tensor, n
         mu_sg = mu.detach()
         y_z_b = mu_sg + torch.clamp(y_z - mu_sg, -clip * b, clip * b)  # [2, B]
     return y_q, y_z_b, b
+
+
+def _dsac_t_stats(loss: Tensor, mu_sg: Tensor, sigma_sg: Tensor, y_q: Tensor, **weight: Tensor) -> dict:
+    """Both critic losses' stats; sigma_mean [2] is what update_b takes, weight the loss's omega or rho."""
+    return {"critic_loss": loss.detach(), "q": mu_sg.mean(), "y_q": y_q.mean(), "sigma_mean": sigma_sg.mean(-1),
+            **weight}
 
 
 def dsac_t_huber_critic_loss(mu: Tensor, sigma: Tensor, reward: Tensor, done: Tensor, next_mu: Tensor,
@@ -168,14 +167,7 @@ def dsac_t_huber_critic_loss(mu: Tensor, sigma: Tensor, reward: Tensor, done: Te
     h_q = F.huber_loss(mu, y_q.expand_as(mu), delta=delta, reduction="none")  # [2, B], grad to mu only
     loss_i = (rho * (h_q + sigma * (sigma_sg.pow(2) - h_z) / (sigma_sg + eps))).mean(-1)  # [2]
     loss = loss_i.sum()
-    stats = {
-        "critic_loss": loss.detach(),
-        "q": mu_sg.mean(),
-        "y_q": y_q.mean(),
-        "sigma_mean": sigma_sg.mean(-1),  # [2]: feed to update_b
-        "rho": rho.mean(),
-    }
-    return loss, stats
+    return loss, _dsac_t_stats(loss, mu_sg, sigma_sg, y_q, rho=rho.mean())
 
 
 def update_b(b: Tensor | None, sigma_mean: Tensor, tau_b: float = 0.005) -> Tensor:

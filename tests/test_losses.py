@@ -250,8 +250,8 @@ def test_update_b_starts_at_the_first_batch_then_tracks_slowly():
     torch.testing.assert_close(b, torch.tensor([3.0, 1.01]))
 
 
-def test_dsac_t_critic_recovers_mean_and_std_of_a_gaussian_return():
-    """Terminal transitions with r ~ N(1, 0.5^2): mu -> 1 and sigma -> ~0.5 (3b clipping trims it slightly)."""
+def fit_gaussian_return(critic_loss) -> tuple[list, list]:
+    """Fit one (mu, sigma) per critic to terminal transitions with r ~ N(1, 0.5^2); -> (mus, sigmas)."""
     torch.manual_seed(0)
     mu_param, raw_sigma = torch.zeros(2, 1, requires_grad=True), torch.zeros(2, 1, requires_grad=True)
     opt = torch.optim.Adam([mu_param, raw_sigma], lr=0.02)
@@ -260,13 +260,18 @@ def test_dsac_t_critic_recovers_mean_and_std_of_a_gaussian_return():
         mu, sigma = mu_param.expand(2, B), F.softplus(raw_sigma).expand(2, B)
         b = update_b(b, sigma.detach().mean(-1))
         reward = 1.0 + 0.5 * torch.randn(B)
-        loss, _ = dsac_t_critic_loss(mu, sigma, reward, torch.ones(B), torch.zeros(2, B), torch.ones(2, B),
-                                     torch.zeros(B), alpha=0.0, gamma=0.99, b=b)
+        loss, _ = critic_loss(mu, sigma, reward, torch.ones(B), torch.zeros(2, B), torch.ones(2, B),
+                              torch.zeros(B), alpha=0.0, gamma=0.99, b=b)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert mu_param.detach().flatten().tolist() == pytest.approx([1.0, 1.0], abs=0.05)
-    assert F.softplus(raw_sigma).detach().flatten().tolist() == pytest.approx([0.5, 0.5], abs=0.05)
+    return mu_param.detach().flatten().tolist(), F.softplus(raw_sigma).detach().flatten().tolist()
+
+
+def test_dsac_t_critic_recovers_mean_and_std_of_a_gaussian_return():
+    """mu -> 1 and sigma -> ~0.5 (3b clipping trims it slightly)."""
+    mus, sigmas = fit_gaussian_return(dsac_t_critic_loss)
+    assert mus == pytest.approx([1.0, 1.0], abs=0.05) and sigmas == pytest.approx([0.5, 0.5], abs=0.05)
 
 
 def dsac_t_huber(mu, sigma, reward, b, done=1.0, delta=50.0):
@@ -306,22 +311,9 @@ def test_dsac_t_huber_weight_is_clamped_and_the_mean_gradient_is_bounded_by_delt
 
 
 def test_dsac_t_huber_critic_recovers_the_mean_and_half_the_variance_of_a_gaussian_return():
-    """r ~ N(1, 0.5^2), terminal: mu -> 1 and sigma^2 -> 0.5 * 0.25 (the Huber term's 0.5), sigma -> ~0.354."""
-    torch.manual_seed(0)
-    mu_param, raw_sigma = torch.zeros(2, 1, requires_grad=True), torch.zeros(2, 1, requires_grad=True)
-    opt = torch.optim.Adam([mu_param, raw_sigma], lr=0.02)
-    b, B = None, 256
-    for _ in range(600):
-        mu, sigma = mu_param.expand(2, B), F.softplus(raw_sigma).expand(2, B)
-        b = update_b(b, sigma.detach().mean(-1))
-        reward = 1.0 + 0.5 * torch.randn(B)
-        loss, _ = dsac_t_huber_critic_loss(mu, sigma, reward, torch.ones(B), torch.zeros(2, B), torch.ones(2, B),
-                                           torch.zeros(B), alpha=0.0, gamma=0.99, b=b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert mu_param.detach().flatten().tolist() == pytest.approx([1.0, 1.0], abs=0.05)
-    assert F.softplus(raw_sigma).detach().flatten().tolist() == pytest.approx([0.5 / 2**0.5] * 2, abs=0.05)
+    """mu -> 1 and sigma^2 -> 0.5 * 0.25 (the Huber term's 0.5), sigma -> ~0.354."""
+    mus, sigmas = fit_gaussian_return(dsac_t_huber_critic_loss)
+    assert mus == pytest.approx([1.0, 1.0], abs=0.05) and sigmas == pytest.approx([0.5 / 2**0.5] * 2, abs=0.05)
 
 
 def test_dsac_t_actor_loss_uses_the_smaller_mean():
