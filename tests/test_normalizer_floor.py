@@ -63,7 +63,8 @@ def test_the_floor_must_be_a_finite_number_not_below_zero():
 def test_an_unlisted_gymnasium_task_gets_the_floor_and_the_tuned_robot_recipes_keep_plain_standardisation():
     from s2r.policies.recipes import recipe
 
-    assert recipe("Walker2d-v5").obs_norm_min_std == 1.0  # the generic setting (docs/TRAINING.md)
+    assert recipe("Ant-v5").obs_norm_min_std == 1.0 and recipe("Ant-v5").normalize_obs  # the generic setting
+    assert not recipe("Walker2d-v5").normalize_obs  # its recipe: no normaliser (docs/TRAINING.md)
     assert recipe("HalfCheetah-v5", "dsac-t").obs_norm_min_std == 1.0
     for task in ("Pendulum-v1", "InvertedPendulum-v5", "humanoid-stand", "humanoid-walk", "arm-reach"):
         assert recipe(task).obs_norm_min_std == 0.0, task  # measured (CI, shipped policies) without the floor
