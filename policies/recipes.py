@@ -10,7 +10,8 @@ The observation normaliser's scale floor (TrainConfig.obs_norm_min_std, default 
 dims centred, not amplified) was measured on the Gymnasium MuJoCo locomotion tasks (Walker2d,
 Hopper, HalfCheetah; docs/BENCHMARKS.md, Learning quality); every recipe that was tuned and
 measured with plain standardisation (the CI tasks, the s2r robots, Isaac-Cartpole) pins
-obs_norm_min_std=0.0, so its numbers and its shipped policies stay as they were.
+obs_norm_min_std=0.0, so its numbers and its shipped policies stay as they were. Walker2d-v5 learns
+better with no normaliser at all (normalize_obs=False), HalfCheetah-v5 much worse (docs/TRAINING.md).
 """
 
 from __future__ import annotations
