@@ -78,6 +78,9 @@ NO_TORCH_NODE = textwrap.dedent("""
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:  # SIGINT shut the context down while spin made its wait set: an exit (as s2r.ros.spin_node)
+        if rclpy.ok():
+            raise
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "gymnasium") or m.startswith("s2r.sim"))
     print(json.dumps({"modes": [m for _, m in node.mode_log], "policy_steps": node.policy_steps,
                       "events": node.mode_events, "heavy_modules": heavy}), flush=True)
