@@ -12,8 +12,7 @@ from torch import nn
 from torch.distributions import Normal, TanhTransform, TransformedDistribution
 
 from s2r.policies.losses import (alpha_loss, dsac_t_actor_loss, dsac_t_critic_loss, dsac_t_huber_critic_loss,
-                                 pmoe_actor_loss,
-                                 sac_actor_loss, sac_critic_loss, update_b)
+                                 pmoe_actor_loss, sac_actor_loss, sac_critic_loss, update_b)
 from s2r.policies.networks import (CriticEnsemble, EnsembleLayerNorm, EnsembleLinear, PMOEActor,
                                    TanhGaussianActor, mlp, tanh_gaussian_sample)
 
