@@ -1,6 +1,6 @@
 """GPU check: one run, on one data-centre GPU (H100/H200), of what s2r's GPU path promises, in <= 8 minutes.
 
-    python bench/gpu_check.py [--device cuda] [--out out/gpu_check] [--sections parity,throughput,updates,train]
+    python bench/gpu_check.py [--device cuda] [--out out/gpu_check] [--sections parity,throughput,updates,imagine,train]
                               [--train-seconds 150] [--budget-s 480] [--quick] [--dry-run]
 
 Sections (each on its own: an error is recorded in the JSON under its section and the others go on):
@@ -16,6 +16,10 @@ Sections (each on its own: an error is recorded in the JSON under its section an
   updates     learner gradient updates/s at batch 8192 with the humanoid-walk recipe's networks: float32,
               bf16 autocast, and bf16 autocast + torch.compile (the recipe's settings with compile on)
               (s2r/bench_util.py: updates_per_s; the learner alone, one fixed batch).
+  imagine     the diffusion world model's imagined transitions/s (3 Euler steps; the network of
+              bench/world_model.py: width 256, 4 blocks, history 2, humanoid-stand's state and action sizes)
+              at batch 4096 and 65536, against the same denoiser's matmuls as a raw torch.mm chain on the
+              device (s2r/bench_util.py: imagined_speed; float32, TF32 off).
   train       the humanoid-walk GPU recipe (policies/recipes.py; its sim on Warp on the device) for a fixed
               wall-clock budget, evaluated ~6 times (the return curve over time); the final checkpoint exported
               to ONNX (policies/export.py, verified against torch) and run through onnxruntime for 10 s of
@@ -50,7 +54,7 @@ from s2r.bench_sim import s2r_physics_steps_per_s
 from s2r.bench_util import machine_info, updates_per_s
 from s2r.io import atomic_write_text
 
-SECTIONS = ("parity", "throughput", "updates", "train")
+SECTIONS = ("parity", "throughput", "updates", "imagine", "train")
 TASK = "humanoid-walk"  # throughput, updates and training
 PARITY_TASKS = ("humanoid-walk", "arm-pick")
 # One-step parity tolerances, (qpos, qvel): max |warp - C| in m or rad, m/s or rad/s. Measured on Warp's CPU
@@ -73,6 +77,8 @@ class Sizes:
     throughput_seconds: float  # timed window per backend and env count
     batch: int  # updates section
     updates_seconds: float  # timed window per variant
+    imagine_batches: tuple[int, ...]  # imagine section
+    imagine_seconds: float  # timed window per batch, for the model and for its matmul ceiling
     train_seconds: float  # default --train-seconds
     evals: int  # evaluations within the training budget (plus the final one)
     onnx_seconds: float  # simulated seconds of the ONNX policy on the CPU simulator
@@ -80,10 +86,11 @@ class Sizes:
 
 
 FULL = Sizes(parity_envs=16, parity_steps=50, throughput_envs=(1024, 4096, 8192), throughput_seconds=3.0,
-             batch=8192, updates_seconds=5.0, train_seconds=150.0, evals=6, onnx_seconds=10.0,
-             train_overrides=dict(eval_episodes=8))
+             batch=8192, updates_seconds=5.0, imagine_batches=(4096, 65536), imagine_seconds=2.0,
+             train_seconds=150.0, evals=6, onnx_seconds=10.0, train_overrides=dict(eval_episodes=8))
 SMALL = Sizes(parity_envs=2, parity_steps=3, throughput_envs=(2, 4), throughput_seconds=0.5,
-              batch=64, updates_seconds=0.5, train_seconds=5.0, evals=2, onnx_seconds=1.0,
+              batch=64, updates_seconds=0.5, imagine_batches=(64,), imagine_seconds=0.2,
+              train_seconds=5.0, evals=2, onnx_seconds=1.0,
               train_overrides=dict(num_envs=4, batch_size=64, buffer_size=20_000, learning_starts=64,
                                    eval_episodes=2, env_overrides={"episode_length_s": 1.0}))
 
@@ -165,6 +172,26 @@ def check_updates(res: dict, sz: Sizes, device: str) -> bool:
             print(f"updates {name}: {res[name]['error']}", flush=True)
         _free(device)
     return ok
+
+
+def check_imagine(res: dict, sz: Sizes, device: str) -> bool:
+    from s2r.bench_util import imagined_speed
+    from s2r.sim import BatchedEnv, EnvConfig
+    from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig
+
+    probe = BatchedEnv(EnvConfig(task="humanoid-stand", num_envs=1))  # the state is the critic observation
+    dims = (probe.critic_obs_dim, probe.action_dim)
+    probe.close()
+    torch.manual_seed(0)  # the speed does not depend on the weights: an untrained model of the benchmark's size
+    dm = DiffusionWorldModel(WorldModelConfig(*dims, history=2, width=256, blocks=4))
+    res.update(state_dim=dims[0], action_dim=dims[1], rows=[])
+    for B in sz.imagine_batches:
+        r = imagined_speed(dm, B=B, steps=3, seconds=sz.imagine_seconds, device=device)
+        res["rows"].append({k: (_sig(v) if isinstance(v, float) else v) for k, v in r.items()})
+        print(f"imagined transitions/s at batch {B}: {r['imagined_per_s']:.4g}, matmul ceiling "
+              f"{r['matmul_ceiling_per_s']:.4g} ({100 * r['share_of_ceiling']:.0f} %, "
+              f"{r['matmul_gflops']:.4g} GFLOP/s)", flush=True)
+    return True
 
 
 def check_training(res: dict, sz: Sizes, device: str, train_seconds: float, workdir: Path) -> bool:
@@ -284,6 +311,11 @@ def markdown(out: dict) -> str:
                 if v in r:
                     row("learner", f"updates/s at batch {r['batch']}, {v}",
                         f"{r[v]['updates_per_s']:.4g}" if "updates_per_s" in r[v] else r[v]["error"])
+        elif name == "imagine":
+            for t in r.get("rows", []):
+                row("world model", f"imagined transitions/s at batch {t['batch']}, 3 Euler steps ({t['network']}): "
+                    f"model / matmul ceiling", f"{t['imagined_per_s']:.4g} / {t['matmul_ceiling_per_s']:.4g} "
+                    f"({100 * t['share_of_ceiling']:.0f} %)")
         elif name == "train":
             if "return_curve" in r:
                 row(f"training {TASK}", f"eval return over wall time ({r['env_steps']} env steps, "
@@ -351,6 +383,8 @@ def main() -> int:
                     ok = check_throughput(res, sz, device)
                 elif name == "updates":
                     ok = check_updates(res, sz, device)
+                elif name == "imagine":
+                    ok = check_imagine(res, sz, device)
                 else:
                     left = a.budget_s - (time.perf_counter() - t_start) - TRAIN_RESERVE_S
                     train_s = max(min(train_asked, left), min(train_asked, 20.0))

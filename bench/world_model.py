@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from s2r.bench_util import machine_info
+from s2r.bench_util import imagined_speed, machine_info
 from s2r.control.spec import RobotSpec  # noqa: F401
 from s2r.world_models.data import collect_rollouts, load_actor
 from s2r.world_models.diffusion import DiffusionWorldModel, WorldModelConfig
@@ -106,39 +106,6 @@ def bench_task(task: str, policy: str, s: dict, noise: tuple[float, float], seed
     out["curves"] = {n: [round(float(v), 4) for v in c] for n, c in curves.items()}
     out["_model"] = dm
     return out
-
-
-def imagined_speed(dm: DiffusionWorldModel, B: int = 4096, steps: int = 3, seconds: float = 3.0) -> dict:
-    """Imagined transitions/s of model.predict at batch B, vs the same denoiser's matmuls as raw torch.mm."""
-    c = dm.cfg
-    s = torch.randn(B, c.history, c.state_dim)
-    a = torch.rand(B, c.history, c.action_dim) * 2 - 1
-    with torch.no_grad():
-        dm.predict(s, a, steps=steps)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds or n < 2:
-            dm.predict(s, a, steps=steps)
-            n += 1
-        per_s = n * B / (time.perf_counter() - t0)
-    # the matmuls of one denoiser evaluation: emb MLP (2), input layer, per block film + fc1 + fc2, output
-    shapes = [(B, c.emb_dim, c.emb_dim)] * 2 + [(B, c.target_dim + c.cond_dim, c.width)]
-    shapes += [(B, c.emb_dim, 2 * c.width), (B, c.width, c.width), (B, c.width, c.width)] * c.blocks
-    shapes += [(B, c.width, c.target_dim)]
-    mats = [(torch.randn(m, k_), torch.randn(k_, n_), torch.empty(m, n_)) for m, k_, n_ in shapes]
-    flops = 2 * sum(m * k_ * n_ for m, k_, n_ in shapes) * steps
-    for x, w, o in mats:
-        torch.mm(x, w, out=o)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 2:
-        for _ in range(steps):
-            for x, w, o in mats:
-                torch.mm(x, w, out=o)
-        n += 1
-    wall = (time.perf_counter() - t0) / n
-    ceiling = B / wall
-    return {"imagined_per_s": per_s, "matmul_ceiling_per_s": ceiling, "share_of_ceiling": per_s / ceiling,
-            "matmul_gflops": flops / wall / 1e9, "batch": B, "sampling_steps": steps,
-            "network": f"width {c.width}, {c.blocks} blocks"}
 
 
 def main() -> None:

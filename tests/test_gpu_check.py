@@ -40,7 +40,8 @@ def test_dry_run_writes_one_markdown_table_naming_every_section(dry_run):
     _, out = dry_run
     md = (out / "gpu_check.md").read_text()
     assert md.count("| section | measurement | result |") == 1
-    for word in ("parity humanoid-walk", "parity arm-pick", "throughput", "learner", "training", "ONNX policy"):
+    for word in ("parity humanoid-walk", "parity arm-pick", "throughput", "learner", "world model", "training",
+                 "ONNX policy"):
         assert word in md
 
 
@@ -65,6 +66,8 @@ def test_throughput_and_updates_are_positive(dry_run):
         assert r["warp_env_steps_per_s"] > 0 and r["mujoco_cpu_env_steps_per_s"] > 0
     for variant in ("float32", "bf16", "bf16_compile"):
         assert s["updates"][variant]["updates_per_s"] > 0
+    (im,) = s["imagine"]["rows"]
+    assert im["batch"] == 64 and im["imagined_per_s"] > 0 and 0 < im["share_of_ceiling"]
 
 
 def test_training_has_a_return_curve_and_its_onnx_export_ran_on_the_cpu_simulator(dry_run):
