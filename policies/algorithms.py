@@ -102,6 +102,10 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
+def _forget_host_count(agent: "OffPolicyAgent", incompatible_keys) -> None:
+    agent._host_updates = None  # a loaded state brings its own n_updates
+
+
 class OffPolicyAgent(nn.Module):
     """Networks, targets, optimisers and temperature shared by SAC and DSAC-T."""
 
@@ -135,11 +139,23 @@ class OffPolicyAgent(nn.Module):
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic, **_ADAM)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr_alpha, **_ADAM)
         self.register_buffer("n_updates", torch.zeros((), dtype=torch.long, device=self.device))
+        # the same count on the host, for the policy delay: int(self.n_updates) would make every update wait
+        # for the GPU to finish the last one. None: read from the buffer once (after a checkpoint is loaded)
+        self._host_updates: int | None = None
+        self.register_load_state_dict_post_hook(_forget_host_count)
         self._autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16
                           else nullcontext())
         if cfg.compile:
             self.actor = torch.compile(self.actor)
             self.critic = torch.compile(self.critic)
+
+    def _count_update(self) -> int:
+        """n_updates + 1, on the device and the host; returns the new count."""
+        if self._host_updates is None:
+            self._host_updates = int(self.n_updates)
+        self.n_updates += 1
+        self._host_updates += 1
+        return self._host_updates
 
     @property
     def alpha(self) -> Tensor:
@@ -244,9 +260,8 @@ class SAC(OffPolicyAgent):
             q = self.critic(cobs, act).float()  # [2, B]
         c_loss, stats = sac_critic_loss(q, reward, done, next_q, next_logp.float(), alpha, discount)
         self._step(self.critic_opt, c_loss, list(self.critic.parameters()))
-        self.n_updates += 1
         # actor, temperature, targets (every policy_delay critic updates)
-        if int(self.n_updates) % self.cfg.policy_delay == 0:
+        if self._count_update() % self.cfg.policy_delay == 0:
             bc = _bc_rows(batch, act, q.detach().min(0).values)
             stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a), bc))
             self._polyak(self.critic, self.critic_target)
@@ -283,8 +298,7 @@ class DSACT(OffPolicyAgent):
         c_loss, stats = self.critic_loss(mu, sigma, reward, done, next_mu.float(), next_sigma.float(),
                                          next_logp.float(), alpha, discount, self.b, eps=self.cfg.dsac_eps)
         self._step(self.critic_opt, c_loss, list(self.critic.parameters()))
-        self.n_updates += 1
-        if int(self.n_updates) % self.cfg.policy_delay == 0:
+        if self._count_update() % self.cfg.policy_delay == 0:
             bc = _bc_rows(batch, act, mu.detach().min(0).values)
             stats.update(self._actor_and_alpha(obs, cobs, lambda o, a: self.critic(o, a)[0], bc))
             self._polyak(self.critic, self.critic_target)

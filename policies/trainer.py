@@ -350,6 +350,8 @@ class Trainer:
         self._update_debt += self.cfg.updates_per_step
         n = int(self._update_debt)
         self._update_debt -= n
+        bad: dict[str, torch.Tensor] = {}  # term -> device flag: non-finite in any of these n updates
+        first = self.n_updates + 1
         for _ in range(n):
             b = self.buffer.sample(self.cfg.batch_size, generator=self.gen)
             if self.cfg.normalize_obs:
@@ -358,16 +360,24 @@ class Trainer:
                     b[k] = norm.normalize(b[k])
             stats = self.agent.update(b)
             self.n_updates += 1
-            self._check_finite(stats)
+            for name, v in stats.items():
+                if isinstance(v, torch.Tensor):
+                    nonfinite = ~torch.isfinite(v).all()
+                    bad[name] = bad[name] | nonfinite if name in bad else nonfinite
+        self._check_finite(bad, first)
         return stats
 
-    def _check_finite(self, stats: dict) -> None:
-        for name, v in stats.items():
-            if isinstance(v, torch.Tensor) and not torch.isfinite(v).all():
-                kept = getattr(self, "last_checkpoint", None)
-                raise TrainingError(
-                    f"non-finite {name} at gradient update {self.n_updates} (env step {self.env_steps}); "
-                    f"stopping. Last good checkpoint: {kept or 'none yet'}")
+    def _check_finite(self, bad: dict[str, torch.Tensor], first: int) -> None:
+        """One host sync per env step, not one per statistic and update: on a GPU each sync drains the
+        queue and leaves it idle while Python launches the next update's kernels."""
+        if not bad or not bool(torch.stack(list(bad.values())).any()):
+            return
+        names = ", ".join(k for k, v in bad.items() if bool(v))
+        when = (f"at gradient update {first}" if first == self.n_updates
+                else f"in gradient updates {first}-{self.n_updates}")
+        kept = getattr(self, "last_checkpoint", None)
+        raise TrainingError(f"non-finite {names} {when} (env step {self.env_steps}); stopping. "
+                            f"Last good checkpoint: {kept or 'none yet'}")
 
     # ---- evaluation ---------------------------------------------------------------------
     def evaluate(self, episodes: int | None = None) -> dict:

@@ -122,7 +122,8 @@ def test_nan_in_a_loss_stops_with_the_step_and_term_named(tmp_path):
         return stats
 
     tr.agent.update = poisoned
-    with pytest.raises(TrainingError, match=r"non-finite critic_loss at gradient update \d+ .*Last good checkpoint: .*ckpt_"):
+    want = r"non-finite critic_loss (at gradient update \d+|in gradient updates \d+-\d+) .*Last good checkpoint: .*ckpt_"
+    with pytest.raises(TrainingError, match=want):
         tr.train()
     assert latest_checkpoint(tmp_path) is not None  # the last good checkpoint is kept
 
@@ -323,3 +324,20 @@ def test_bf16_autocast_keeps_float32_outputs_and_updates(algo, policy):
     assert all(torch.isfinite(v).all() for v in stats.values())
     assert all(p.dtype == torch.float32 for p in agent.parameters())  # master weights stay float32
     assert any(not torch.equal(b, p) for b, p in zip(before, agent.critic.parameters()))
+
+
+@pytest.mark.parametrize("algo", ["sac", "dsac-t"])
+def test_policy_delay_counts_on_across_a_loaded_state(algo):
+    """The actor updates every policy_delay critic updates, counted on the host (no GPU sync per update),
+    and a state loaded from a checkpoint brings its own count: the delay's phase survives a resume."""
+    cfg = AgentConfig(algo=algo, actor_hidden=(16,), critic_hidden=(16,), policy_delay=3)
+    (batch, _) = _shards()
+    agent = make_agent(cfg, 3, 3, 1)
+    with_actor = ["actor_loss" in agent.update(batch) for _ in range(4)]
+    assert with_actor == [False, False, True, False] and int(agent.n_updates) == 4
+    resumed = make_agent(cfg, 3, 3, 1)
+    resumed.update(batch)
+    resumed.update(batch)  # its own count (2) is replaced by the loaded one (4)
+    resumed.load_state_dict(agent.state_dict())
+    assert ["actor_loss" in resumed.update(batch) for _ in range(3)] == [False, True, False]
+    assert int(resumed.n_updates) == 7
