@@ -11,7 +11,8 @@ thread each). Each finished run is written to --out/runs/ (atomically) and reuse
 invocation with the same job, so a killed benchmark resumes and methods can be run in separate
 invocations (e.g. `--methods sb3-sac` first) and summarised together. Writes curves.png and
 results.json to --out; the last stdout line is a JSON summary per (task, method) and, with
---reward-scales, DSAC-T's final return at each reward scale relative to 1.
+--reward-scales, each --scale-methods method's scores at each reward scale (`TASK/METHOD@reward_xC`) and
+its final and last-5 returns relative to scale 1 (`..._relative`, `..._relative_last5`).
 
 Scores (mean +- std over seeds, and per seed): `final` (the last evaluation), `last5` (mean of the
 last 5 evaluations: less at the mercy of one evaluation) and `auc` (area under the curve by the
@@ -274,9 +275,14 @@ def main() -> dict:
             for m in scale_methods:
                 if not any(r["task"] == t and label(r) == m and r["scale"] == c for r in results):
                     continue
-                f1 = np.mean([r["final"] for r in results if r["task"] == t and label(r) == m and r["scale"] == 1.0])
-                fc = np.mean([r["final"] for r in results if r["task"] == t and label(r) == m and r["scale"] == c])
+                runs_1 = [r for r in results if r["task"] == t and label(r) == m and r["scale"] == 1.0]
+                runs_c = [r for r in results if r["task"] == t and label(r) == m and r["scale"] == c]
+                summary["results"][f"{t}/{m}@reward_x{c:g}"] = scores(runs_c)
+                f1, fc = np.mean([r["final"] for r in runs_1]), np.mean([r["final"] for r in runs_c])
                 summary["results"][f"{t}/{m}/reward_x{c:g}_relative"] = round(float(fc / f1), 3) if f1 else None
+                l1 = np.mean([last_k_mean(r["curve"]) for r in runs_1])  # item 2's score, steadier than final
+                lc = np.mean([last_k_mean(r["curve"]) for r in runs_c])
+                summary["results"][f"{t}/{m}/reward_x{c:g}_relative_last5"] = round(float(lc / l1), 3) if l1 else None
     ratios = [relative_score(summary["results"][f"{t}/sac"]["last5"]["mean"],
                              summary["results"][f"{t}/sb3-sac"]["last5"]["mean"])
               for t in tasks if f"{t}/sac" in summary["results"] and f"{t}/sb3-sac" in summary["results"]]
