@@ -65,6 +65,31 @@ def test_learning_bench_caches_each_variant_under_its_settings(tmp_path):
     assert len({plain, a, b}) == 3  # same variant name, other settings: another file
 
 
+def test_learning_bench_summarises_each_reward_scale_by_its_scores_and_its_ratios_to_scale_one(
+        tmp_path, monkeypatch, capsys):
+    import sys
+
+    lb = load("learning")
+    monkeypatch.setitem(sys.modules, lb.__name__, lb)  # the worker processes unpickle run_cached by name
+    for scale, last in ((1.0, 200.0), (0.1, 300.0), (10.0, 150.0)):
+        for seed in (0, 1):
+            job = dict(task="Hopper-v5", method="dsac-t", seed=seed, steps=600, scale=scale)
+            # five evaluations at `last`, then a final one at 100: the ratios of last5 and final differ
+            curve = [[100 * i, last] for i in range(1, 6)] + [[600, 100.0 + 10 * scale]]
+            path = lb.job_path(tmp_path, job)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**job, "curve": curve, "final": curve[-1][1], "wall_s": 1.0}))
+    monkeypatch.setattr(sys, "argv", ["learning.py", "--tasks", "Hopper-v5", "--methods", "dsac-t", "--seeds", "0,1",
+                                      "--steps", "600", "--reward-scales", "0.1,1,10", "--workers", "1",
+                                      "--out", str(tmp_path), "--summary-only"])
+    res = lb.main()["results"]
+    assert res["Hopper-v5/dsac-t@reward_x0.1"]["n"] == 2
+    # last5 of each: (4 x last + final) / 5
+    assert res["Hopper-v5/dsac-t/reward_x0.1_relative_last5"] == round((1200 + 101) / (800 + 110), 3)
+    assert res["Hopper-v5/dsac-t/reward_x10_relative_last5"] == round((600 + 200) / (800 + 110), 3)
+    assert res["Hopper-v5/dsac-t/reward_x10_relative"] == round(200 / 110, 3)
+
+
 def test_sim_overhead_replay_reproduces_the_recorded_run_without_physics():
     # bench/sim_overhead.py times env.step with each rollout call answered from a recording: the
     # replayed run must be the recorded one (same rewards, resets and observations)
