@@ -331,19 +331,22 @@ class DiffusionWorldModel(TransitionModel):
 
     @torch.no_grad()
     def predict(self, states: Tensor, actions: Tensor, steps: int = 3, solver: str = "euler", samples: int = 1,
-                generator: torch.Generator | None = None, prior: Tensor | None = None) -> Prediction:
+                generator: torch.Generator | None = None, prior: Tensor | None = None,
+                mean: bool = False) -> Prediction:
         """One imagined step for states [B, j >= k, S], actions [B, j, A] (and, for a sim-prior model, the
         simulator's next state prior [B, S] from states[:, -1] and actions[:, -1]).
 
         samples > 1: draw that many, return the first as the prediction and their spread as the
         uncertainty u [B] (mean over dims of the std of the normalised delta, in units of the data's
-        delta std: 0 where all samples agree)."""
+        delta std: 0 where all samples agree). mean: predict the samples' mean instead of the first, an
+        estimate of the expected next state (what an ensemble's mean is to its draws: no sampled noise,
+        so lower error per step, but no spread of outcomes for imagination to explore)."""
         if not (isinstance(samples, int) and samples >= 1):
             raise WorldModelError(f"samples must be a whole number >= 1, got {samples!r}")
         cond = self.condition(states, actions, prior=prior)  # [B, C]
         B = cond.shape[0]
         x0 = self.sample(cond.repeat(samples, 1), steps, solver, generator).reshape(samples, B, -1)
-        nxt, r, term = self.decode(states[:, -1], x0[0], prior)
+        nxt, r, term = self.decode(states[:, -1], x0.mean(0) if mean else x0[0], prior)
         u = x0[:, :, : self.cfg.state_dim].std(0, unbiased=False).mean(-1) if samples > 1 else None
         return Prediction(nxt, r, term, u)
 

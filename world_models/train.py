@@ -106,11 +106,13 @@ def context_noise(states: Tensor, L: float, state_std: Tensor, generator: torch.
 
 
 def diffusion_stepper(model: DiffusionWorldModel, steps: int = 3, solver: str = "euler",
-                      generator: torch.Generator | None = None, sim=None) -> Stepper:
-    """sim: the SimPrior a sim-prior model corrects (None for a plain model)."""
+                      generator: torch.Generator | None = None, sim=None, mean_of: int = 1) -> Stepper:
+    """sim: the SimPrior a sim-prior model corrects (None for a plain model). mean_of > 1: each step
+    predicts the mean of that many samples (the model's expected next state) instead of one sample."""
     def step(states: Tensor, actions: Tensor):
         prior = sim.predict(states[:, -1], actions[:, -1]) if sim is not None else None
-        p = model.predict(states, actions, steps=steps, solver=solver, generator=generator, prior=prior)
+        p = model.predict(states, actions, steps=steps, solver=solver, generator=generator, prior=prior,
+                          samples=mean_of, mean=mean_of > 1)
         return p.next_state, p.reward, p.terminated
 
     return step
