@@ -24,6 +24,7 @@ ones (Pendulum) a gap of the same relative size scores the same (-200 against -1
 --variant runs the s2r methods again with TrainConfig / AgentConfig settings changed (values are
 YAML: false, 1.0, -20), reported as `method@NAME`, e.g. an ablation:
     --variant nonorm:normalize_obs=false --variant logstd20:agent.log_std_min=-20
+With --reward-scales, each variant of the --scale-methods is also run at every scale (`method@NAME@reward_xC`).
 A variant's runs are cached under a hash of its settings, so different settings never share a result.
 The cache key does not cover the code's defaults: after a default changes (obs_norm_min_std 0 -> 1 on
 2026-11-27), summarise with a fresh --out, or name the old setting as a variant.
@@ -249,6 +250,9 @@ def main() -> dict:
              for name, over in variants for t in tasks for m in methods if m != "sb3-sac" for s in seeds]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c) for c in scales if c != 1.0
              for t in tasks for m in scale_methods for s in seeds]
+    jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c, variant=name, overrides=over)  # variants too
+             for name, over in variants for c in scales if c != 1.0
+             for t in tasks for m in scale_methods if m != "sb3-sac" for s in seeds]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out if not a.quick else Path(tempfile.mkdtemp(prefix="s2r_learning_quick_"))  # quick: never cached
@@ -272,7 +276,7 @@ def main() -> dict:
         for c in scales:
             if c == 1.0:
                 continue
-            for m in scale_methods:
+            for m in scale_methods + [f"{m}@{name}" for name, _ in variants for m in scale_methods if m != "sb3-sac"]:
                 if not any(r["task"] == t and label(r) == m and r["scale"] == c for r in results):
                     continue
                 runs_1 = [r for r in results if r["task"] == t and label(r) == m and r["scale"] == 1.0]

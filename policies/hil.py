@@ -137,8 +137,10 @@ class RLPDLearner:
         return cls(config_from_dict(ck["config"]), ck, path, cfg or HILConfig(), device)
 
     def _try_load_critics(self, ck: dict, base: TrainConfig) -> bool:
-        """Reuse the pretrained critics when they took the same input and shape; else keep fresh ones."""
-        if int(ck["critic_obs_dim"]) != self.obs_dim or base.agent.layer_norm != self.cfg.layer_norm:
+        """Reuse the pretrained critics when they took the same input, shape and reward units; else keep fresh ones
+        (a run trained with reward_norm has values in units of its return std, not of the rewards learned here)."""
+        if (int(ck["critic_obs_dim"]) != self.obs_dim or base.agent.layer_norm != self.cfg.layer_norm
+                or base.reward_norm):
             return False
         sd = {k[len("critic."):]: v for k, v in ck["agent"].items() if k.startswith("critic.")}
         try:

@@ -173,3 +173,44 @@ class RunningNorm:
         self.new = self._empty()
         self.frozen = bool(sd["frozen"])
         self.min_std = float(sd.get("min_std", 0.0))  # saved before the floor existed: none
+
+
+class ReturnScale:
+    """Divides learning rewards by the running std of the discounted return (reward normalisation).
+
+    The critic's targets, the temperature's balance against rewards and DSAC-T's fixed epsilons are all in reward
+    units, so a task's reward scale changes how SAC and DSAC-T learn (docs/BENCHMARKS.md, reward-scale tables).
+    Dividing every learning reward by std(G), G_t = gamma * G_{t-1} + r_t tracked per env and reset at episode ends,
+    makes learning invariant to a constant reward factor c: G and its std both scale by c. The mean is not removed
+    (a shift of rewards changes the optimal policy where episodes can end early). Rewards are divided when a batch
+    is sampled, so the buffer keeps raw rewards and every update sees one consistent scale.
+    """
+
+    def __init__(self, num_envs: int, gamma: float, device: torch.device | str = "cpu", eps: float = 1e-8):
+        self.gamma = float(gamma)
+        self.stats = RunningNorm(1, device, eps=eps, clip=None)
+        self.ret = torch.zeros(num_envs, dtype=torch.float64, device=self.stats.device)  # [num_envs] running G
+
+    def update(self, reward: Tensor, done: Tensor) -> None:
+        """reward, done: [num_envs]; folds this step's discounted returns into the statistics."""
+        self.ret = self.gamma * self.ret + reward.detach().to(self.ret)
+        self.stats.update(self.ret[:, None])
+        self.ret = torch.where(done.to(self.ret.device), torch.zeros_like(self.ret), self.ret)
+
+    @property
+    def inv_std(self) -> Tensor:  # [] float64; 1 before any data
+        return self.stats.inv_std[0]
+
+    def scale(self, reward: Tensor) -> Tensor:
+        """reward [...] -> reward / std(G), in reward's dtype."""
+        return reward * self.inv_std.to(reward.dtype)
+
+    def sync_(self) -> None:
+        self.stats.sync_()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.stats.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """The statistics only: a resumed or initialised run restarts its episodes, so G starts at 0."""
+        self.stats.load_state_dict(sd)

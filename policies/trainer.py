@@ -36,7 +36,7 @@ from s2r.policies.algorithms import AgentConfig, algo_defaults, make_agent
 from s2r.policies.checkpoint import (SPEC_HASH_KEY, SPEC_KEY, SPEC_SOURCE_KEY, CheckpointError, latest_checkpoint,
                                      load_checkpoint, prune_checkpoints, rng_state, save_checkpoint, set_rng_state)
 from s2r.policies.env_protocol import BatchedEnvProtocol
-from s2r.policies.normalizer import RunningNorm
+from s2r.policies.normalizer import ReturnScale, RunningNorm
 from s2r.policies.replay import ReplayBuffer
 
 
@@ -65,6 +65,9 @@ class TrainConfig:
     # Walker2d-v5 full scaling lost its early peak, the floor kept more of it; HalfCheetah/Hopper level
     obs_norm_min_std: float = 1.0
     reward_scale: float = 1.0  # multiplies rewards stored for learning (evaluation reports raw returns)
+    # divide learning rewards by the running std of the discounted return, so that a constant reward factor does
+    # not change learning (policies/normalizer.py ReturnScale); off by default: the recipes were tuned without it
+    reward_norm: bool = False
     eval_every: int = 5_000  # env steps
     eval_every_s: float | None = None  # also evaluate after this many wall seconds (return curves over time)
     eval_episodes: int = 5
@@ -226,6 +229,7 @@ class Trainer:
         self.agent = make_agent(cfg.agent, e.obs_dim, e.critic_obs_dim, e.action_dim, self.device)
         self.obs_norm = RunningNorm(e.obs_dim, self.device, min_std=cfg.obs_norm_min_std)
         self.critic_norm = RunningNorm(e.critic_obs_dim, self.device, min_std=cfg.obs_norm_min_std)
+        self.return_scale = ReturnScale(self.local_envs, cfg.agent.gamma, self.device)
         self.buffer = ReplayBuffer(cfg.buffer_size // self.world, self.local_envs, e.obs_dim, e.critic_obs_dim,
                                    e.action_dim, self.device, n_step=cfg.n_step, gamma=cfg.agent.gamma)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 7 + 1000 * self.rank)
@@ -274,6 +278,8 @@ class Trainer:
             "eval_history": json.dumps(self.eval_history),
             "obs_dim": self.env.obs_dim, "critic_obs_dim": self.env.critic_obs_dim, "action_dim": self.env.action_dim,
         }
+        if self.cfg.reward_norm:
+            p["return_scale"] = self.return_scale.state_dict()
         if self.cfg.checkpoint_buffer:
             p["buffer"] = self.buffer.state_dict()
         return p
@@ -320,6 +326,8 @@ class Trainer:
         self.agent.load_optim_state_dict(ck["optim"])
         self.obs_norm.load_state_dict(ck["obs_norm"])
         self.critic_norm.load_state_dict(ck["critic_norm"])
+        if self.cfg.reward_norm and "return_scale" in ck:  # the critic's values are in these units
+            self.return_scale.load_state_dict(ck["return_scale"])
 
     def load_payload(self, ck: dict) -> None:
         self._load_weights(ck)
@@ -358,6 +366,8 @@ class Trainer:
                 for k, norm in (("obs", self.obs_norm), ("next_obs", self.obs_norm),
                                 ("critic_obs", self.critic_norm), ("next_critic_obs", self.critic_norm)):
                     b[k] = norm.normalize(b[k])
+            if self.cfg.reward_norm:
+                b["reward"] = self.return_scale.scale(b["reward"])
             stats = self.agent.update(b)
             self.n_updates += 1
             for name, v in stats.items():
@@ -424,9 +434,14 @@ class Trainer:
             if done.any():
                 real_next = {k: torch.where(done[:, None], info["final_obs"][k], next_obs[k]) for k in next_obs}
                 ep_returns += info["episode"]["return"].tolist()
+            learn_reward = reward.to(self.device) * cfg.reward_scale  # [local_envs]
             self.buffer.add(obs["policy"].to(self.device), obs["critic"].to(self.device), action.to(self.device),
-                            reward.to(self.device) * cfg.reward_scale, real_next["policy"].to(self.device),
+                            learn_reward, real_next["policy"].to(self.device),
                             real_next["critic"].to(self.device), term.to(self.device), trunc.to(self.device))
+            if cfg.reward_norm:
+                self.return_scale.update(learn_reward, done.to(self.device))
+                if self.world > 1:
+                    self.return_scale.sync_()
             if cfg.normalize_obs and not self.obs_norm.frozen:
                 self.obs_norm.update(obs["policy"].to(self.device))
                 self.critic_norm.update(obs["critic"].to(self.device))

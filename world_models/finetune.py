@@ -145,6 +145,10 @@ class WorldModelFinetuner:
         # ---- the pretrained run: actor, critics, temperature; normalisers frozen (they are in the export)
         self.base, self.agent, self.obs_norm, ck, self.ckpt_path = load_run(run)
         self.run_path = Path(run)
+        if self.base.reward_norm:
+            raise ValueError(f"run {run} was trained with reward_norm: its critics are in units of its return std, "
+                             f"which this finetuner does not apply; use the trainer learner (s2r wm finetune "
+                             f"--learner trainer), whose trainer carries the scale over")
         self.agent.train()
         self.agent.load_optim_state_dict(ck["optim"])  # the Adam moments it trained with
         if cfg.lr_actor is not None:

@@ -1,0 +1,95 @@
+"""Reward normalisation (TrainConfig.reward_norm): rewards divided by the running std of the discounted return,
+so a constant reward factor does not change what the learner sees."""
+
+import numpy as np
+import pytest
+import torch
+
+from s2r.policies.checkpoint import latest_checkpoint, load_checkpoint
+from s2r.policies.normalizer import ReturnScale
+from s2r.policies.recipes import recipe
+from s2r.policies.trainer import Trainer
+
+
+def _stream(steps=300, envs=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    reward = torch.randn(steps, envs, generator=g) + 1.0  # [T, envs]
+    done = torch.rand(steps, envs, generator=g) < 0.05
+    return reward, done
+
+
+def test_the_scale_is_the_std_of_the_discounted_returns_reset_at_episode_ends():
+    reward, done = _stream()
+    rs = ReturnScale(num_envs=3, gamma=0.9)
+    for r, d in zip(reward, done):
+        rs.update(r, d)
+    G, seen = np.zeros(3), []  # the same returns by hand
+    for r, d in zip(reward.numpy(), done.numpy()):
+        G = 0.9 * G + r
+        seen.append(G.copy())
+        G[d] = 0.0
+    assert float(rs.inv_std) == pytest.approx(1 / np.std(np.concatenate(seen)), rel=1e-9)
+
+
+@pytest.mark.parametrize("c", [0.1, 10.0, 1e3])
+def test_scaled_rewards_do_not_depend_on_a_constant_reward_factor(c):
+    reward, done = _stream(seed=1)
+    a, b = ReturnScale(3, 0.99), ReturnScale(3, 0.99)
+    for r, d in zip(reward, done):
+        a.update(r, d)
+        b.update(c * r, d)
+    batch = reward[:64, 0]
+    assert torch.allclose(a.scale(batch), b.scale(c * batch), rtol=1e-5)
+    assert float(a.scale(batch).abs().mean()) < float(batch.abs().mean())  # returns spread wider than one reward
+
+
+def _small(algo="dsac-t", **kw):
+    base = dict(total_steps=400, learning_starts=200, batch_size=64, eval_every=10**9, eval_episodes=1,
+                checkpoint_every=400, progress=False, log_every=100, reward_norm=True)
+    base.update(kw)
+    return recipe("Pendulum-v1", algo, "gaussian", **base)
+
+
+def test_the_trainer_learns_from_normalised_rewards_and_carries_the_scale_in_its_checkpoints(tmp_path):
+    runs = {}
+    for c in (1.0, 10.0):
+        tr = Trainer(_small(reward_scale=c), tmp_path / f"x{c:g}")
+        tr.train()
+        runs[c] = tr
+    # the scale follows c, and the learner does the same 200 updates whatever c is (rewards x10 without
+    # reward_norm move the actor's weights by about 0.05 here; with it, by float32 rounding)
+    assert float(runs[1.0].return_scale.inv_std / runs[10.0].return_scale.inv_std) == pytest.approx(10.0, rel=1e-4)
+    actor = {c: torch.cat([p.detach().flatten() for p in tr.agent.actor.parameters()]) for c, tr in runs.items()}
+    assert float((actor[1.0] - actor[10.0]).abs().max()) < 1e-5
+    plain = {}
+    for c in (1.0, 10.0):
+        tr = Trainer(_small(reward_scale=c, reward_norm=False), tmp_path / f"plain{c:g}")
+        tr.train()
+        plain[c] = torch.cat([p.detach().flatten() for p in tr.agent.actor.parameters()])
+    assert float((plain[1.0] - plain[10.0]).abs().max()) > 1e-3
+    ck = load_checkpoint(latest_checkpoint(tmp_path / "x1"))
+    saved = ck["return_scale"]
+    assert float(saved["count"]) == 400  # every env step's return
+    resumed = Trainer(_small(total_steps=600), tmp_path / "x1", resume=True)
+    assert torch.equal(resumed.return_scale.state_dict()["m2"], saved["m2"])
+    started = Trainer(_small(init_from=str(tmp_path / "x1")), tmp_path / "new")  # the critic's units come along
+    assert torch.equal(started.return_scale.state_dict()["m2"], saved["m2"])
+    assert "return_scale" not in load_checkpoint(latest_checkpoint(tmp_path / "plain1"))
+
+
+def test_learners_that_do_not_apply_the_scale_do_not_take_critics_in_its_units(tmp_path):
+    from s2r.policies.hil import HILConfig, RLPDLearner
+    from s2r.world_models.finetune import WorldModelFinetuner
+
+    for rn in (False, True):
+        Trainer(_small("sac", total_steps=200, reward_norm=rn), tmp_path / f"rn{rn}").train()
+    hil = {rn: RLPDLearner.from_run(tmp_path / f"rn{rn}", HILConfig(layer_norm=False, critic_hidden=None))
+           for rn in (False, True)}
+    assert hil[False].reused_critics and not hil[True].reused_critics
+    cfg = recipe("humanoid-stand", "sac", "gaussian", num_envs=2, total_steps=20, learning_starts=20, batch_size=16,
+                 checkpoint_every=20, eval_every=10**9, eval_episodes=1, progress=False, reward_norm=True,
+                 env_overrides={"episode_length_s": 0.2})
+    cfg.agent.bf16 = False
+    Trainer(cfg, tmp_path / "stand").train()
+    with pytest.raises(ValueError, match="trained with reward_norm.*--learner trainer"):
+        WorldModelFinetuner(tmp_path / "stand", tmp_path / "no_model_needed")
