@@ -223,6 +223,9 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
           checkpoint_every: Optional[int] = typer.Option(None, help="env steps between checkpoints"),
           eval_every: Optional[int] = typer.Option(None, help="env steps between evaluations"),
           checkpoint_buffer: bool = typer.Option(False, help="store the replay buffer in checkpoints"),
+          reward_norm: Optional[bool] = typer.Option(None, "--reward-norm/--no-reward-norm",
+                                                     help="divide learning rewards by the running std of the "
+                                                     "discounted return: learning that ignores the reward scale"),
           init_from: Optional[Path] = typer.Option(None, help="start from this run's newest checkpoint (weights, "
                                                    "Adam moments, normalisers): train a policy further, e.g. on a "
                                                    "shifted robot"),
@@ -262,6 +265,7 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                                                 ("--bf16/--no-bf16", bf16), ("--compile/--no-compile", compile),
                                                 ("--checkpoint-every", checkpoint_every),
                                                 ("--eval-every", eval_every), ("--init-from", init_from),
+                                                ("--reward-norm/--no-reward-norm", reward_norm),
                                                 ("--env-override", env_override or None)) if value is not None]
             if ignored:
                 _note(f"{', '.join(ignored)} ignored with --resume: the run's {cfg_path} decides")
@@ -280,7 +284,7 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
             cfg = recipe(task, algo, policy, agent=agent, num_envs=num_envs, total_steps=steps, seed=seed,
                          backend=backend, device=device, threads=threads, updates_per_step=utd,
                          batch_size=batch_size, checkpoint_buffer=checkpoint_buffer, progress=progress,
-                         checkpoint_every=checkpoint_every, eval_every=eval_every)
+                         checkpoint_every=checkpoint_every, eval_every=eval_every, reward_norm=reward_norm)
             if env_override:
                 from s2r.sim.overrides import merge_overrides, parse_env_overrides
 

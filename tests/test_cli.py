@@ -127,9 +127,11 @@ def test_train_env_override_and_init_from_reach_the_run_config(tmp_path):
     r = run("train", "--task", "Pendulum-v1", "--out", str(src), *common, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("train", "--task", "Pendulum-v1", "--out", str(tmp_path / "dst"), "--init-from", str(src), *common,
-            timeout=300)
+            "--reward-norm", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert yaml.safe_load((tmp_path / "dst" / "config.yaml").read_text())["init_from"] == str(src)
+    dst = yaml.safe_load((tmp_path / "dst" / "config.yaml").read_text())
+    assert dst["init_from"] == str(src) and dst["reward_norm"] is True
+    assert yaml.safe_load((src / "config.yaml").read_text())["reward_norm"] is False  # the default
     assert_one_error_line(run("train", "--task", "humanoid-stand", "--out", str(tmp_path / "x"),
                               "--env-override", "randomization.motor_strenght=0.8", *common),
                           "--env-override randomization.motor_strenght: no such field")
