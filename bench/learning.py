@@ -3,7 +3,7 @@
     python bench/learning.py [--quick] [--tasks Hopper-v5,HalfCheetah-v5,humanoid-walk] [--steps 100000]
                              [--seeds 0,1,2] [--methods sac,dsac-t,sac+pmoe,dsac-t+pmoe,sb3-sac]
                              [--reward-scales 1]  [--out out/bench_learning] [--workers 2]
-                             [--variant NAME:key=value,agent.key=value ...]
+                             [--variant NAME:key=value,agent.key=value ...] [--variants-only]
 
 Every method gets the same env-step budget and the same evaluation (deterministic policy,
 5 episodes, every budget/10 steps). Runs execute in `--workers` parallel processes (one torch
@@ -26,6 +26,7 @@ YAML: false, 1.0, -20), reported as `method@NAME`, e.g. an ablation:
     --variant nonorm:normalize_obs=false --variant logstd20:agent.log_std_min=-20
 With --reward-scales, each variant of the --scale-methods is also run at every scale (`method@NAME@reward_xC`).
 A variant's runs are cached under a hash of its settings, so different settings never share a result.
+--variants-only trains only the variant runs (when the base methods' runs are recorded elsewhere).
 The cache key does not cover the code's defaults: after a default changes (obs_norm_min_std 0 -> 1 on
 2026-11-27), summarise with a fresh --out, or name the old setting as a variant.
 
@@ -236,6 +237,8 @@ def main() -> dict:
                    help="take the jobs last-first (a second invocation sharing --out meets the first halfway)")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME:key=value,agent.key=value: also run the s2r methods with these settings (repeatable)")
+    p.add_argument("--variants-only", action="store_true",
+                   help="run only the --variant jobs (the base methods' runs are recorded elsewhere)")
     a = p.parse_args()
     variants = [parse_variant(v) for v in a.variant]
     if a.quick:
@@ -245,11 +248,15 @@ def main() -> dict:
     seeds = [int(s) for s in a.seeds.split(",") if s]
     scales = [float(s) for s in a.reward_scales.split(",") if s]
     scale_methods = [m for m in a.scale_methods.split(",") if m]
-    jobs = [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0) for t in tasks for m in methods for s in seeds]
+    if a.variants_only and not variants:
+        p.error("--variants-only needs at least one --variant")
+    base = not a.variants_only
+    jobs = [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0)
+            for t in tasks for m in methods for s in seeds if base]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0, variant=name, overrides=over)
              for name, over in variants for t in tasks for m in methods if m != "sb3-sac" for s in seeds]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c) for c in scales if c != 1.0
-             for t in tasks for m in scale_methods for s in seeds]
+             for t in tasks for m in scale_methods for s in seeds if base]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c, variant=name, overrides=over)  # variants too
              for name, over in variants for c in scales if c != 1.0
              for t in tasks for m in scale_methods if m != "sb3-sac" for s in seeds]
