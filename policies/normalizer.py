@@ -201,6 +201,14 @@ class ReturnScale:
     def inv_std(self) -> Tensor:  # [] float64; 1 before any data
         return self.stats.inv_std[0]
 
+    @property
+    def frozen(self) -> bool:
+        return self.stats.frozen
+
+    def freeze(self) -> None:
+        """Keep the current std from now on (update() still tracks G, and no longer folds it in)."""
+        self.stats.freeze()
+
     def scale(self, reward: Tensor) -> Tensor:
         """reward [...] -> reward / std(G), in reward's dtype."""
         return reward * self.inv_std.to(reward.dtype)

@@ -68,6 +68,9 @@ class TrainConfig:
     # divide learning rewards by the running std of the discounted return, so that a constant reward factor does
     # not change learning (policies/normalizer.py ReturnScale); off by default: the recipes were tuned without it
     reward_norm: bool = False
+    # stop updating that std at learning_starts: one scale for the whole run, still scale-free (the warm-up's
+    # returns carry the task's factor too) but stationary, so the critic's targets do not shift as returns grow
+    freeze_reward_norm: bool = False
     eval_every: int = 5_000  # env steps
     eval_every_s: float | None = None  # also evaluate after this many wall seconds (return curves over time)
     eval_episodes: int = 5
@@ -153,6 +156,8 @@ def check_config(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
             raise ValueError(f"training setting {name} must be a number of seconds > 0 (or unset), got {v!r}")
+    if cfg.freeze_reward_norm and not cfg.reward_norm:
+        raise ValueError("training setting freeze_reward_norm needs reward_norm=true (there is no scale to freeze)")
     check_device(cfg.device)
 
 
@@ -453,6 +458,8 @@ class Trainer:
             if cfg.freeze_obs_norm and self.env_steps >= cfg.learning_starts and not self.obs_norm.frozen:
                 self.obs_norm.freeze()  # from here on the same raw observation always maps to the same input
                 self.critic_norm.freeze()
+            if cfg.freeze_reward_norm and self.env_steps >= cfg.learning_starts and not self.return_scale.frozen:
+                self.return_scale.freeze()  # the warm-up's scale, for every later update
             if bar is not None:
                 bar.update(cfg.num_envs)
             if self.env_steps >= cfg.learning_starts and len(self.buffer) >= cfg.batch_size:

@@ -93,3 +93,23 @@ def test_learners_that_do_not_apply_the_scale_do_not_take_critics_in_its_units(t
     Trainer(cfg, tmp_path / "stand").train()
     with pytest.raises(ValueError, match="trained with reward_norm.*--learner trainer"):
         WorldModelFinetuner(tmp_path / "stand", tmp_path / "no_model_needed")
+
+
+def test_a_frozen_scale_keeps_the_warm_up_std_for_the_rest_of_the_run_and_across_a_resume(tmp_path):
+    tr = Trainer(_small(freeze_reward_norm=True), tmp_path / "frz")
+    tr.train()
+    assert tr.return_scale.frozen
+    assert float(tr.return_scale.state_dict()["count"]) == 200  # the warm-up's returns only (learning_starts)
+    warm = float(tr.return_scale.inv_std)
+    free = Trainer(_small(), tmp_path / "free")
+    free.train()
+    assert float(free.return_scale.state_dict()["count"]) == 400 and float(free.return_scale.inv_std) != warm
+    resumed = Trainer(_small(total_steps=600, freeze_reward_norm=True), tmp_path / "frz", resume=True)
+    assert resumed.return_scale.frozen and float(resumed.return_scale.inv_std) == warm
+    resumed.train()
+    assert float(resumed.return_scale.inv_std) == warm
+
+
+def test_freezing_the_scale_without_reward_norm_is_refused_by_name(tmp_path):
+    with pytest.raises(ValueError, match="freeze_reward_norm needs reward_norm"):
+        Trainer(_small(reward_norm=False, freeze_reward_norm=True), tmp_path)
