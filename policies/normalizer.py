@@ -186,8 +186,10 @@ class ReturnScale:
     is sampled, so the buffer keeps raw rewards and every update sees one consistent scale.
     """
 
-    def __init__(self, num_envs: int, gamma: float, device: torch.device | str = "cpu", eps: float = 1e-8):
+    def __init__(self, num_envs: int, gamma: float, device: torch.device | str = "cpu", eps: float = 1e-8,
+                 target_std: float = 1.0):
         self.gamma = float(gamma)
+        self.target_std = float(target_std)  # the std the return is brought to (rewards x target_std / std(G))
         self.stats = RunningNorm(1, device, eps=eps, clip=None)
         self.ret = torch.zeros(num_envs, dtype=torch.float64, device=self.stats.device)  # [num_envs] running G
 
@@ -210,8 +212,8 @@ class ReturnScale:
         self.stats.freeze()
 
     def scale(self, reward: Tensor) -> Tensor:
-        """reward [...] -> reward / std(G), in reward's dtype."""
-        return reward * self.inv_std.to(reward.dtype)
+        """reward [...] -> reward * target_std / std(G), in reward's dtype."""
+        return reward * (self.target_std * self.inv_std).to(reward.dtype)
 
     def sync_(self) -> None:
         self.stats.sync_()

@@ -41,6 +41,10 @@ def test_scaled_rewards_do_not_depend_on_a_constant_reward_factor(c):
     batch = reward[:64, 0]
     assert torch.allclose(a.scale(batch), b.scale(c * batch), rtol=1e-5)
     assert float(a.scale(batch).abs().mean()) < float(batch.abs().mean())  # returns spread wider than one reward
+    t = ReturnScale(3, 0.99, target_std=10.0)  # a target std multiplies the result and keeps it scale-free
+    for r, d in zip(reward, done):
+        t.update(c * r, d)
+    assert torch.allclose(t.scale(c * batch), 10.0 * a.scale(batch), rtol=1e-5)
 
 
 def _small(algo="dsac-t", **kw):
@@ -110,6 +114,10 @@ def test_a_frozen_scale_keeps_the_warm_up_std_for_the_rest_of_the_run_and_across
     assert float(resumed.return_scale.inv_std) == warm
 
 
-def test_freezing_the_scale_without_reward_norm_is_refused_by_name(tmp_path):
+def test_freezing_the_scale_without_reward_norm_and_a_target_std_that_is_not_positive_are_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="freeze_reward_norm needs reward_norm"):
         Trainer(_small(reward_norm=False, freeze_reward_norm=True), tmp_path)
+    for bad in (0.0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="reward_norm_std must be a finite number > 0"):
+            Trainer(_small(reward_norm_std=bad), tmp_path)
+    assert Trainer(_small(reward_norm_std=10), tmp_path / "ok").return_scale.target_std == 10.0
