@@ -226,6 +226,10 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
           reward_norm: Optional[bool] = typer.Option(None, "--reward-norm/--no-reward-norm",
                                                      help="divide learning rewards by the running std of the "
                                                      "discounted return: learning that ignores the reward scale"),
+          reward_norm_std: Optional[float] = typer.Option(None, help="with --reward-norm: the std the returns are "
+                                                          "brought to (default 1; docs/TRAINING.md)"),
+          freeze_reward_norm: Optional[bool] = typer.Option(None, "--freeze-reward-norm/--no-freeze-reward-norm",
+                                                            help="with --reward-norm: keep the warm-up's std"),
           init_from: Optional[Path] = typer.Option(None, help="start from this run's newest checkpoint (weights, "
                                                    "Adam moments, normalisers): train a policy further, e.g. on a "
                                                    "shifted robot"),
@@ -248,6 +252,10 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
             _fail(f"{flag} must be >= 1, got {value}")
     if utd is not None and not 0 <= utd < float("inf"):
         _fail(f"--utd must be a finite number >= 0, got {utd}")
+    if reward_norm_std is not None and not 0 < reward_norm_std < float("inf"):
+        _fail(f"--reward-norm-std must be a finite number > 0, got {reward_norm_std}")
+    if (reward_norm_std is not None or freeze_reward_norm) and not reward_norm and resume is None:
+        _fail("--reward-norm-std and --freeze-reward-norm set up --reward-norm: give --reward-norm too")
     if device is not None:
         try:
             check_device(device)
@@ -266,6 +274,8 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                                                 ("--checkpoint-every", checkpoint_every),
                                                 ("--eval-every", eval_every), ("--init-from", init_from),
                                                 ("--reward-norm/--no-reward-norm", reward_norm),
+                                                ("--reward-norm-std", reward_norm_std),
+                                                ("--freeze-reward-norm", freeze_reward_norm),
                                                 ("--env-override", env_override or None)) if value is not None]
             if ignored:
                 _note(f"{', '.join(ignored)} ignored with --resume: the run's {cfg_path} decides")
@@ -284,7 +294,8 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
             cfg = recipe(task, algo, policy, agent=agent, num_envs=num_envs, total_steps=steps, seed=seed,
                          backend=backend, device=device, threads=threads, updates_per_step=utd,
                          batch_size=batch_size, checkpoint_buffer=checkpoint_buffer, progress=progress,
-                         checkpoint_every=checkpoint_every, eval_every=eval_every, reward_norm=reward_norm)
+                         checkpoint_every=checkpoint_every, eval_every=eval_every, reward_norm=reward_norm,
+                         reward_norm_std=reward_norm_std, freeze_reward_norm=freeze_reward_norm)
             if env_override:
                 from s2r.sim.overrides import merge_overrides, parse_env_overrides
 

@@ -127,10 +127,15 @@ def test_train_env_override_and_init_from_reach_the_run_config(tmp_path):
     r = run("train", "--task", "Pendulum-v1", "--out", str(src), *common, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     r = run("train", "--task", "Pendulum-v1", "--out", str(tmp_path / "dst"), "--init-from", str(src), *common,
-            "--reward-norm", timeout=300)
+            "--reward-norm", "--reward-norm-std", "10", "--freeze-reward-norm", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     dst = yaml.safe_load((tmp_path / "dst" / "config.yaml").read_text())
     assert dst["init_from"] == str(src) and dst["reward_norm"] is True
+    assert dst["reward_norm_std"] == 10 and dst["freeze_reward_norm"] is True
+    assert_one_error_line(run("train", "--task", "Pendulum-v1", "--out", str(tmp_path / "z"), "--reward-norm",
+                              "--reward-norm-std", "0", *common), "--reward-norm-std must be a finite number > 0")
+    assert_one_error_line(run("train", "--task", "Pendulum-v1", "--out", str(tmp_path / "z"),
+                              "--freeze-reward-norm", *common), "give --reward-norm too")
     assert yaml.safe_load((src / "config.yaml").read_text())["reward_norm"] is False  # the default
     assert_one_error_line(run("train", "--task", "humanoid-stand", "--out", str(tmp_path / "x"),
                               "--env-override", "randomization.motor_strenght=0.8", *common),
