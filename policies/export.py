@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import io
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -211,9 +212,9 @@ def export_onnx(run: str | Path, out_path: str | Path, opset: int = 17, n_random
         META_ALGO: cfg.algo, META_POLICY_HEAD: cfg.policy, "s2r.task": cfg.task,
         META_RUN_ID: run_id,
         META_OBS_DIM: str(obs_dim), META_ACTION_DIM: str(act_dim),
-        "s2r.obs_normalizer": (f"in graph: clip((obs - mean) / max(sqrt(var + {obs_norm.eps:g}), "
-                               f"{obs_norm.min_std:g}), -{obs_norm.clip:g}, {obs_norm.clip:g})"
-                               if policy.normalize else "none"),
+        "s2r.obs_normalizer": (f"in graph: clip((obs - mean) / clamp(sqrt(var + {obs_norm.eps:g}), "
+                               f"{obs_norm.min_std:g}, {obs_norm.max_std or math.inf:g}), "
+                               f"-{obs_norm.clip:g}, {obs_norm.clip:g})" if policy.normalize else "none"),
         META_EXPORTER: exporter_version(opset),
     }
     data = to_onnx_bytes(policy, obs_dim, metadata, opset)

@@ -61,13 +61,19 @@ def combine_moments(count: Tensor, mean: Tensor, m2: Tensor) -> Moments:
 
 
 class RunningNorm:
-    """clip((x - mean) / max(sqrt(var + eps), min_std), -clip, clip), with mean/var tracked over every update."""
+    """clip((x - mean) / clamp(sqrt(var + eps), min_std, max_std), -clip, clip), mean/var tracked over every update.
+
+    max_std caps the divisor (None: no cap); min_std = max_std = 1 centres every dimension without scaling it."""
 
     def __init__(self, dim: int, device: torch.device | str = "cpu", eps: float = 1e-8, clip: float | None = 10.0,
-                 min_std: float = 0.0):
+                 min_std: float = 0.0, max_std: float | None = None):
         if not (min_std >= 0 and math.isfinite(min_std)):
             raise ValueError(f"RunningNorm min_std must be a finite number >= 0, got {min_std!r}")
+        if max_std is not None and not (math.isfinite(max_std) and max_std > 0 and max_std >= min_std):
+            raise ValueError(f"RunningNorm max_std must be a finite number > 0 and >= min_std ({min_std}), "
+                             f"got {max_std!r}")
         self.dim, self.device, self.eps, self.clip, self.min_std = dim, torch.device(device), eps, clip, float(min_std)
+        self.max_std = None if max_std is None else float(max_std)
         self.base = self._empty()  # agreed across ranks at the last sync_
         self.new = self._empty()  # this rank's batches since the last sync_
         self.frozen = False
@@ -102,6 +108,8 @@ class RunningNorm:
         n, mean, m2 = self.moments  # merged once
         var = torch.where(n > 0, m2 / n.clamp_min(1.0), torch.ones_like(m2))
         inv_std = torch.rsqrt(var + self.eps)
+        if self.max_std is not None:
+            inv_std = inv_std.clamp_min(1.0 / self.max_std)
         return mean, inv_std if self.min_std == 0 else inv_std.clamp_max(1.0 / self.min_std)
 
     def update(self, x: Tensor) -> None:
@@ -157,11 +165,12 @@ class RunningNorm:
 
     # ---- persistence --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
-        """Merged statistics and the scale floor (tensors only). A resumed run loads them as the agreed base on
-        every rank; a loaded normaliser takes the saved min_std, so it normalises as the run trained."""
+        """Merged statistics and the scale's bounds (tensors only; no cap is stored as inf). A resumed run loads them
+        as the agreed base on every rank; a loaded normaliser takes the saved bounds, so it normalises as it trained."""
         n, mean, m2 = self.moments
         return {"count": n, "mean": mean, "m2": m2, "frozen": torch.tensor(self.frozen),
-                "min_std": torch.tensor(self.min_std, dtype=torch.float64)}
+                "min_std": torch.tensor(self.min_std, dtype=torch.float64),
+                "max_std": torch.tensor(math.inf if self.max_std is None else self.max_std, dtype=torch.float64)}
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
         for k in ("mean", "m2"):
@@ -173,6 +182,8 @@ class RunningNorm:
         self.new = self._empty()
         self.frozen = bool(sd["frozen"])
         self.min_std = float(sd.get("min_std", 0.0))  # saved before the floor existed: none
+        max_std = float(sd.get("max_std", math.inf))  # saved before the cap existed: none
+        self.max_std = None if math.isinf(max_std) else max_std
 
 
 class ReturnScale:

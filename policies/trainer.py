@@ -64,6 +64,8 @@ class TrainConfig:
     # spread are centred but not amplified (0: every dim to unit variance). 1 is the generic setting: on
     # Walker2d-v5 full scaling lost its early peak, the floor kept more of it; HalfCheetah/Hopper level
     obs_norm_min_std: float = 1.0
+    # cap on that scale (None: none): obs_norm_min_std = obs_norm_max_std = 1 centres the observations, scales none
+    obs_norm_max_std: float | None = None
     reward_scale: float = 1.0  # multiplies rewards stored for learning (evaluation reports raw returns)
     # divide learning rewards by the running std of the discounted return, so that a constant reward factor does
     # not change learning (policies/normalizer.py ReturnScale); off by default: the recipes were tuned without it
@@ -156,6 +158,11 @@ def check_config(cfg: TrainConfig) -> None:
             and 0 <= cfg.obs_norm_min_std < math.inf):
         raise ValueError(f"training setting obs_norm_min_std must be a finite number >= 0, "
                          f"got {cfg.obs_norm_min_std!r}")
+    cap = cfg.obs_norm_max_std
+    if cap is not None and not (isinstance(cap, (int, float)) and not isinstance(cap, bool)
+                                and 0 < cap < math.inf and cap >= cfg.obs_norm_min_std):
+        raise ValueError(f"training setting obs_norm_max_std must be a finite number > 0 and >= obs_norm_min_std "
+                         f"({cfg.obs_norm_min_std}), or unset; got {cap!r}")
     for name in ("eval_every_s", "max_wall_s"):
         v = getattr(cfg, name)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
@@ -239,8 +246,9 @@ class Trainer:
         self.spec_hash = self.env.spec.hash() if self.env.spec is not None else None
         e = self.env
         self.agent = make_agent(cfg.agent, e.obs_dim, e.critic_obs_dim, e.action_dim, self.device)
-        self.obs_norm = RunningNorm(e.obs_dim, self.device, min_std=cfg.obs_norm_min_std)
-        self.critic_norm = RunningNorm(e.critic_obs_dim, self.device, min_std=cfg.obs_norm_min_std)
+        bounds = dict(min_std=cfg.obs_norm_min_std, max_std=cfg.obs_norm_max_std)
+        self.obs_norm = RunningNorm(e.obs_dim, self.device, **bounds)
+        self.critic_norm = RunningNorm(e.critic_obs_dim, self.device, **bounds)
         self.return_scale = ReturnScale(self.local_envs, cfg.agent.gamma, self.device, target_std=cfg.reward_norm_std)
         self.buffer = ReplayBuffer(cfg.buffer_size // self.world, self.local_envs, e.obs_dim, e.critic_obs_dim,
                                    e.action_dim, self.device, n_step=cfg.n_step, gamma=cfg.agent.gamma)

@@ -203,6 +203,15 @@ def _plot_rollout(path: Path, rewards: list[float], dt: float, task: str) -> Non
     atomic_write_bytes(path, buf.getvalue())
 
 
+# s2r train --obs-norm: the observation normaliser's settings (TrainConfig fields; docs/TRAINING.md, "A new task")
+OBS_NORM = {
+    "centre": dict(normalize_obs=True, obs_norm_min_std=1.0, obs_norm_max_std=1.0),
+    "scale": dict(normalize_obs=True, obs_norm_min_std=1.0, obs_norm_max_std=None),
+    "standard": dict(normalize_obs=True, obs_norm_min_std=0.0, obs_norm_max_std=None),
+    "off": dict(normalize_obs=False),
+}
+
+
 @app.command("train")
 def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk, arm-reach, ...), "
                                            "isaaclab:<Isaac Lab task id> (.venv-isaac) or gymnasium id"),
@@ -225,11 +234,16 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
           checkpoint_buffer: bool = typer.Option(False, help="store the replay buffer in checkpoints"),
           reward_norm: Optional[bool] = typer.Option(None, "--reward-norm/--no-reward-norm",
                                                      help="divide learning rewards by the running std of the "
-                                                     "discounted return: learning that ignores the reward scale"),
+                                                     "discounted return: learning that ignores the reward scale "
+                                                     "(the recipe decides when not given; docs/TRAINING.md)"),
           reward_norm_std: Optional[float] = typer.Option(None, help="with --reward-norm: the std the returns are "
-                                                          "brought to (default 1; docs/TRAINING.md)"),
+                                                          "brought to (the recipe's, else 1; docs/TRAINING.md)"),
           freeze_reward_norm: Optional[bool] = typer.Option(None, "--freeze-reward-norm/--no-freeze-reward-norm",
                                                             help="with --reward-norm: keep the warm-up's std"),
+          obs_norm: Optional[str] = typer.Option(None, help="observation normaliser: centre (the generic setting), "
+                                                 "scale (centre, and divide dims whose std is above 1 by it), "
+                                                 "standard (every dim to unit variance) or off; default: the "
+                                                 "recipe's (docs/TRAINING.md)"),
           init_from: Optional[Path] = typer.Option(None, help="start from this run's newest checkpoint (weights, "
                                                    "Adam moments, normalisers): train a policy further, e.g. on a "
                                                    "shifted robot"),
@@ -254,8 +268,8 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
         _fail(f"--utd must be a finite number >= 0, got {utd}")
     if reward_norm_std is not None and not 0 < reward_norm_std < float("inf"):
         _fail(f"--reward-norm-std must be a finite number > 0, got {reward_norm_std}")
-    if (reward_norm_std is not None or freeze_reward_norm) and not reward_norm and resume is None:
-        _fail("--reward-norm-std and --freeze-reward-norm set up --reward-norm: give --reward-norm too")
+    if obs_norm is not None and obs_norm not in OBS_NORM:
+        _fail(f"unknown --obs-norm '{obs_norm}' ({' | '.join(OBS_NORM)})")
     if device is not None:
         try:
             check_device(device)
@@ -276,6 +290,7 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                                                 ("--reward-norm/--no-reward-norm", reward_norm),
                                                 ("--reward-norm-std", reward_norm_std),
                                                 ("--freeze-reward-norm", freeze_reward_norm),
+                                                ("--obs-norm", obs_norm),
                                                 ("--env-override", env_override or None)) if value is not None]
             if ignored:
                 _note(f"{', '.join(ignored)} ignored with --resume: the run's {cfg_path} decides")
@@ -296,6 +311,11 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                          batch_size=batch_size, checkpoint_buffer=checkpoint_buffer, progress=progress,
                          checkpoint_every=checkpoint_every, eval_every=eval_every, reward_norm=reward_norm,
                          reward_norm_std=reward_norm_std, freeze_reward_norm=freeze_reward_norm)
+            for key, value in OBS_NORM.get(obs_norm, {}).items():  # None is a value here (no cap), so not recipe()'s
+                setattr(cfg, key, value)
+            if (reward_norm_std is not None or freeze_reward_norm) and not cfg.reward_norm:
+                _fail(f"--reward-norm-std and --freeze-reward-norm set up reward normalisation, which {task}'s "
+                      f"recipe leaves off: give --reward-norm too")
             if env_override:
                 from s2r.sim.overrides import merge_overrides, parse_env_overrides
 

@@ -136,7 +136,17 @@ def test_train_env_override_and_init_from_reach_the_run_config(tmp_path):
                               "--reward-norm-std", "0", *common), "--reward-norm-std must be a finite number > 0")
     assert_one_error_line(run("train", "--task", "Pendulum-v1", "--out", str(tmp_path / "z"),
                               "--freeze-reward-norm", *common), "give --reward-norm too")
-    assert yaml.safe_load((src / "config.yaml").read_text())["reward_norm"] is False  # the default
+    assert yaml.safe_load((src / "config.yaml").read_text())["reward_norm"] is False  # Pendulum's recipe
+    for flags, want in ((["--reward-norm-std", "20", "--obs-norm", "centre"], (True, True, 20.0, True, 1.0, 1.0)),
+                        (["--no-reward-norm", "--obs-norm", "off"], (False, False, 10.0, False, 1.0, None))):
+        out = tmp_path / f"hopper{len(flags)}"  # Hopper's recipe normalises rewards; off switches freezing off too
+        r = run("train", "--task", "Hopper-v5", "--out", str(out), *flags, *common, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        c = yaml.safe_load((out / "config.yaml").read_text())
+        assert (c["reward_norm"], c["freeze_reward_norm"], c["reward_norm_std"], c["normalize_obs"],
+                c["obs_norm_min_std"], c["obs_norm_max_std"]) == want, flags
+    assert_one_error_line(run("train", "--task", "Hopper-v5", "--out", str(tmp_path / "z"), "--obs-norm", "whiten",
+                              *common), "unknown --obs-norm 'whiten' (centre | scale | standard | off)")
     assert_one_error_line(run("train", "--task", "humanoid-stand", "--out", str(tmp_path / "x"),
                               "--env-override", "randomization.motor_strenght=0.8", *common),
                           "--env-override randomization.motor_strenght: no such field")

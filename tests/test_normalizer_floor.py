@@ -64,7 +64,30 @@ def test_an_unlisted_gymnasium_task_gets_the_floor_and_the_tuned_robot_recipes_k
     from s2r.policies.recipes import recipe
 
     assert recipe("Ant-v5").obs_norm_min_std == 1.0 and recipe("Ant-v5").normalize_obs  # the generic setting
+    assert recipe("Ant-v5").obs_norm_max_std == 1.0  # ... which also caps the scale: centring only
     assert not recipe("Walker2d-v5").normalize_obs  # its recipe: no normaliser (docs/TRAINING.md)
     assert recipe("HalfCheetah-v5", "dsac-t").obs_norm_min_std == 1.0
     for task in ("Pendulum-v1", "InvertedPendulum-v5", "humanoid-stand", "humanoid-walk", "arm-reach"):
         assert recipe(task).obs_norm_min_std == 0.0, task  # measured (CI, shipped policies) without the floor
+
+
+def test_a_cap_on_the_scale_with_the_floor_at_the_same_value_centres_without_scaling_and_survives_a_reload():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 3, generator=g, dtype=torch.float64) * torch.tensor([0.1, 5.0, 30.0]) + 2.0
+    centre = RunningNorm(3, min_std=1.0, max_std=1.0, clip=None)
+    centre.update(x)
+    assert torch.allclose(centre.normalize(x), x - x.mean(0))  # every dim only centred
+    capped = RunningNorm(3, min_std=1.0, max_std=10.0, clip=None)
+    capped.update(x)
+    assert torch.allclose(capped.inv_std, torch.tensor([1.0, 1 / x[:, 1].std(unbiased=False), 0.1],
+                                                       dtype=torch.float64), rtol=1e-6)
+    again = RunningNorm(3)
+    again.load_state_dict(capped.state_dict())
+    assert again.max_std == 10.0 and torch.equal(again.normalize(x), capped.normalize(x))
+    again.load_state_dict({k: v for k, v in RunningNorm(3).state_dict().items() if k != "max_std"})  # older file
+    assert again.max_std is None
+    for bad in (0.5, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_std must be a finite number > 0 and >= min_std"):
+            RunningNorm(2, min_std=1.0, max_std=bad)
+        with pytest.raises(ValueError, match="obs_norm_max_std must be a finite number > 0 and >= obs_norm_min_std"):
+            check_config(TrainConfig(obs_norm_max_std=bad))

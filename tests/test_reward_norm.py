@@ -8,7 +8,7 @@ import torch
 from s2r.policies.checkpoint import latest_checkpoint, load_checkpoint
 from s2r.policies.normalizer import ReturnScale
 from s2r.policies.recipes import recipe
-from s2r.policies.trainer import Trainer
+from s2r.policies.trainer import Trainer, check_config
 
 
 def _stream(steps=300, envs=3, seed=0):
@@ -121,3 +121,19 @@ def test_freezing_the_scale_without_reward_norm_and_a_target_std_that_is_not_pos
         with pytest.raises(ValueError, match="reward_norm_std must be a finite number > 0"):
             Trainer(_small(reward_norm_std=bad), tmp_path)
     assert Trainer(_small(reward_norm_std=10), tmp_path / "ok").return_scale.target_std == 10.0
+
+
+def test_the_generic_setting_normalises_rewards_and_the_recipes_measured_without_it_keep_it_off():
+    for task in ("Ant-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "mjcf-locomotion"):  # generic, and measured
+        cfg = recipe(task, "dsac-t")
+        assert (cfg.reward_norm, cfg.freeze_reward_norm, cfg.reward_norm_std) == (True, True, 10.0), task
+    generic = recipe("Ant-v5")  # and centred observations, not scaled
+    assert (generic.normalize_obs, generic.obs_norm_min_std, generic.obs_norm_max_std) == (True, 1.0, 1.0)
+    assert recipe("HalfCheetah-v5").obs_norm_max_std is None  # its recipe scales them (14x faster at 30k steps)
+    for task in ("Pendulum-v1", "InvertedPendulum-v5", "humanoid-stand", "humanoid-walk", "arm-reach", "arm-pick",
+                 "isaaclab:Isaac-Cartpole"):  # CI budgets and shipped policies were measured without it
+        assert not recipe(task).reward_norm, task
+    off = recipe("Ant-v5", reward_norm=False)  # switching it off leaves nothing frozen, so the config is valid
+    assert (off.reward_norm, off.freeze_reward_norm) == (False, False)
+    check_config(off)
+    assert recipe("Ant-v5", reward_norm_std=20.0).reward_norm_std == 20.0
