@@ -81,6 +81,11 @@ def parse_variant(text: str) -> tuple[str, dict]:
         if not eq or not key:
             raise ValueError(f"--variant {text!r}: {item!r} is not key=value")
         v = yaml.safe_load(val)
+        if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                v = float(v)
+            except ValueError:
+                pass
         over[key.strip()] = tuple(v) if isinstance(v, list) else v
     return name, over
 
@@ -149,6 +154,28 @@ def run_cached(job: dict) -> dict | None:
     return res
 
 
+def s2r_config(job: dict):
+    """The TrainConfig of an s2r method's job: the task's recipe at the job's budget, with its --variant settings."""
+    from s2r.policies.recipes import recipe
+
+    task, steps = job["task"], job["steps"]
+    algo, _, head = job["method"].partition("+")
+    over = dict(CPU_PARALLEL.get(task, {}))
+    for key, v in (job.get("overrides") or {}).items():  # --variant settings
+        if key.startswith("agent."):
+            over["agent"] = {**over.get("agent", {}), key[len("agent."):]: v}
+        else:
+            over[key] = v
+    cfg = recipe(task, algo, head or "gaussian", total_steps=steps, seed=job["seed"], progress=False,
+                 eval_every=max(steps // 10, 1), checkpoint_every=10**12, eval_episodes=5,
+                 learning_starts=min(5000, steps // 10), threads=1, **over)
+    for key, v in over.items():  # recipe() reads None as "not given"; a variant's null means None (no cap)
+        if v is None and hasattr(cfg, key):
+            setattr(cfg, key, v)
+    cfg.reward_scale = job["scale"]  # learning sees scaled rewards; evaluation reports raw returns
+    return cfg
+
+
 def run_one(job: dict) -> dict:
     import torch
 
@@ -180,20 +207,9 @@ def run_one(job: dict) -> dict:
         model.learn(total_timesteps=steps, callback=Eval())
         env.close()
     else:
-        from s2r.policies.recipes import recipe
         from s2r.policies.trainer import Trainer
 
-        algo, _, head = method.partition("+")
-        over = dict(CPU_PARALLEL.get(task, {}))
-        for key, v in (job.get("overrides") or {}).items():  # --variant settings
-            if key.startswith("agent."):
-                over["agent"] = {**over.get("agent", {}), key[len("agent."):]: v}
-            else:
-                over[key] = v
-        cfg = recipe(task, algo, head or "gaussian", total_steps=steps, seed=seed, progress=False,
-                     eval_every=every, checkpoint_every=10**12, eval_episodes=5,
-                     learning_starts=min(5000, steps // 10), threads=1, **over)
-        cfg.reward_scale = scale  # learning sees scaled rewards; evaluation reports raw returns
+        cfg = s2r_config(job)
         with tempfile.TemporaryDirectory() as d:
             tr = Trainer(cfg, d)
             tr.train()
