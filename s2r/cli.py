@@ -240,8 +240,9 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                                                           "brought to (the recipe's, else 1; docs/TRAINING.md)"),
           freeze_reward_norm: Optional[bool] = typer.Option(None, "--freeze-reward-norm/--no-freeze-reward-norm",
                                                             help="with --reward-norm: keep the warm-up's std"),
-          obs_norm: Optional[str] = typer.Option(None, help="observation normaliser: centre (the generic setting), "
-                                                 "scale (centre, and divide dims whose std is above 1 by it), "
+          obs_norm: Optional[str] = typer.Option(None, help="observation normaliser: centre (subtract the running "
+                                                 "mean), scale (centre, and divide dims whose std is above 1 by it: "
+                                                 "the generic setting), "
                                                  "standard (every dim to unit variance) or off; default: the "
                                                  "recipe's (docs/TRAINING.md)"),
           init_from: Optional[Path] = typer.Option(None, help="start from this run's newest checkpoint (weights, "

@@ -158,12 +158,15 @@ def test_sim_throughput_replays_exactly_each_s2r_windows_rollout_calls(monkeypat
     assert 0 < r["fraction"] and r["spread"][0] <= r["fraction"] <= r["spread"][1]
 
 
-def test_learning_bench_variant_settings_reach_the_config_including_a_null_that_removes_a_recipe_value():
+def test_learning_bench_variant_settings_reach_the_config_including_a_null_that_removes_a_recipe_value(monkeypatch):
+    from s2r.policies.recipes import RECIPES
+
     lb = load("learning")
+    monkeypatch.setitem(RECIPES, "Ant-v5", (dict(obs_norm_max_std=1.0, reward_norm=True, freeze_reward_norm=True), {}))
     _, over = lb.parse_variant("scale:obs_norm_max_std=null,agent.lr_actor=1e-3,reward_norm=false")
     job = dict(task="Ant-v5", method="dsac-t", seed=3, steps=30000, scale=0.1, variant="scale", overrides=over)
     cfg = lb.s2r_config(job)
-    assert cfg.obs_norm_max_std is None  # the generic setting caps it at 1; null takes the cap away
+    assert cfg.obs_norm_max_std is None  # the recipe caps it at 1; null takes the cap away
     assert (cfg.reward_norm, cfg.freeze_reward_norm) == (False, False)
     assert cfg.agent.lr_actor == 1e-3 and cfg.algo == "dsac-t" and cfg.seed == 3 and cfg.reward_scale == 0.1
     assert lb.s2r_config({**job, "overrides": {}}).obs_norm_max_std == 1.0

@@ -127,9 +127,8 @@ def test_the_generic_setting_normalises_rewards_and_the_recipes_measured_without
     for task in ("Ant-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "mjcf-locomotion"):  # generic, and measured
         cfg = recipe(task, "dsac-t")
         assert (cfg.reward_norm, cfg.freeze_reward_norm, cfg.reward_norm_std) == (True, True, 10.0), task
-    generic = recipe("Ant-v5")  # and centred observations, not scaled
-    assert (generic.normalize_obs, generic.obs_norm_min_std, generic.obs_norm_max_std) == (True, 1.0, 1.0)
-    assert recipe("HalfCheetah-v5").obs_norm_max_std is None  # its recipe scales them (14x faster at 30k steps)
+    generic = recipe("Ant-v5")  # on the floored normaliser: scaling observations made HalfCheetah 14x faster
+    assert (generic.normalize_obs, generic.obs_norm_min_std, generic.obs_norm_max_std) == (True, 1.0, None)
     for task in ("Pendulum-v1", "InvertedPendulum-v5", "humanoid-stand", "humanoid-walk", "arm-reach", "arm-pick",
                  "isaaclab:Isaac-Cartpole"):  # CI budgets and shipped policies were measured without it
         assert not recipe(task).reward_norm, task
