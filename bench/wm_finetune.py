@@ -57,20 +57,20 @@ from s2r.world_models.train import FitConfig, train_diffusion
 
 SHIFT = ["randomization.motor_strength=0.8", "randomization.mass_scale=1.1"]  # 20 % weaker motors, 10 % heavier
 WM_KEYS = ("wm_envs", "wm_steps", "fit_steps", "width", "blocks", "wm_history", "wm_blind", "wm_noise",
-           "context_noise", "sim_prior")  # --wm settings
+           "context_noise", "sim_prior", "members")  # --wm settings
 
 
 def settings(quick: bool) -> dict:
     if quick:
         return dict(episode_s=1.0, eval_envs=8, wm_envs=8, wm_steps=60, width=128, blocks=2, fit_steps=150,
-                    wm_history=2, wm_blind=False, wm_noise=0.5, context_noise=0.0, sim_prior=False,
+                    wm_history=2, wm_blind=False, wm_noise=0.5, context_noise=0.0, sim_prior=False, members=1,
                     ft=dict(rounds=3, real_steps=20, target_envs=2, imagined_envs=32, imagined_steps=6, utd=2.0,
                             batch_size=128, horizon_end=5, model_updates=20, eval_envs=0,
                             imagined=ImaginedEnvConfig(samples=2)),
                     dyna=dict(target_steps=40, target_envs=2, model_updates=20, imagined_steps=1200, horizon=10,
                               eval_envs=1, agreement_rollouts=4, imagined=ImaginedEnvConfig(samples=2)))
     return dict(episode_s=5.0, eval_envs=32, wm_envs=16, wm_steps=300, width=256, blocks=3, fit_steps=1500,
-                wm_history=2, wm_blind=False, wm_noise=0.5, context_noise=0.0, sim_prior=False,
+                wm_history=2, wm_blind=False, wm_noise=0.5, context_noise=0.0, sim_prior=False, members=1,
                 ft=dict(rounds=10, real_steps=50, target_envs=4, imagined_envs=128, imagined_steps=50, utd=4.0,
                         batch_size=256, horizon_end=20, model_updates=100, eval_envs=0,
                         imagined=ImaginedEnvConfig(samples=4)),
@@ -122,7 +122,8 @@ def world_model(run: Path, out: Path, s: dict, seed: int, data_shift: dict) -> t
     torch.manual_seed(seed)
     model = DiffusionWorldModel(WorldModelConfig(data.state.shape[1], data.action.shape[1], width=s["width"],
                                                  blocks=s["blocks"], history=s["wm_history"],
-                                                 context_noise=s["context_noise"], sim_prior=bool(s["sim_prior"])))
+                                                 context_noise=s["context_noise"], sim_prior=bool(s["sim_prior"]),
+                                                 members=int(s["members"])))
     train_diffusion(model, data, FitConfig(steps=s["fit_steps"], batch_size=256, lr=1e-3, seed=seed))
     save_world_model(out, model, data.spec, extra)
     return out, time.perf_counter() - t0
@@ -274,7 +275,8 @@ def main() -> None:
                     help="world-model setting (repeatable): wm_envs, wm_steps, fit_steps, width, blocks, "
                          "wm_history, wm_blind (true: sim-only critic terms masked in the model's data), wm_noise (the "
                          "largest action noise std of its data), context_noise (WorldModelConfig's), sim_prior "
-                         "(true: the model corrects the nominal simulator, world_models/sim_prior.py)")
+                         "(true: the model corrects the nominal simulator, world_models/sim_prior.py), members (> 1: "
+                         "an ensemble, whose disagreement is imagination's u)")
     ap.add_argument("--world-model", type=Path, default=None,
                     help="use this world model of the nominal task (a file from an earlier run's --work) instead of "
                          "training one; --wm settings then describe nothing")

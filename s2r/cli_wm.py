@@ -108,6 +108,8 @@ def train_cmd(
     sim_prior: bool = typer.Option(False, "--sim-prior/--no-sim-prior",
                                    help="learn what the task's nominal simulator misses: each step starts from the "
                                         "simulator's next state (world_models/sim_prior.py; humanoid tasks)"),
+    members: int = typer.Option(1, help="denoisers trained side by side (a deep ensemble): imagination's u is then "
+                                        "their disagreement, where the data did not pin the model down"),
     held_out: float = typer.Option(0.1, help="share of episodes held out for the final one-step error"),
     checkpoint_every: int = typer.Option(1000, help="gradient steps between checkpoints"),
     seed: int = typer.Option(0),
@@ -117,7 +119,8 @@ def train_cmd(
     """Train a diffusion world model; prints a JSON summary (held-out one-step error) as the last line."""
     for name, v, lo in (("--envs", envs, 1), ("--rollout-steps", rollout_steps, 2), ("--steps", steps, 1),
                         ("--batch-size", batch_size, 1), ("--history", history, 1), ("--width", width, 8),
-                        ("--blocks", blocks, 1), ("--checkpoint-every", checkpoint_every, 1)):
+                        ("--blocks", blocks, 1), ("--checkpoint-every", checkpoint_every, 1),
+                        ("--members", members, 1)):
         if v < lo:
             _fail(f"{name} must be >= {lo}, got {v}")
     if not 0 < held_out < 1:
@@ -149,13 +152,13 @@ def train_cmd(
         train, held = data.split_episodes(held_out, seed)
         torch.manual_seed(seed)
         cfg = WorldModelConfig(data.state.shape[1], data.action.shape[1], history=history, width=width, blocks=blocks,
-                               context_noise=context_noise, sim_prior=sim_prior)
+                               context_noise=context_noise, sim_prior=sim_prior, members=members)
         model = DiffusionWorldModel(cfg)
         out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"task": task, "policy": policy, "recordings": recording, "envs": envs,
                    "rollout_steps": rollout_steps, "noise": list(lo_hi), "steps": steps, "batch_size": batch_size,
                    "lr": lr, "history": history, "width": width, "blocks": blocks, "context_noise": context_noise,
-                   "sim_prior": sim_prior, "held_out": held_out,
+                   "sim_prior": sim_prior, "members": members, "held_out": held_out,
                    "seed": seed, "obs_key": data.obs_key, "transitions": len(data)}
         atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2))
         writer = None

@@ -257,6 +257,68 @@ def test_the_ensemble_baseline_learns_the_linear_system():
     assert one_step_error(step, held, 2)["one_step_error"] < 0.1
 
 
+
+# ---- a deep ensemble of denoisers -----------------------------------------------------------------
+
+
+def test_ensemble_members_drawn_from_the_same_noise_agree_exactly_when_their_weights_do():
+    torch.manual_seed(0)
+    model = DiffusionWorldModel(WorldModelConfig(state_dim=4, action_dim=2, width=32, blocks=1, members=3))
+    assert len(model.member_nets()) == 3
+    data = linear_system(episodes=8)
+    states, actions, *_ = windows(data, 2)
+    for net in model.member_nets()[1:]:  # all three the same function: no disagreement, whatever the noise
+        net.load_state_dict(model.member_nets()[0].state_dict())
+    p = model.predict(states, actions, generator=torch.Generator().manual_seed(0))
+    assert p.uncertainty is not None and float(p.uncertainty.abs().max()) == 0.0
+    with torch.no_grad():  # one member moved: the spread is where the members differ, and each row steps one of them
+        model.member_nets()[2].out.bias.add_(0.5)
+    g = torch.Generator().manual_seed(1)
+    p = model.predict(states, actions, generator=g)
+    draws = model.sample_members(model.condition(states, actions), generator=torch.Generator().manual_seed(1))
+    nexts = torch.stack([model.decode(states[:, -1], x)[0] for x in draws])  # [M, B, S]
+    match = (nexts - p.next_state).abs().amax(-1) < 1e-6  # [M, B]
+    assert match.any(0).all()  # every row is one member's draw ...
+    assert match[2].any() and (~match[2]).any()  # ... and rows took different members
+    assert (p.uncertainty > 0).all()
+
+
+def test_ensemble_disagreement_grows_away_from_the_data():
+    """The members fit the data alike and extrapolate differently: their spread is epistemic."""
+    data = linear_system(seed=2)
+    torch.manual_seed(0)
+    model = DiffusionWorldModel(WorldModelConfig(state_dim=4, action_dim=2, width=64, blocks=2, members=4))
+    hist = train_diffusion(model, data, FitConfig(steps=500, batch_size=256, lr=2e-3))
+    assert hist[-1][1] < 0.5 * hist[0][1]
+    states, actions, *_ = windows(data, 2)
+    states, actions = states[:256], actions[:256]
+    far = states + 6 * model.state_std  # six data stds off on every dim
+    u_in = model.predict(states, actions, generator=torch.Generator().manual_seed(0)).uncertainty
+    u_far = model.predict(far, actions, generator=torch.Generator().manual_seed(0)).uncertainty
+    assert u_far.mean() > 3 * u_in.mean(), (float(u_in.mean()), float(u_far.mean()))
+    # and every member learnt the system (not one member carrying the rest)
+    for m in range(4):
+        step = lambda s, a, m=m: model.decode(s[:, -1], model.sample(model.condition(s, a), member=m,  # noqa: E731
+                                                                     generator=torch.Generator().manual_seed(0)))
+        assert one_step_error(step, data, 2)["one_step_error"] < 0.2
+
+
+def test_an_ensemble_round_trips_through_its_file_and_a_bad_member_count_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = DiffusionWorldModel(WorldModelConfig(state_dim=4, action_dim=2, width=32, blocks=1, members=2))
+    data = linear_system(episodes=8)
+    states, actions, *_ = windows(data, 2)
+    save_world_model(tmp_path / "ens.pt", model, None)
+    back, _, _ = load_world_model(tmp_path / "ens.pt")
+    assert back.cfg.members == 2
+    a = model.predict(states, actions, generator=torch.Generator().manual_seed(3))
+    b = back.predict(states, actions, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.next_state, b.next_state) and torch.equal(a.uncertainty, b.uncertainty)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(WorldModelError, match="members must be a whole number >= 1"):
+            DiffusionWorldModel(WorldModelConfig(state_dim=4, action_dim=2, members=bad))
+
+
 # ---- system identification ------------------------------------------------------------------
 
 
@@ -489,6 +551,29 @@ def test_uncertainty_above_the_threshold_halts_the_rollout_and_penalises(stand):
     assert torch.allclose(r1, r2 - 10.0 * info1["uncertainty"], atol=1e-5)
 
 
+
+def test_an_ensembles_disagreement_gates_and_penalises_imagined_steps_with_one_draw_per_member(stand):
+    from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
+
+    _, data = stand
+    torch.manual_seed(1)
+    ens = DiffusionWorldModel(WorldModelConfig(data.state.shape[1], data.action.shape[1], history=2, width=64,
+                                               blocks=1, members=2))
+    train_diffusion(ens, data, FitConfig(steps=60, batch_size=256, lr=2e-3))
+    env = ImaginedEnv(ens, data, 6, ImaginedEnvConfig(samples=1, u_max=0.0, penalty=0.0), seed=0)
+    env.reset(seed=0)
+    _, _, term, trunc, info = env.step(torch.zeros(6, 13))
+    assert (info["uncertainty"] > 0).all()  # samples=1 and still a spread: the members'
+    assert (trunc | term).all() and info["counts"]["halted_uncertain"] == int(trunc.sum()) > 0
+    rewards = []
+    for lam in (0.0, 5.0):
+        env = ImaginedEnv(ens, data, 6, ImaginedEnvConfig(samples=1, penalty=lam), seed=0)
+        env.reset(seed=0)
+        _, r, _, _, info = env.step(torch.zeros(6, 13))
+        rewards.append((r, info["uncertainty"]))
+    assert torch.allclose(rewards[1][0], rewards[0][0] - 5.0 * rewards[1][1], atol=1e-5)
+
+
 def test_predictions_are_clamped_to_the_data_range(stand):
     model, data = stand
     env = make_imagined(stand, min_base_height=None, max_tilt_cos=None, joint_limit_margin=10.0)
@@ -567,7 +652,7 @@ def test_wm_train_then_eval_from_sim_rollouts(tmp_path):
     run = tmp_path / "wm"
     r = _wm("train", "--out", run, "--task", "arm-reach", "--policy", ROOT / "policies/pretrained/panda_reach.onnx",
             "--envs", 4, "--rollout-steps", 60, "--steps", 60, "--width", 64, "--blocks", 1,
-            "--checkpoint-every", 30, "--context-noise", 0.3, "--no-progress")
+            "--checkpoint-every", 30, "--context-noise", 0.3, "--members", 2, "--no-progress")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["transitions"] == 240 and math.isfinite(summary["one_step_error"])
@@ -575,7 +660,7 @@ def test_wm_train_then_eval_from_sim_rollouts(tmp_path):
     assert (run / "loss.png").stat().st_size > 1000 and list((run / "tb").iterdir())
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt_000000030.pt", "ckpt_000000060.pt"]
     model, spec, _ = load_world_model(run / "checkpoints/ckpt_000000060.pt", expected_spec=RobotSpec.load(PANDA))
-    assert model.cfg.context_noise == 0.3
+    assert model.cfg.context_noise == 0.3 and model.cfg.members == 2
     r = _wm("eval", run, "--envs", 2, "--rollout-steps", 40, "--horizon", 10, "--samples", 4, "--json")
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])
@@ -591,6 +676,7 @@ def test_wm_train_then_eval_from_sim_rollouts(tmp_path):
     (("--task", "arm-reach", "--noise", "0.5"), "error: --noise takes 'low,high'"),
     (("--recording", "/nonexistent.mcap"), "error: recording /nonexistent.mcap not found"),
     (("--task", "arm-reach", "--context-noise", "-0.1"), "error: --context-noise must be a finite number >= 0"),
+    (("--task", "arm-reach", "--members", "0"), "error: --members must be >= 1, got 0"),
     (("--recording", "/nonexistent.mcap", "--sim-prior"), "error: --sim-prior needs sim rollouts of a --task"),
     (("--task", "arm-reach", "--sim-prior"), "cannot be set to a measured state (it has no pose_from_terms)"),
 ])

@@ -70,6 +70,11 @@ class WorldModelConfig:
     # the model corrects a simulator: its target is s' minus the simulator's next state from the same (s, a)
     # (world_models/sim_prior.py), and it reads the simulator's step (s_sim' - s) as one more input
     sim_prior: bool = False
+    # M > 1: M denoisers of their own initialisation and training noise on the same data (a deep ensemble). An
+    # imagined step draws once per member from the same starting noise and takes one member's draw per row (MBPO);
+    # the members' spread is then what they disagree on (epistemic: high where the data did not pin the residual
+    # down), not the sampler's noise, and is the u of MOPO's r - lambda u
+    members: int = 1
 
     @property
     def target_dim(self) -> int:  # normalised delta [state_dim] + reward + done channel
@@ -194,12 +199,12 @@ class Denoiser(nn.Module):
 
 @dataclass
 class Prediction:
-    """One sampled step for a batch; uncertainty is None unless several samples were drawn."""
+    """One sampled step for a batch; uncertainty is None unless several samples (or members) were drawn."""
 
     next_state: Tensor  # [B, S]
     reward: Tensor  # [B]
     terminated: Tensor  # [B] bool
-    uncertainty: Tensor | None = None  # [B]: mean over state dims of the std of the normalised delta samples
+    uncertainty: Tensor | None = None  # [B]: mean over state dims of the std of the normalised delta draws
 
 
 class TransitionModel(nn.Module):
@@ -300,34 +305,57 @@ class DiffusionWorldModel(TransitionModel):
 
     def __init__(self, cfg: WorldModelConfig):
         super().__init__(cfg)
-        self.net = Denoiser(cfg)
+        if isinstance(cfg.members, bool) or not isinstance(cfg.members, int) or cfg.members < 1:
+            raise WorldModelError(f"world model members must be a whole number >= 1, got {cfg.members!r}")
+        # one denoiser (files before members existed hold net.*), or a list of them
+        self.net = Denoiser(cfg) if cfg.members == 1 else nn.ModuleList(Denoiser(cfg) for _ in range(cfg.members))
+
+    def member_nets(self) -> list[nn.Module]:
+        """The denoisers, one per member (train.py steps and clips each one's gradient on its own)."""
+        return [self.net] if self.cfg.members == 1 else list(self.net)
 
     # ---- EDM ---------------------------------------------------------------------------------
-    def denoise(self, x: Tensor, sigma: Tensor | float, cond: Tensor) -> Tensor:
+    def denoise(self, x: Tensor, sigma: Tensor | float, cond: Tensor, member: int = 0) -> Tensor:
         """D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, cond); x [B, D], sigma [B] or a float."""
         if not isinstance(sigma, Tensor):
             sigma = torch.full((x.shape[0],), float(sigma), device=x.device)
         c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma, self.cfg.sigma_data)
-        return c_skip[:, None] * x + c_out[:, None] * self.net(c_in[:, None] * x, c_noise, cond)
+        net = self.member_nets()[member]
+        return c_skip[:, None] * x + c_out[:, None] * net(c_in[:, None] * x, c_noise, cond)
 
     def loss(self, x0: Tensor, cond: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """EDM denoising loss: E_sigma,n || F(c_in (x0 + n), c_noise) - (x0 - c_skip (x0 + n)) / c_out ||^2."""
-        sigma = sample_training_sigma(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, generator, x0.device)  # [B]
-        n = torch.randn(x0.shape, generator=generator, device=x0.device) * sigma[:, None]
-        x_sigma = x0 + n
-        c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma, self.cfg.sigma_data)
-        F_x = self.net(c_in[:, None] * x_sigma, c_noise, cond)  # [B, D]
-        F_target = (x0 - c_skip[:, None] * x_sigma) / c_out[:, None]
-        return ((F_x - F_target) ** 2).mean()
+        """EDM denoising loss: E_sigma,n || F(c_in (x0 + n), c_noise) - (x0 - c_skip (x0 + n)) / c_out ||^2,
+        averaged over the members, each with its own sigma and noise draws on the same batch."""
+        total = x0.new_zeros(())
+        for net in self.member_nets():
+            sigma = sample_training_sigma(x0.shape[0], self.cfg.p_mean, self.cfg.p_std, generator, x0.device)  # [B]
+            n = torch.randn(x0.shape, generator=generator, device=x0.device) * sigma[:, None]
+            x_sigma = x0 + n
+            c_in, c_skip, c_out, c_noise = edm_preconditioning(sigma, self.cfg.sigma_data)
+            F_x = net(c_in[:, None] * x_sigma, c_noise, cond)  # [B, D]
+            F_target = (x0 - c_skip[:, None] * x_sigma) / c_out[:, None]
+            total = total + ((F_x - F_target) ** 2).mean()
+        return total / self.cfg.members
 
     @torch.no_grad()
     def sample(self, cond: Tensor, steps: int = 3, solver: str = "euler",
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, member: int = 0) -> Tensor:
         """cond [B, C] -> x0 samples [B, D] by `steps` Karras-schedule steps from sigma_max."""
         c = self.cfg
         sigmas = karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)
         x = torch.randn(cond.shape[0], c.target_dim, generator=generator, device=cond.device) * sigmas[0]
-        return edm_sample(lambda x_, s: self.denoise(x_, s, cond), x, sigmas, solver)
+        return edm_sample(lambda x_, s: self.denoise(x_, s, cond, member), x, sigmas, solver)
+
+    @torch.no_grad()
+    def sample_members(self, cond: Tensor, steps: int = 3, solver: str = "euler",
+                       generator: torch.Generator | None = None) -> Tensor:
+        """cond [B, C] -> x0 [M, B, D]: every member's draw from the same starting noise (the sampler is a
+        deterministic ODE from there), so the draws differ only where the members do."""
+        c = self.cfg
+        sigmas = karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)
+        x = torch.randn(cond.shape[0], c.target_dim, generator=generator, device=cond.device) * sigmas[0]
+        return torch.stack([edm_sample(lambda x_, s, m=m: self.denoise(x_, s, cond, m), x, sigmas, solver)
+                            for m in range(c.members)])
 
     @torch.no_grad()
     def predict(self, states: Tensor, actions: Tensor, steps: int = 3, solver: str = "euler", samples: int = 1,
@@ -340,11 +368,21 @@ class DiffusionWorldModel(TransitionModel):
         uncertainty u [B] (mean over dims of the std of the normalised delta, in units of the data's
         delta std: 0 where all samples agree). mean: predict the samples' mean instead of the first, an
         estimate of the expected next state (what an ensemble's mean is to its draws: no sampled noise,
-        so lower error per step, but no spread of outcomes for imagination to explore)."""
+        so lower error per step, but no spread of outcomes for imagination to explore).
+
+        An ensemble (cfg.members > 1) draws once per member from the same noise whatever `samples` says; each row
+        steps one member's draw, picked at random (MBPO), or their mean with `mean`, and u is the members'
+        spread: their disagreement, not the sampler's noise."""
         if not (isinstance(samples, int) and samples >= 1):
             raise WorldModelError(f"samples must be a whole number >= 1, got {samples!r}")
         cond = self.condition(states, actions, prior=prior)  # [B, C]
         B = cond.shape[0]
+        if self.cfg.members > 1:
+            x0 = self.sample_members(cond, steps, solver, generator)  # [M, B, D]
+            pick = torch.randint(0, self.cfg.members, (B,), generator=generator, device=cond.device)  # [B]
+            one = x0.mean(0) if mean else x0[pick, torch.arange(B, device=cond.device)]
+            nxt, r, term = self.decode(states[:, -1], one, prior)
+            return Prediction(nxt, r, term, x0[:, :, : self.cfg.state_dim].std(0, unbiased=False).mean(-1))
         x0 = self.sample(cond.repeat(samples, 1), steps, solver, generator).reshape(samples, B, -1)
         nxt, r, term = self.decode(states[:, -1], x0.mean(0) if mean else x0[0], prior)
         u = x0[:, :, : self.cfg.state_dim].std(0, unbiased=False).mean(-1) if samples > 1 else None

@@ -10,7 +10,8 @@ Step order (one imagined step, all envs at once):
                                           simulator draws it: uniform, per term; the critic reads it clean)
     1. validate the action                [N, A], finite
     2. sample the model                   (s', r, terminated) from the last k states + actions, `samples`
-                                          draws: the first is the step, their spread is u [N]; a sim-prior
+                                          draws: the first is the step, their spread is u [N] (an ensemble:
+                                          one draw per member, their disagreement is u); a sim-prior
                                           model corrects the simulator's next state (sim_prior.py), one
                                           MuJoCo step per env first (a randomised prior: one robot of the
                                           task's randomisation per env, a new one per rollout, pushed as
@@ -52,7 +53,7 @@ class ImaginedEnvConfig:
     horizon: int = 20  # imagined steps before truncation (LIFT ramps 1 -> 20)
     sampling_steps: int = 3  # sampler steps per prediction (DIAMOND: 3)
     solver: str = "euler"
-    samples: int = 4  # draws per step for u; 1: u = 0 (no penalty, no gate)
+    samples: int = 4  # draws per step for u; 1: u = 0 (no penalty, no gate); an ensemble model: one per member
     penalty: float = 1.0  # lambda in r - lambda u (MOPO: 0.5-5)
     u_max: float = 1.0  # u above this halts the rollout (units: std of the data's delta)
     explode_z: float = 50.0  # a predicted state this many data stds from the mean counts as exploding
@@ -254,7 +255,7 @@ class ImaginedEnv:
         unsafe = self.fallen(nxt) & ~broken
         terminated = broken | unsafe | p.terminated
         joint_limit = self.beyond_joint_limits(nxt) & ~terminated
-        uncertain = (u > c.u_max) & ~terminated if c.samples > 1 else torch.zeros(N, dtype=torch.bool)
+        uncertain = (u > c.u_max) & ~terminated if p.uncertainty is not None else torch.zeros(N, dtype=torch.bool)
         self.episode_step += 1
         truncated = (uncertain | joint_limit | (self.episode_step >= c.horizon)) & ~terminated
         # 8

@@ -83,7 +83,8 @@ def train_diffusion(model: DiffusionWorldModel, data: Transitions, cfg: FitConfi
                                      f"or the learning rate {cfg.lr} is too high")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.net.parameters(), cfg.grad_clip)
+        for net in model.member_nets():  # each member's own norm: one member's spike does not shrink the others'
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         acc, n = acc + float(loss.detach()), n + 1
