@@ -257,6 +257,9 @@ def main() -> None:
     ap.add_argument("--dyna", action="append", default=[], metavar="KEY=VALUE",
                     help="a DynaConfig setting of the dyna arm (repeatable), e.g. target_steps=10000, "
                          "imagined_steps=100000, horizon=250, model_updates=2000")
+    ap.add_argument("--imagined", action="append", default=[], metavar="KEY=VALUE",
+                    help="an ImaginedEnvConfig setting of the wm and dyna arms (repeatable), e.g. penalty=5 (lambda "
+                         "in r - lambda u), u_max, samples")
     ap.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per arm (default 32)")
     ap.add_argument("--arms", default="none,wm,dyna,sac",
                     help="which of none, wm, dyna, sac, trainer to run (comma-separated)")
@@ -294,8 +297,11 @@ def main() -> None:
         if args.eval_episodes < 1:
             ap.error(f"--eval-episodes must be >= 1, got {args.eval_episodes}")
         s["eval_envs"] = args.eval_episodes
+    imagined: dict = {}
+    im_keys = {f.name for f in dataclasses.fields(ImaginedEnvConfig)} - {"horizon", "obs_noise"}
     for flag, items, keys, into in (("--ft", args.ft, ft_keys, s["ft"]), ("--wm", args.wm, WM_KEYS, s),
-                                    ("--dyna", args.dyna, dyna_keys, s["dyna"])):
+                                    ("--dyna", args.dyna, dyna_keys, s["dyna"]),
+                                    ("--imagined", args.imagined, im_keys, imagined)):
         for item in items:
             key, sep, value = item.partition("=")
             if not sep or key not in keys:
@@ -304,6 +310,8 @@ def main() -> None:
                 into[key] = yaml_value(value)
             except yaml.YAMLError:
                 ap.error(f"{flag} {item!r}: the value is not YAML")
+    for arm in ("ft", "dyna"):
+        s[arm]["imagined"] = dataclasses.replace(s[arm]["imagined"], **imagined)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     if not arms or set(arms) - {"none", "wm", "dyna", "sac", "trainer"}:
         ap.error(f"--arms takes a comma-separated subset of none, wm, dyna, sac, trainer; got {args.arms!r}")

@@ -670,3 +670,13 @@ def test_the_bench_model_free_arm_continues_the_runs_trainer_on_the_target_and_c
     start = load_run(run)[1].actor.state_dict()
     after = load_run(tmp_path / "mf")[1].actor.state_dict()
     assert any(not torch.equal(start[k], after[k]) for k in start)  # it learned on the target
+
+
+def test_the_bench_refuses_an_unknown_imagined_env_setting_by_name():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench/wm_finetune.py"), "--quick", "--imagined", "lambda=5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--imagined 'lambda=5': expected KEY=VALUE with KEY one of" in r.stderr, r.stderr
+    assert "penalty" in r.stderr and "u_max" in r.stderr

@@ -574,6 +574,15 @@ def test_an_ensembles_disagreement_gates_and_penalises_imagined_steps_with_one_d
     assert torch.allclose(rewards[1][0], rewards[0][0] - 5.0 * rewards[1][1], atol=1e-5)
 
 
+
+@pytest.mark.parametrize("setting, value", [("penalty", -1.0), ("penalty", float("inf")), ("u_max", -0.1),
+                                            ("u_max", float("nan")), ("samples", 0), ("horizon", 1.5),
+                                            ("explode_z", "big")])
+def test_an_imagined_env_setting_that_cannot_work_is_refused_by_name(stand, setting, value):
+    with pytest.raises(WorldModelError, match=f"imagined-env setting {setting} must be"):
+        make_imagined(stand, **{setting: value})
+
+
 def test_predictions_are_clamped_to_the_data_range(stand):
     model, data = stand
     env = make_imagined(stand, min_base_height=None, max_tilt_cos=None, joint_limit_margin=10.0)

@@ -66,6 +66,19 @@ class ImaginedEnvConfig:
     # obs_noise: the policy learns in imagination with the sensor noise it will meet on the target
     obs_noise: dict[str, float] = field(default_factory=dict)
 
+    def check(self) -> None:
+        """WorldModelError naming the first setting that cannot work."""
+        for name in ("horizon", "sampling_steps", "samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise WorldModelError(f"imagined-env setting {name} must be a whole number >= 1, got {v!r}")
+        for name, lo, inf_ok in (("penalty", 0.0, False), ("u_max", 0.0, True), ("explode_z", None, False)):
+            v = getattr(self, name)
+            number = isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+            if not (number and (v >= lo if lo is not None else v > 0) and (inf_ok or math.isfinite(v))):
+                need = (">= 0" if lo is not None else "> 0") + ("" if inf_ok else " and finite")
+                raise WorldModelError(f"imagined-env setting {name} must be a number {need}, got {v!r}")
+
 
 class ImaginedEnv:
     """BatchedEnvProtocol over a DiffusionWorldModel; see the module docstring for the step order."""
@@ -80,6 +93,7 @@ class ImaginedEnv:
         if sim is not None and sim.randomize and sim.env.num_envs != num_envs:
             raise WorldModelError(f"a randomised sim prior needs one MuJoCo env per imagined env: it has "
                                   f"{sim.env.num_envs}, the imagined env {num_envs}")
+        cfg.check()
         self.sim = sim
         spec = spec if spec is not None else starts.spec
         if spec is not None and starts.spec is not None and spec.hash() != starts.spec.hash():
