@@ -1,7 +1,8 @@
 """Sim-to-"real" on a shifted robot: world-model finetuning vs model-free SAC finetuning vs none, one run.
 
     python bench/wm_finetune.py --run RUN [--reference REF] [--shift KEY=VALUE ...] [--sac-budgets 1,5]
-                                [--arms none,wm,dyna,sac,trainer] [--dyna KEY=VALUE ...] [--eval-episodes E]
+                                [--arms none,wm,dyna,sac,trainer | model] [--dyna KEY=VALUE ...]
+                                [--imagined KEY=VALUE ...] [--wm KEY=VALUE ...] [--eval-episodes E]
                                 [--trainer-budgets 10000,50000]
                                 [--world-model WM] [--quick] [--threads N] [--seed S]
 
@@ -262,7 +263,8 @@ def main() -> None:
                          "in r - lambda u), u_max, samples")
     ap.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes per arm (default 32)")
     ap.add_argument("--arms", default="none,wm,dyna,sac",
-                    help="which of none, wm, dyna, sac, trainer to run (comma-separated)")
+                    help="which of none, wm, dyna, sac, trainer to run (comma-separated); model alone: train the "
+                         "world model into --work/wm_nominal.pt and stop (for --world-model in later runs)")
     ap.add_argument("--trainer-budgets", default="10000,50000",
                     help="trainer arm: evaluate after these numbers of target steps (comma-separated)")
     ap.add_argument("--reference", type=Path, default=None,
@@ -313,8 +315,11 @@ def main() -> None:
     for arm in ("ft", "dyna"):
         s[arm]["imagined"] = dataclasses.replace(s[arm]["imagined"], **imagined)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not arms or set(arms) - {"none", "wm", "dyna", "sac", "trainer"}:
-        ap.error(f"--arms takes a comma-separated subset of none, wm, dyna, sac, trainer; got {args.arms!r}")
+    if not arms or set(arms) - {"none", "wm", "dyna", "sac", "trainer", "model"}:
+        ap.error(f"--arms takes a comma-separated subset of none, wm, dyna, sac, trainer (or model alone); got "
+                 f"{args.arms!r}")
+    if "model" in arms and (len(arms) > 1 or args.world_model is not None):
+        ap.error("--arms model trains the world model and stops: give it alone, without --world-model")
     if "sac" in arms and "wm" not in arms:
         ap.error("--arms: the sac arm makes as many updates as the wm arm; run it together with wm")
     budgets, trainer_budgets = (parse_budgets(ap, flag, text) for flag, text in (
@@ -342,7 +347,7 @@ def main() -> None:
         wm_path, t_wm = args.world_model, 0.0
     else:
         wm_path, t_wm = (world_model(run, args.work / "wm_nominal.pt", s, args.seed, data_shift)
-                         if {"wm", "dyna"} & set(arms) else (None, 0.0))
+                         if {"wm", "dyna", "model"} & set(arms) else (None, 0.0))
     eval_seed = 2000 + args.seed
     out: dict = {}
 
@@ -420,6 +425,8 @@ def main() -> None:
     summary = {"bench": "wm_finetune", "quick": args.quick, "run": str(run), "task": task, "target": target,
                "episode_s": s["episode_s"], "eval_episodes": s["eval_envs"], "world_model_s": round(t_wm, 1),
                "world_model": str(args.world_model) if args.world_model else {k: s[k] for k in WM_KEYS},
+               "world_model_file": str(wm_path) if wm_path is not None else None,
+               "imagined": {k: v for k, v in dataclasses.asdict(s["dyna"]["imagined"]).items() if k != "obs_noise"},
                "wm_data": data_shift,
                "settings": {k: v for k, v in s["ft"].items() if k != "imagined"},
                "dyna_settings": {k: v for k, v in s["dyna"].items() if k != "imagined"}, "arms": out,

@@ -680,3 +680,24 @@ def test_the_bench_refuses_an_unknown_imagined_env_setting_by_name():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--imagined 'lambda=5': expected KEY=VALUE with KEY one of" in r.stderr, r.stderr
     assert "penalty" in r.stderr and "u_max" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "bench/wm_finetune.py"), "--quick", "--arms", "model,none"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--arms model trains the world model and stops: give it alone" in r.stderr
+
+
+def test_the_bench_model_arm_trains_the_world_model_once_for_later_runs(pretrained, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from s2r.world_models.diffusion import load_world_model
+
+    run, _ = pretrained
+    r = subprocess.run([sys.executable, str(ROOT / "bench/wm_finetune.py"), "--quick", "--run", str(run),
+                        "--arms", "model", "--wm", "members=2", "--work", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["arms"] == {} and summary["world_model_file"] == str(tmp_path / "wm_nominal.pt")
+    model, _, _ = load_world_model(tmp_path / "wm_nominal.pt")
+    assert model.cfg.members == 2 and summary["world_model"]["members"] == 2
