@@ -257,7 +257,6 @@ def test_the_ensemble_baseline_learns_the_linear_system():
     assert one_step_error(step, held, 2)["one_step_error"] < 0.1
 
 
-
 # ---- a deep ensemble of denoisers -----------------------------------------------------------------
 
 
@@ -551,7 +550,6 @@ def test_uncertainty_above_the_threshold_halts_the_rollout_and_penalises(stand):
     assert torch.allclose(r1, r2 - 10.0 * info1["uncertainty"], atol=1e-5)
 
 
-
 def test_an_ensembles_disagreement_gates_and_penalises_imagined_steps_with_one_draw_per_member(stand):
     from s2r.world_models.imagined_env import ImaginedEnv, ImaginedEnvConfig
 
@@ -572,7 +570,6 @@ def test_an_ensembles_disagreement_gates_and_penalises_imagined_steps_with_one_d
         _, r, _, _, info = env.step(torch.zeros(6, 13))
         rewards.append((r, info["uncertainty"]))
     assert torch.allclose(rewards[1][0], rewards[0][0] - 5.0 * rewards[1][1], atol=1e-5)
-
 
 
 @pytest.mark.parametrize("setting, value", [("penalty", -1.0), ("penalty", float("inf")), ("u_max", -0.1),

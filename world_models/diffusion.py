@@ -337,13 +337,17 @@ class DiffusionWorldModel(TransitionModel):
             total = total + ((F_x - F_target) ** 2).mean()
         return total / self.cfg.members
 
+    def _start(self, cond: Tensor, steps: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """-> (the Karras schedule [steps + 1], the starting noise sigma_max * eps [B, D]) for cond [B, C]."""
+        c = self.cfg
+        sigmas = karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)
+        return sigmas, torch.randn(cond.shape[0], c.target_dim, generator=generator, device=cond.device) * sigmas[0]
+
     @torch.no_grad()
     def sample(self, cond: Tensor, steps: int = 3, solver: str = "euler",
                generator: torch.Generator | None = None, member: int = 0) -> Tensor:
         """cond [B, C] -> x0 samples [B, D] by `steps` Karras-schedule steps from sigma_max."""
-        c = self.cfg
-        sigmas = karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)
-        x = torch.randn(cond.shape[0], c.target_dim, generator=generator, device=cond.device) * sigmas[0]
+        sigmas, x = self._start(cond, steps, generator)
         return edm_sample(lambda x_, s: self.denoise(x_, s, cond, member), x, sigmas, solver)
 
     @torch.no_grad()
@@ -351,11 +355,9 @@ class DiffusionWorldModel(TransitionModel):
                        generator: torch.Generator | None = None) -> Tensor:
         """cond [B, C] -> x0 [M, B, D]: every member's draw from the same starting noise (the sampler is a
         deterministic ODE from there), so the draws differ only where the members do."""
-        c = self.cfg
-        sigmas = karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)
-        x = torch.randn(cond.shape[0], c.target_dim, generator=generator, device=cond.device) * sigmas[0]
+        sigmas, x = self._start(cond, steps, generator)
         return torch.stack([edm_sample(lambda x_, s, m=m: self.denoise(x_, s, cond, m), x, sigmas, solver)
-                            for m in range(c.members)])
+                            for m in range(self.cfg.members)])
 
     @torch.no_grad()
     def predict(self, states: Tensor, actions: Tensor, steps: int = 3, solver: str = "euler", samples: int = 1,
