@@ -551,12 +551,15 @@ def test_a_twist_moves_the_simulated_arm_end_effector_along_it(ctx, panda_policy
         grip = float(node.last_action[3])
         wait_for(lambda: np.abs(node.qd).max() < 0.02, 5.0, "the arm to come to rest")
         tw = Twist()
-        tw.linear.x, tw.angular.z = 0.5, 1.0  # ... then pushes it forward: 0.5 x 0.02 m per tick; angular ignored
+        # ... then pushes it forward at 0.15 x 0.02 m per tick (0.15 m/s at 50 Hz); angular is ignored. A harder
+        # push (0.5: 0.5 m/s) saturates the wrist's 12 N m drives, the arm lags its targets by ~0.1 rad and the
+        # path bends by up to 1.7 cm per 4 cm forward (measured); at 0.15 by 0.2-0.8 cm, also with the CPU busy.
+        tw.linear.x, tw.angular.z = 0.15, 1.0
         rig.twist = tw
         wait_for(lambda: node.action_source == "twist", 1.0, "the spacemouse to move the arm")
         ee0 = node.ee_position()
-        np.testing.assert_allclose(node.last_action[:3], [0.5, 0.0, 0.0])  # the executed action
-        # 1 cm asked per tick: wait for 4 cm rather than a fixed time (a loaded CI machine slows the sim's ticks)
+        np.testing.assert_allclose(node.last_action[:3], [0.15, 0.0, 0.0], rtol=1e-6)  # the executed action
+        # 3 mm asked per tick: wait for 4 cm rather than a fixed time (a loaded CI machine slows the sim's ticks)
         wait_for(lambda: node.ee_position()[0] - ee0[0] > 0.04, 5.0, "the end effector to move 4 cm forward")
         rig.twist = rig.joy = None
         step = node.ee_position() - ee0
