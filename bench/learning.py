@@ -70,23 +70,18 @@ def job_path(out: Path, job: dict) -> Path:
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """'nonorm:normalize_obs=false,agent.log_std_min=-20' -> ('nonorm', {...}); values parsed as YAML."""
-    import yaml
+    from s2r.policies.trainer import parse_setting
 
     name, sep, body = text.partition(":")
     if not sep or not name or not body or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"--variant {text!r}: expected NAME:key=value[,key=value...] (NAME letters, digits, - _)")
     over = {}
     for item in re.split(r",(?=[A-Za-z_][\w.]*=)", body):  # a comma inside a value ([64,64]) stays
-        key, eq, val = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"--variant {text!r}: {item!r} is not key=value")
-        v = yaml.safe_load(val)
-        if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        over[key.strip()] = tuple(v) if isinstance(v, list) else v
+        try:
+            key, v = parse_setting(item)
+        except ValueError as e:
+            raise ValueError(f"--variant {text!r}: {e}") from None
+        over[key] = v
     return name, over
 
 

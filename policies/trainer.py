@@ -120,6 +120,67 @@ def config_from_dict(d: dict) -> TrainConfig:
     return TrainConfig(agent=agent, **d)
 
 
+def parse_setting(item: str) -> tuple[str, Any]:
+    """'key=value' -> (key, value), the value read as YAML (3, 1e-3, true, null, [64, 64]); ValueError if malformed.
+    The one parser for settings given on a command line (`s2r train --set`, bench/learning.py --variant)."""
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ValueError(f"{item!r} is not KEY=VALUE")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ValueError(f"{item!r}: the value is not a number, true/false, null, a string or a [list]") from None
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key, tuple(value) if isinstance(value, list) else value
+
+
+# a field's annotation (a string: `from __future__ import annotations`) -> the Python types its values may have
+_ANNOTATION_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),),
+                     "tuple": (tuple,), "dict": (dict,)}
+
+
+def _check_setting(where: str, annotation: str, value: Any) -> Any:
+    """value, if the annotation allows it (an int where a float goes becomes a float); ValueError otherwise."""
+    names = {part.strip().split("[")[0] for part in annotation.split("|")}
+    allowed = tuple(t for n in names for t in _ANNOTATION_TYPES.get(n, ()))
+    if isinstance(value, bool) and "bool" not in names or not isinstance(value, allowed):
+        raise ValueError(f"{where} takes {annotation}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, int) and not isinstance(value, bool) and "int" not in names:
+        return float(value)
+    return value
+
+
+# fields a setting may not change: they name the run (and the algorithm's networks) or have their own options
+_NOT_SETTINGS = {"task": "the task is --task", "algo": "the algorithm is --algo", "policy": "the head is --policy",
+                 "agent": "set agent fields one by one: agent.<field>=VALUE",
+                 "env_overrides": "shift the task with --env-override", "agent.algo": "the algorithm is --algo",
+                 "agent.policy": "the head is --policy"}
+
+
+def apply_settings(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
+    """cfg with TrainConfig fields (and `agent.<field>` for AgentConfig) set; each value checked against its
+    field's type. ValueError naming the key for unknown fields and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    agent_fields = {f.name: f for f in dataclasses.fields(AgentConfig)}
+    for key, value in settings.items():
+        if key in _NOT_SETTINGS:
+            raise ValueError(f"setting {key!r}: {_NOT_SETTINGS[key]}")
+        target, table, name = (cfg.agent, agent_fields, key[len("agent."):]) if key.startswith("agent.") \
+            else (cfg, fields, key)
+        if name not in table:
+            names = sorted(("agent." if target is cfg.agent else "") + n for n in table
+                           if ("agent." if target is cfg.agent else "") + n not in _NOT_SETTINGS)
+            raise ValueError(f"unknown setting {key!r}: {type(target).__name__} has no field {name!r} "
+                             f"(settings: {', '.join(names)})")
+        setattr(target, name, _check_setting(f"setting {key!r}", str(table[name].type), value))
+    return cfg
+
+
 def load_train_config(path: str | os.PathLike) -> TrainConfig:
     """A run's config.yaml; ValueError saying what is wrong with the file (missing, empty, not YAML)."""
     path = Path(path)

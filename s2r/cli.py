@@ -250,13 +250,17 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                                                    "shifted robot"),
           env_override: list[str] = typer.Option([], "--env-override", help="shift the task: KEY=VALUE, e.g. "
                                                  "randomization.motor_strength=0.8 (repeatable)"),
+          settings: list[str] = typer.Option([], "--set", help="any training setting: KEY=VALUE, a TrainConfig "
+                                             "field or agent.<AgentConfig field>, e.g. obs_norm_max_std=3 or "
+                                             "agent.lr_actor=1e-3 (repeatable; applied last)"),
           progress: bool = typer.Option(True, "--progress/--no-progress")):
     """Train SAC or DSAC-T (Gaussian or PMOE head) on a task; writes a run directory.
     With --resume RUN the run's config.yaml decides everything but --steps, which sets its total."""
     from s2r.control.spec import SpecError
     from s2r.policies.checkpoint import CheckpointError
     from s2r.policies.recipes import recipe
-    from s2r.policies.trainer import Trainer, TrainingError, check_device, load_train_config
+    from s2r.policies.trainer import (Trainer, TrainingError, apply_settings, check_device, load_train_config,
+                                      parse_setting)
     from s2r.sim.env import EnvError
     from s2r.sim.model import ModelError
 
@@ -271,6 +275,10 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
         _fail(f"--reward-norm-std must be a finite number > 0, got {reward_norm_std}")
     if obs_norm is not None and obs_norm not in OBS_NORM:
         _fail(f"unknown --obs-norm '{obs_norm}' ({' | '.join(OBS_NORM)})")
+    try:
+        settings_d = dict(parse_setting(item) for item in settings)
+    except ValueError as e:
+        _fail(f"--set {e}")
     if device is not None:
         try:
             check_device(device)
@@ -292,7 +300,8 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                                                 ("--reward-norm-std", reward_norm_std),
                                                 ("--freeze-reward-norm", freeze_reward_norm),
                                                 ("--obs-norm", obs_norm),
-                                                ("--env-override", env_override or None)) if value is not None]
+                                                ("--env-override", env_override or None),
+                                                ("--set", settings or None)) if value is not None]
             if ignored:
                 _note(f"{', '.join(ignored)} ignored with --resume: the run's {cfg_path} decides")
             if steps is not None and steps != cfg.total_steps:
@@ -314,6 +323,10 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
                          reward_norm_std=reward_norm_std, freeze_reward_norm=freeze_reward_norm)
             for key, value in OBS_NORM.get(obs_norm, {}).items():  # None is a value here (no cap), so not recipe()'s
                 setattr(cfg, key, value)
+            try:
+                apply_settings(cfg, settings_d)
+            except ValueError as e:
+                _fail(f"--set: {e}")
             if (reward_norm_std is not None or freeze_reward_norm) and not cfg.reward_norm:
                 _fail(f"--reward-norm-std and --freeze-reward-norm set up reward normalisation, which {task}'s "
                       f"recipe leaves off: give --reward-norm too")

@@ -16,7 +16,7 @@ from s2r.control.spec import RobotSpec
 from s2r.policies.algorithms import AgentConfig, make_agent
 from s2r.policies.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from s2r.policies.recipes import recipe
-from s2r.policies.trainer import Trainer, TrainingError, check_config
+from s2r.policies.trainer import Trainer, TrainConfig, TrainingError, apply_settings, check_config, parse_setting
 
 S2R = [sys.executable, "-m", "s2r.cli"]
 
@@ -173,6 +173,28 @@ def test_wall_clock_settings_must_be_positive_seconds():
     for bad in (0, -1.0, float("inf"), True):
         with pytest.raises(ValueError, match="max_wall_s must be a number of seconds"):
             check_config(small(max_wall_s=bad))
+
+
+def test_settings_from_a_command_line_are_typed_by_their_field_and_named_when_wrong():
+    settings = dict(parse_setting(item) for item in ("obs_norm_max_std=3", "agent.lr_actor=1e-3",
+                                                     "agent.critic_hidden=[64, 64]", "reward_norm=true",
+                                                     "max_wall_s=null"))
+    cfg = apply_settings(TrainConfig(), settings)
+    assert cfg.obs_norm_max_std == 3.0 and isinstance(cfg.obs_norm_max_std, float)  # an int where a float goes
+    assert cfg.agent.lr_actor == 1e-3 and cfg.agent.critic_hidden == (64, 64) and cfg.reward_norm is True
+    assert cfg.max_wall_s is None
+    for item, message in (("total_steps=1.5", "setting 'total_steps' takes int, got 1.5"),
+                          ("normalize_obs=1", "setting 'normalize_obs' takes bool, got 1"),
+                          ("num_envs=true", "setting 'num_envs' takes int, got True"),
+                          ("obs_norm_max_std=three", "takes float | None, got 'three'"),
+                          ("agent.lr_actr=1e-3", "AgentConfig has no field 'lr_actr'"),
+                          ("obs_norm_max=3", "TrainConfig has no field 'obs_norm_max'"),
+                          ("algo=dsac-t", "the algorithm is --algo")):
+        with pytest.raises(ValueError, match=message.replace("|", r"\|").replace("(", r"\(")):
+            apply_settings(TrainConfig(), dict([parse_setting(item)]))
+    for item in ("obs_norm_max_std", "=3", "agent.critic_hidden=[64,"):
+        with pytest.raises(ValueError, match="KEY=VALUE|not a number"):
+            parse_setting(item)
 
 
 def test_resume_refuses_a_directory_without_a_run(tmp_path):
