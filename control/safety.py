@@ -544,8 +544,11 @@ class SafetyFilter:
         self._kp_nom[:] = kp
         self._kd_nom[:] = kd
         if fired:
+            # before the first joint state, in PASSIVE, a missing sample is a robot not yet up, not a fault: the
+            # guards still fire (the command says so) but are not counted as interventions
+            waiting = mode is Mode.PASSIVE and not self._have_q
             for bit, name in _GUARD_BITS:
-                if bit & fired:
+                if bit & fired and not (waiting and bit & (_WATCHDOG | _SENSOR_GUARD)):
                     self.counters[name] += 1
         self._last = Command(target.copy(), np.array(kp_out, dtype=np.float64),
                              np.array(kd_out, dtype=np.float64), self._zeros.copy(), Guard(fired), self._mode)

@@ -254,6 +254,22 @@ def test_watchdog_fires_at_the_first_step_after_two_control_periods_without_a_jo
     assert b.f.reason.startswith("watchdog")
 
 
+def test_ticks_before_the_first_joint_state_fire_the_guards_but_are_not_counted_as_interventions():
+    b = Bench(G1)
+    q0 = b.q.copy()
+    b.q[:] = math.nan  # the node's joint state before the first message
+    for _ in range(5):
+        cmd = b.step(stamp=-math.inf)
+        assert {"watchdog", "sensor_guard"} <= set(cmd.guards) and cmd.mode is Mode.PASSIVE
+    assert b.f.counters["watchdog"] == b.f.counters["sensor_guard"] == 0  # a robot not up yet is no fault
+    b.q[:] = q0
+    b.step()
+    last = b.t
+    for _ in range(3):  # then the joint states stop: that is counted, in PASSIVE too
+        cmd = b.step(stamp=last)
+    assert "watchdog" in cmd.guards and b.f.counters["watchdog"] >= 1
+
+
 def test_nan_joint_state_is_a_stale_sample_and_latches_damping_if_it_persists():
     b = Bench(G1).to_policy()
     b.q[4] = math.nan
