@@ -64,7 +64,8 @@ class TrainConfig:
     # spread are centred but not amplified (0: every dim to unit variance). 1 is the generic setting: on
     # Walker2d-v5 full scaling lost its early peak, the floor kept more of it; HalfCheetah/Hopper level
     obs_norm_min_std: float = 1.0
-    # cap on that scale (None: none): obs_norm_min_std = obs_norm_max_std = 1 centres the observations, scales none
+    # cap on that scale (None: none): obs_norm_min_std = obs_norm_max_std = 1 centres the observations, scales none;
+    # the generic setting (policies/recipes.py, GENERIC) caps it at 3
     obs_norm_max_std: float | None = None
     reward_scale: float = 1.0  # multiplies rewards stored for learning (evaluation reports raw returns)
     # divide learning rewards by the running std of the discounted return, so that a constant reward factor does

@@ -206,6 +206,7 @@ def _plot_rollout(path: Path, rewards: list[float], dt: float, task: str) -> Non
 # s2r train --obs-norm: the observation normaliser's settings (TrainConfig fields; docs/TRAINING.md, "A new task")
 OBS_NORM = {
     "centre": dict(normalize_obs=True, obs_norm_min_std=1.0, obs_norm_max_std=1.0),
+    "capped": dict(normalize_obs=True, obs_norm_min_std=1.0, obs_norm_max_std=3.0),
     "scale": dict(normalize_obs=True, obs_norm_min_std=1.0, obs_norm_max_std=None),
     "standard": dict(normalize_obs=True, obs_norm_min_std=0.0, obs_norm_max_std=None),
     "off": dict(normalize_obs=False),
@@ -241,9 +242,9 @@ def train(task: Optional[str] = typer.Option(None, help="s2r task (humanoid-walk
           freeze_reward_norm: Optional[bool] = typer.Option(None, "--freeze-reward-norm/--no-freeze-reward-norm",
                                                             help="with --reward-norm: keep the warm-up's std"),
           obs_norm: Optional[str] = typer.Option(None, help="observation normaliser: centre (subtract the running "
-                                                 "mean), scale (centre, and divide dims whose std is above 1 by it: "
-                                                 "the generic setting), "
-                                                 "standard (every dim to unit variance) or off; default: the "
+                                                 "mean), capped (centre, and divide dims whose std is above 1 by it, "
+                                                 "by at most 3: the generic setting), scale (the same without the "
+                                                 "cap), standard (every dim to unit variance) or off; default: the "
                                                  "recipe's (docs/TRAINING.md)"),
           init_from: Optional[Path] = typer.Option(None, help="start from this run's newest checkpoint (weights, "
                                                    "Adam moments, normalisers): train a policy further, e.g. on a "

@@ -146,13 +146,14 @@ def test_train_env_override_and_init_from_reach_the_run_config(tmp_path):
         assert (c["reward_norm"], c["freeze_reward_norm"], c["reward_norm_std"], c["normalize_obs"],
                 c["obs_norm_min_std"], c["obs_norm_max_std"]) == want, flags
     assert_one_error_line(run("train", "--task", "Hopper-v5", "--out", str(tmp_path / "z"), "--obs-norm", "whiten",
-                              *common), "unknown --obs-norm 'whiten' (centre | scale | standard | off)")
+                              *common), "unknown --obs-norm 'whiten' (centre | capped | scale | standard | off)")
     out = tmp_path / "set"  # --set reaches any field, after the presets
-    r = run("train", "--task", "Hopper-v5", "--out", str(out), "--obs-norm", "centre", "--set", "obs_norm_max_std=3",
+    r = run("train", "--task", "Hopper-v5", "--out", str(out), "--obs-norm", "capped", "--set", "obs_norm_max_std=5",
             "--set", "agent.lr_actor=1e-3", *common, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     c = yaml.safe_load((out / "config.yaml").read_text())
-    assert (c["obs_norm_min_std"], c["obs_norm_max_std"], c["agent"]["lr_actor"]) == (1.0, 3.0, 1e-3)
+    assert (c["normalize_obs"], c["obs_norm_min_std"], c["obs_norm_max_std"], c["agent"]["lr_actor"]) == \
+        (True, 1.0, 5.0, 1e-3)
     assert_one_error_line(run("train", "--task", "Hopper-v5", "--out", str(tmp_path / "z"), "--set",
                               "obs_norm_max=3", *common), "--set: unknown setting 'obs_norm_max'")
     assert_one_error_line(run("train", "--task", "Hopper-v5", "--out", str(tmp_path / "z"), "--set", "seed",

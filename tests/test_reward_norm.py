@@ -127,8 +127,11 @@ def test_the_generic_setting_normalises_rewards_and_the_recipes_measured_without
     for task in ("Ant-v5", "Hopper-v5", "HalfCheetah-v5", "Walker2d-v5", "mjcf-locomotion"):  # generic, and measured
         cfg = recipe(task, "dsac-t")
         assert (cfg.reward_norm, cfg.freeze_reward_norm, cfg.reward_norm_std) == (True, True, 10.0), task
-    generic = recipe("Ant-v5")  # on the floored normaliser: scaling observations made HalfCheetah 14x faster
-    assert (generic.normalize_obs, generic.obs_norm_min_std, generic.obs_norm_max_std) == (True, 1.0, None)
+    # the floored normaliser, its divisor capped at 3: scaling made HalfCheetah 14x faster, the cap kept Walker2d
+    generic = recipe("Ant-v5")  # near SB3; the Hopper and HalfCheetah recipes were measured without the cap
+    assert (generic.normalize_obs, generic.obs_norm_min_std, generic.obs_norm_max_std) == (True, 1.0, 3.0)
+    for task in ("Hopper-v5", "HalfCheetah-v5"):
+        assert recipe(task).obs_norm_max_std is None, task
     for task in ("Pendulum-v1", "InvertedPendulum-v5", "humanoid-stand", "humanoid-walk", "arm-reach", "arm-pick",
                  "isaaclab:Isaac-Cartpole"):  # CI budgets and shipped policies were measured without it
         assert not recipe(task).reward_norm, task
