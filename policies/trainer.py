@@ -160,7 +160,7 @@ def _check_setting(where: str, annotation: str, value: Any) -> Any:
 _NOT_SETTINGS = {"task": "the task is --task", "algo": "the algorithm is --algo", "policy": "the head is --policy",
                  "agent": "set agent fields one by one: agent.<field>=VALUE",
                  "env_overrides": "shift the task with --env-override", "agent.algo": "the algorithm is --algo",
-                 "agent.policy": "the head is --policy"}
+                 "agent.policy": "the head is --policy", "init_from": "start from a run with --init-from"}
 
 
 def apply_settings(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
