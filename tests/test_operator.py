@@ -553,7 +553,7 @@ def test_a_twist_moves_the_simulated_arm_end_effector_along_it(ctx, panda_policy
         tw = Twist()
         # ... then pushes it forward at 0.15 x 0.02 m per tick (0.15 m/s at 50 Hz); angular is ignored. A harder
         # push (0.5: 0.5 m/s) saturates the wrist's 12 N m drives, the arm lags its targets by ~0.1 rad and the
-        # path bends by up to 1.7 cm per 4 cm forward (measured); at 0.15 by 0.2-0.8 cm, also with the CPU busy.
+        # path bends by up to 1.7 cm per 4 cm forward (measured); at 0.15 by 0.2-0.6 cm, also with the CPU busy.
         tw.linear.x, tw.angular.z = 0.15, 1.0
         rig.twist = tw
         wait_for(lambda: node.action_source == "twist", 1.0, "the spacemouse to move the arm")
