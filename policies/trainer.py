@@ -149,7 +149,7 @@ def _check_setting(where: str, annotation: str, value: Any) -> Any:
     """value, if the annotation allows it (an int where a float goes becomes a float); ValueError otherwise."""
     names = {part.strip().split("[")[0] for part in annotation.split("|")}
     allowed = tuple(t for n in names for t in _ANNOTATION_TYPES.get(n, ()))
-    if isinstance(value, bool) and "bool" not in names or not isinstance(value, allowed):
+    if (isinstance(value, bool) and "bool" not in names) or not isinstance(value, allowed):
         raise ValueError(f"{where} takes {annotation}, got {value!r} ({type(value).__name__})")
     if isinstance(value, int) and not isinstance(value, bool) and "int" not in names:
         return float(value)
@@ -171,11 +171,11 @@ def apply_settings(cfg: TrainConfig, settings: dict[str, Any]) -> TrainConfig:
     for key, value in settings.items():
         if key in _NOT_SETTINGS:
             raise ValueError(f"setting {key!r}: {_NOT_SETTINGS[key]}")
-        target, table, name = (cfg.agent, agent_fields, key[len("agent."):]) if key.startswith("agent.") \
-            else (cfg, fields, key)
+        prefix = "agent." if key.startswith("agent.") else ""
+        target, table = (cfg.agent, agent_fields) if prefix else (cfg, fields)
+        name = key[len(prefix):]
         if name not in table:
-            names = sorted(("agent." if target is cfg.agent else "") + n for n in table
-                           if ("agent." if target is cfg.agent else "") + n not in _NOT_SETTINGS)
+            names = sorted(prefix + n for n in table if prefix + n not in _NOT_SETTINGS)
             raise ValueError(f"unknown setting {key!r}: {type(target).__name__} has no field {name!r} "
                              f"(settings: {', '.join(names)})")
         setattr(target, name, _check_setting(f"setting {key!r}", str(table[name].type), value))

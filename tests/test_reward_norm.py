@@ -130,6 +130,8 @@ def test_the_generic_setting_normalises_rewards_and_the_recipes_measured_without
     # the floored normaliser, its divisor capped at 3: scaling made HalfCheetah 14x faster, the cap kept Walker2d
     generic = recipe("Ant-v5")  # near SB3; the Hopper and HalfCheetah recipes were measured without the cap
     assert (generic.normalize_obs, generic.obs_norm_min_std, generic.obs_norm_max_std) == (True, 1.0, 3.0)
+    from s2r.cli import OBS_NORM  # `s2r train --obs-norm capped` is the generic setting, not a copy that drifts
+    assert {k: getattr(generic, k) for k in OBS_NORM["capped"]} == OBS_NORM["capped"]
     for task in ("Hopper-v5", "HalfCheetah-v5"):
         assert recipe(task).obs_norm_max_std is None, task
     for task in ("Pendulum-v1", "InvertedPendulum-v5", "humanoid-stand", "humanoid-walk", "arm-reach", "arm-pick",
