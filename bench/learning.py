@@ -5,6 +5,7 @@
                              [--reward-scales 1]  [--out out/bench_learning] [--workers 2]
                              [--variant NAME:key=value,agent.key=value ...] [--variants-only]
 
+`sb3-sac-n3` is SB3 SAC with its 3-step returns (`n_steps=3`), the control for the s2r settings that use them.
 Every method gets the same env-step budget and the same evaluation (deterministic policy,
 5 episodes, every budget/10 steps). Runs execute in `--workers` parallel processes (one torch
 thread each). Each finished run is written to --out/runs/ (atomically) and reused by a later
@@ -52,6 +53,9 @@ from s2r.bench_util import sb3_eval_return
 
 # s2r task name -> the gymnasium id SB3 trains on (gymnasium tasks are their own ids)
 SB3_IDS = {"humanoid-walk": "s2r/HumanoidWalk-v0"}
+# the stable-baselines3 methods: SB3 SAC at its defaults, and with its n-step returns (n_steps) as a control for
+# s2r settings that use them
+SB3_METHODS = {"sb3-sac": 1, "sb3-sac-n3": 3}
 # CPU-sized massively parallel setting for the s2r tasks (the recipes' GPU settings do not fit 2 cores)
 CPU_PARALLEL = {
     "humanoid-walk": dict(num_envs=16, batch_size=512, updates_per_step=2, n_step=3, device="cpu",
@@ -179,7 +183,7 @@ def run_one(job: dict) -> dict:
     every = max(steps // 10, 1)
     t0 = time.perf_counter()
     curve = []
-    if method == "sb3-sac":
+    if method in SB3_METHODS:
         import gymnasium as gym
         from stable_baselines3 import SAC
         from stable_baselines3.common.callbacks import BaseCallback
@@ -191,7 +195,7 @@ def run_one(job: dict) -> dict:
         if scale != 1.0:  # evaluation (_eval_sb3) uses a fresh, unscaled env
             env = gym.wrappers.TransformReward(env, lambda r: r * scale)
         model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0,
-                    learning_starts=min(5000, steps // 10))
+                    learning_starts=min(5000, steps // 10), n_steps=SB3_METHODS[method])
 
         class Eval(BaseCallback):
             def _on_step(self):
@@ -265,12 +269,12 @@ def main() -> dict:
     jobs = [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0)
             for t in tasks for m in methods for s in seeds if base]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0, variant=name, overrides=over)
-             for name, over in variants for t in tasks for m in methods if m != "sb3-sac" for s in seeds]
+             for name, over in variants for t in tasks for m in methods if m not in SB3_METHODS for s in seeds]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c) for c in scales if c != 1.0
              for t in tasks for m in scale_methods for s in seeds if base]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c, variant=name, overrides=over)  # variants too
              for name, over in variants for c in scales if c != 1.0
-             for t in tasks for m in scale_methods if m != "sb3-sac" for s in seeds]
+             for t in tasks for m in scale_methods if m not in SB3_METHODS for s in seeds]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out if not a.quick else Path(tempfile.mkdtemp(prefix="s2r_learning_quick_"))  # quick: never cached
@@ -285,7 +289,7 @@ def main() -> dict:
 
     summary: dict = {"bench": "learning", "quick": a.quick, "steps": a.steps, "seeds": seeds,
                      "variants": {name: over for name, over in variants}, "results": {}}
-    labels = methods + [f"{m}@{name}" for name, _ in variants for m in methods if m != "sb3-sac"]
+    labels = methods + [f"{m}@{name}" for name, _ in variants for m in methods if m not in SB3_METHODS]
     for t in tasks:
         for lab in labels:
             runs = [r for r in results if r["task"] == t and label(r) == lab and r["scale"] == 1.0]
@@ -294,7 +298,7 @@ def main() -> dict:
         for c in scales:
             if c == 1.0:
                 continue
-            for m in scale_methods + [f"{m}@{name}" for name, _ in variants for m in scale_methods if m != "sb3-sac"]:
+            for m in scale_methods + [f"{m}@{name}" for name, _ in variants for m in scale_methods if m not in SB3_METHODS]:
                 if not any(r["task"] == t and label(r) == m and r["scale"] == c for r in results):
                     continue
                 runs_1 = [r for r in results if r["task"] == t and label(r) == m and r["scale"] == 1.0]

@@ -170,3 +170,23 @@ def test_learning_bench_variant_settings_reach_the_config_including_a_null_that_
     assert (cfg.reward_norm, cfg.freeze_reward_norm) == (False, False)
     assert cfg.agent.lr_actor == 1e-3 and cfg.algo == "dsac-t" and cfg.seed == 3 and cfg.reward_scale == 0.1
     assert lb.s2r_config({**job, "overrides": {}}).obs_norm_max_std == 1.0
+
+
+def test_learning_bench_sb3_n3_is_sb3_sac_with_its_three_step_replay(monkeypatch):
+    import stable_baselines3
+    from stable_baselines3.common.buffers import NStepReplayBuffer
+
+    lb = load("learning")
+    made = []
+
+    class Recorded(stable_baselines3.SAC):  # the real SAC; records what the bench built
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(stable_baselines3, "SAC", Recorded)
+    res = lb.run_one(dict(task="Pendulum-v1", method="sb3-sac-n3", seed=0, steps=200, scale=1.0))
+    assert len(res["curve"]) == 10 and made[0].n_steps == 3
+    assert isinstance(made[0].replay_buffer, NStepReplayBuffer) and made[0].replay_buffer.n_steps == 3
+    lb.run_one(dict(task="Pendulum-v1", method="sb3-sac", seed=0, steps=200, scale=1.0))
+    assert made[1].n_steps == 1 and not isinstance(made[1].replay_buffer, NStepReplayBuffer)
