@@ -298,7 +298,8 @@ def main() -> dict:
         for c in scales:
             if c == 1.0:
                 continue
-            for m in scale_methods + [f"{m}@{name}" for name, _ in variants for m in scale_methods if m not in SB3_METHODS]:
+            variant_labels = [f"{m}@{name}" for name, _ in variants for m in scale_methods if m not in SB3_METHODS]
+            for m in scale_methods + variant_labels:
                 if not any(r["task"] == t and label(r) == m and r["scale"] == c for r in results):
                     continue
                 runs_1 = [r for r in results if r["task"] == t and label(r) == m and r["scale"] == 1.0]

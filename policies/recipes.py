@@ -12,8 +12,8 @@ Hopper, HalfCheetah; docs/BENCHMARKS.md, Learning quality); every recipe that wa
 measured with plain standardisation (the CI tasks, the s2r robots, Isaac-Cartpole) pins
 obs_norm_min_std=0.0, so its numbers and its shipped policies stay as they were. Walker2d-v5 learns
 better with no normaliser at all (normalize_obs=False), HalfCheetah-v5 much worse (docs/TRAINING.md).
-A task without a recipe gets GENERIC below: the floored normaliser with its divisor capped at 3, and
-normalised rewards.
+A task without a recipe gets GENERIC below: the floored normaliser with its divisor capped at 3,
+normalised rewards and 3-step returns.
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ from s2r.policies.trainer import TrainConfig
 REWARD_NORM = dict(reward_norm=True, freeze_reward_norm=True, reward_norm_std=10.0)
 
 # The generic setting, for a task without a recipe: REWARD_NORM, observations centred and divided by their std where
-# it is above 1, by at most 3 (obs_norm_max_std=3, `s2r train --obs-norm capped`). At 30k steps over five seeds its
-# last-5 mean was 0.95 and 0.92 of SB3 SAC's on Walker2d and Hopper (bootstrap 90 % intervals 0.84-1.07 and
-# 0.82-1.04) and 14x on HalfCheetah. Dividing by the full std (`--obs-norm scale`, the generic setting until
-# 2026-11-29) was better on Hopper (1.02) and HalfCheetah but 0.82 (0.72-0.94) on Walker2d, whose curve peaks and
-# falls back with scaled observations; centring only (`--obs-norm centre`) fixes Walker2d but leaves HalfCheetah near
-# SB3's start and two Hopper seeds of five near 213 (docs/BENCHMARKS.md; docs/TRAINING.md, "A new task").
-GENERIC = dict(REWARD_NORM, obs_norm_max_std=3.0)
+# it is above 1, by at most 3 (obs_norm_max_std=3, `s2r train --obs-norm capped`), and 3-step returns (n_step=3).
+# Without the 3-step returns its last-5 mean at 30k steps (five seeds) was 0.95 and 0.92 of SB3 SAC's on Walker2d and
+# Hopper; with them it is 1.45 and 2.47 (bootstrap 90 % intervals 1.34-1.60 and 1.29-4.06), and 12x on HalfCheetah,
+# and Walker2d no longer falls back after an early peak (docs/BENCHMARKS.md, "3-step returns").
+# The cap: dividing by the full std (`--obs-norm scale`) made Walker2d peak early and fall back (0.82 of SB3), centring
+# only (`--obs-norm centre`) left HalfCheetah near SB3's start; the cap keeps most of both (docs/TRAINING.md).
+GENERIC = dict(REWARD_NORM, obs_norm_max_std=3.0, n_step=3)
 
 # task -> (TrainConfig fields, AgentConfig fields)
 RECIPES: dict[str, tuple[dict, dict]] = {
@@ -52,6 +52,9 @@ RECIPES: dict[str, tuple[dict, dict]] = {
                                  obs_norm_min_std=0.0),
                             dict(actor_hidden=(64, 64), critic_hidden=(64, 64), lr_actor=1e-3, lr_critic=1e-3,
                                  lr_alpha=1e-3, init_alpha=1.0)),
+    # The three Gymnasium locomotion recipes keep 1-step returns: DSAC-T's numbers were measured with them. For
+    # SAC, 3-step returns (`--set n_step=3`, as in GENERIC) scored higher at 30k steps on Walker2d and Hopper
+    # (docs/TRAINING.md)
     "Hopper-v5": (dict(num_envs=1, total_steps=300_000, learning_starts=5_000, eval_every=10_000, **REWARD_NORM),
                   dict()),
     "HalfCheetah-v5": (dict(num_envs=1, total_steps=300_000, learning_starts=5_000, eval_every=10_000,
