@@ -173,7 +173,9 @@ def test_learning_bench_variant_settings_reach_the_config_including_a_null_that_
 
 
 def test_learning_bench_sb3_n3_is_sb3_sac_with_its_three_step_replay(monkeypatch):
-    import stable_baselines3
+    import pytest
+
+    stable_baselines3 = pytest.importorskip("stable_baselines3", reason="bench extra: pip install -e '.[bench]'")
     from stable_baselines3.common.buffers import NStepReplayBuffer
 
     lb = load("learning")
