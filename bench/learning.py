@@ -266,15 +266,17 @@ def main() -> dict:
     if a.variants_only and not variants:
         p.error("--variants-only needs at least one --variant")
     base = not a.variants_only
+    s2r_methods = [m for m in methods if m not in SB3_METHODS]  # --variant settings are s2r settings
+    s2r_scale_methods = [m for m in scale_methods if m not in SB3_METHODS]
     jobs = [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0)
             for t in tasks for m in methods for s in seeds if base]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=1.0, variant=name, overrides=over)
-             for name, over in variants for t in tasks for m in methods if m not in SB3_METHODS for s in seeds]
+             for name, over in variants for t in tasks for m in s2r_methods for s in seeds]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c) for c in scales if c != 1.0
              for t in tasks for m in scale_methods for s in seeds if base]
     jobs += [dict(task=t, method=m, seed=s, steps=a.steps, scale=c, variant=name, overrides=over)  # variants too
              for name, over in variants for c in scales if c != 1.0
-             for t in tasks for m in scale_methods if m not in SB3_METHODS for s in seeds]
+             for t in tasks for m in s2r_scale_methods for s in seeds]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out if not a.quick else Path(tempfile.mkdtemp(prefix="s2r_learning_quick_"))  # quick: never cached
@@ -289,7 +291,8 @@ def main() -> dict:
 
     summary: dict = {"bench": "learning", "quick": a.quick, "steps": a.steps, "seeds": seeds,
                      "variants": {name: over for name, over in variants}, "results": {}}
-    labels = methods + [f"{m}@{name}" for name, _ in variants for m in methods if m not in SB3_METHODS]
+    labels = methods + [f"{m}@{name}" for name, _ in variants for m in s2r_methods]
+    scale_labels = scale_methods + [f"{m}@{name}" for name, _ in variants for m in s2r_scale_methods]
     for t in tasks:
         for lab in labels:
             runs = [r for r in results if r["task"] == t and label(r) == lab and r["scale"] == 1.0]
@@ -298,8 +301,7 @@ def main() -> dict:
         for c in scales:
             if c == 1.0:
                 continue
-            variant_labels = [f"{m}@{name}" for name, _ in variants for m in scale_methods if m not in SB3_METHODS]
-            for m in scale_methods + variant_labels:
+            for m in scale_labels:
                 if not any(r["task"] == t and label(r) == m and r["scale"] == c for r in results):
                     continue
                 runs_1 = [r for r in results if r["task"] == t and label(r) == m and r["scale"] == 1.0]
